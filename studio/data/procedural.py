@@ -1,0 +1,222 @@
+"""The procedural domain of the embedded model: one textured shape on a plain background, with a known caption.
+
+Every image is drawn from a :class:`Scene` (shape, color, texture, background plus a little geometric jitter),
+so its ground truth is known exactly; the evaluator, the benchmarks and the adapter demos all rely on that.
+Reserved shapes and textures are never shown to the base model: adapters learn them. Some color-shape and
+texture-shape combinations are held out of the base training to measure generalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+_SUPERSAMPLE = 4
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (35, 75, 225),
+    "yellow": (240, 215, 30),
+    "purple": (140, 40, 190),
+    "orange": (245, 130, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+BASE_SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
+RESERVED_SHAPES = ("moon", "cross")
+BASE_TEXTURES = ("solid", "striped", "dotted", "checkered")
+RESERVED_TEXTURES = ("zigzag", "waves")
+SHAPES = BASE_SHAPES + RESERVED_SHAPES
+TEXTURES = BASE_TEXTURES + RESERVED_TEXTURES
+
+HELD_OUT_COLOR_SHAPE = frozenset(
+    {("red", "star"), ("blue", "heart"), ("green", "diamond"), ("yellow", "circle"), ("purple", "triangle"),
+     ("orange", "square")}
+)
+HELD_OUT_TEXTURE_SHAPE = frozenset({("striped", "circle"), ("dotted", "square"), ("checkered", "heart"),
+                                    ("solid", "diamond")})
+
+#: Words the base model never sees in training; adapters use them as trigger tokens.
+TRIGGER_WORDS = ("sks", "xyz", "zwx", "qwe", "vfx", "pqr")
+
+_SHADE = 0.4  # secondary texture color = primary color times this
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's ground truth plus the jitter that places the object."""
+
+    shape: str
+    color: str
+    texture: str
+    background: str
+    center: tuple[float, float] = (32.0, 32.0)
+    radius: float = 22.0
+    phase: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def caption(self) -> str:
+        return caption(self.color, self.texture, self.shape, self.background)
+
+    @property
+    def held_out(self) -> bool:
+        return is_held_out(self.color, self.texture, self.shape)
+
+
+def caption(color: str, texture: str, shape: str, background: str) -> str:
+    """The one caption format of the domain."""
+    return f"a {color} {texture} {shape} on a {background} background"
+
+
+def is_held_out(color: str, texture: str, shape: str) -> bool:
+    return (color, shape) in HELD_OUT_COLOR_SHAPE or (texture, shape) in HELD_OUT_TEXTURE_SHAPE
+
+
+def base_training_combinations() -> list[tuple[str, str, str, str]]:
+    """(color, texture, shape, background) tuples the base model trains on: no reserved names, no held-out pairs."""
+    return [
+        (c, t, s, b)
+        for c in COLORS
+        for t in BASE_TEXTURES
+        for s in BASE_SHAPES
+        for b in BACKGROUNDS
+        if not is_held_out(c, t, s)
+    ]
+
+
+def held_out_combinations() -> list[tuple[str, str, str, str]]:
+    return [
+        (c, t, s, b) for c in COLORS for t in BASE_TEXTURES for s in BASE_SHAPES for b in BACKGROUNDS if is_held_out(c, t, s)
+    ]
+
+
+def jittered_scene(rng: np.random.Generator, color: str, texture: str, shape: str, background: str) -> Scene:
+    """A scene with the object near the centre, large, and a random texture phase."""
+    return Scene(
+        shape=shape,
+        color=color,
+        texture=texture,
+        background=background,
+        center=(32.0 + rng.uniform(-3.5, 3.5), 32.0 + rng.uniform(-3.5, 3.5)),
+        radius=float(rng.uniform(20.0, 24.5)),
+        phase=(float(rng.uniform(0, 12)), float(rng.uniform(0, 12))),
+    )
+
+
+def random_scenes(
+    rng: np.random.Generator,
+    n: int,
+    combinations: Sequence[tuple[str, str, str, str]] | None = None,
+) -> Iterator[Scene]:
+    """n jittered scenes drawn uniformly from ``combinations`` (default: the base training set)."""
+    combos = list(combinations) if combinations is not None else base_training_combinations()
+    for index in rng.integers(0, len(combos), size=n):
+        yield jittered_scene(rng, *combos[index])
+
+
+# --- geometry -------------------------------------------------------------------------------------------------
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        h = r * 0.82
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        r = r * 1.12
+        return [(cx + r * math.cos(a), cy + 0.12 * r - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.72 * r, cy), (cx, cy + r), (cx - 0.72 * r, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.45 * r
+            angle = math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + 0.08 * r - radius * math.sin(angle)))
+        return points
+    if shape == "heart":
+        points = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            points.append((cx + r * x / 17, cy - r * (y + 2.5) / 17))
+        return points
+    if shape == "cross":
+        a, b = r * 0.3, r * 0.9
+        return [(cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a),
+                (cx + a, cy + a), (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a),
+                (cx - b, cy - a), (cx - a, cy - a)]
+    raise ValueError(f"no polygon for shape {shape!r}")
+
+
+def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of ``shape`` on a size×size canvas."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (size * s, size * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy, r = center[0] * s, center[1] * s, radius * s
+    if shape == "circle":
+        draw.ellipse([cx - r * 0.92, cy - r * 0.92, cx + r * 0.92, cy + r * 0.92], fill=255)
+    elif shape == "moon":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        off = 0.5 * r
+        draw.ellipse([cx - r + off, cy - r - 0.1 * r, cx + r + off, cy + r - 0.1 * r], fill=0)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=255)
+    small = canvas.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def texture_pattern(texture: str, phase: tuple[float, float], size: int = IMAGE_SIZE) -> np.ndarray:
+    """Fraction in [0, 1] of each pixel covered by the texture's secondary (shaded) color."""
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; known: {', '.join(TEXTURES)}")
+    s = _SUPERSAMPLE
+    coords = (np.arange(size * s, dtype=np.float32) + 0.5) / s
+    y, x = np.meshgrid(coords + phase[1], coords + phase[0], indexing="ij")
+    if texture == "solid":
+        fine = np.zeros_like(x)
+    elif texture == "striped":
+        fine = (np.mod(x + y, 12.0) < 6.0).astype(np.float32)
+    elif texture == "dotted":
+        dx, dy = np.mod(x, 10.0) - 5.0, np.mod(y, 10.0) - 5.0
+        fine = (dx * dx + dy * dy < 2.8**2).astype(np.float32)
+    elif texture == "checkered":
+        fine = ((np.floor(x / 7.0) + np.floor(y / 7.0)) % 2 == 0).astype(np.float32)
+    elif texture == "zigzag":
+        tri = np.abs(np.mod(x, 10.0) - 5.0)
+        fine = (np.mod(y + tri, 10.0) < 4.5).astype(np.float32)
+    else:  # waves
+        fine = (np.mod(x + 3.0 * np.sin(y * 2 * math.pi / 20.0), 11.0) < 5.0).astype(np.float32)
+    return fine.reshape(size, s, size, s).mean(axis=(1, 3))
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw a scene as an H×W×3 uint8 array."""
+    for name, table in (("color", COLORS), ("background", BACKGROUNDS)):
+        if getattr(scene, name) not in table:
+            raise ValueError(f"unknown {name} {getattr(scene, name)!r}; known: {', '.join(table)}")
+    mask = shape_mask(scene.shape, scene.center, scene.radius, size)[..., None]
+    shade = texture_pattern(scene.texture, scene.phase, size)[..., None]
+    primary = np.asarray(COLORS[scene.color], dtype=np.float32)
+    fill = primary * (1.0 - shade) + primary * _SHADE * shade
+    background = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)
+    image = background * (1.0 - mask) + fill * mask
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def render_batch(scenes: Sequence[Scene]) -> np.ndarray:
+    """N×H×W×3 uint8."""
+    return np.stack([render(scene) for scene in scenes])
+
+
+def with_attributes(scene: Scene, **changes: str) -> Scene:
+    """The same placement with some attributes swapped (used by evaluator data and tests)."""
+    return replace(scene, **changes)
