@@ -56,9 +56,9 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer(model_max_length: int = 77):
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_TOKEN):
     """A transformers ``CLIPTokenizer`` with CLIP's real vocabulary, built offline."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)

@@ -91,7 +91,12 @@ def base_training_combinations() -> list[tuple[str, str, str, str]]:
 
 def held_out_combinations() -> list[tuple[str, str, str, str]]:
     return [
-        (c, t, s, b) for c in COLORS for t in BASE_TEXTURES for s in BASE_SHAPES for b in BACKGROUNDS if is_held_out(c, t, s)
+        (c, t, s, b)
+        for c in COLORS
+        for t in BASE_TEXTURES
+        for s in BASE_SHAPES
+        for b in BACKGROUNDS
+        if is_held_out(c, t, s)
     ]
 
 
@@ -128,7 +133,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
         r = r * 1.12
-        return [(cx + r * math.cos(a), cy + 0.12 * r - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        corners = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        return [(cx + r * math.cos(a), cy + 0.12 * r - r * math.sin(a)) for a in corners]
     if shape == "diamond":
         return [(cx, cy - r), (cx + 0.72 * r, cy), (cx, cy + r), (cx - 0.72 * r, cy)]
     if shape == "star":

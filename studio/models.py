@@ -1,0 +1,267 @@
+"""Load a base model: the embedded one, a local diffusers folder, a single-file checkpoint, or (online) a hub id.
+
+Whatever the source, the result is a diffusers pipeline on the best device with the right dtype and attention
+backend, plus what the rest of the studio needs to know about it: its family (sd1, sd2, sdxl or tiny),
+cross-attention width and a fingerprint that adapters record so a mismatched base is caught before loading.
+Nothing is downloaded unless the user names a hub id and the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EMBEDDED_MODEL = ASSETS / "tiny-sd"
+SINGLE_FILE_CONFIGS = ASSETS / "configs"
+EMBEDDED_NAMES = {"", "tiny", "tiny-sd", "embedded", "default"}
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+#: A1111's names for the samplers, written into the PNG ``parameters`` text.
+SAMPLER_LABELS = {"DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "EulerDiscreteScheduler": "Euler",
+                  "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun",
+                  "LMSDiscreteScheduler": "LMS", "PNDMScheduler": "PLMS", "UniPCMultistepScheduler": "UniPC",
+                  "DPMSolverMultistepScheduler": "DPM++ 2M"}
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and the facts about it that adapters and pipelines check against."""
+
+    pipe: Any
+    family: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    domain: dict[str, Any] | None = None  # studio_model.json of the embedded model
+    fingerprint: str = field(default="")
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.pipe.unet.config.cross_attention_dim)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name if self.source else "tiny-sd"
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return float((self.domain or {}).get("default_guidance_scale", 7.5))
+
+    @property
+    def default_steps(self) -> int:
+        return int((self.domain or {}).get("default_steps", 30))
+
+
+def choose_device(preferred: str | None = None) -> torch.device:
+    """cuda > mps > cpu unless the user names one."""
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (SD's usual inference precision), fp32 elsewhere (CPU half kernels are slow or missing)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def detect_family(config: dict[str, Any], unet_config: dict[str, Any] | None = None,
+                  domain: dict[str, Any] | None = None) -> str:
+    """Tell SD 1.x, 2.x, SDXL and the embedded model apart from a pipeline's model_index.json and UNet config."""
+    if domain is not None:
+        return "tiny"
+    if "text_encoder_2" in config or "XL" in str(config.get("_class_name", "")):
+        return "sdxl"
+    width = (unet_config or {}).get("cross_attention_dim")
+    if width == 1024:
+        return "sd2"
+    if width == 768:
+        return "sd1"
+    return "custom"
+
+
+def fingerprint(pipe: Any) -> str:
+    """A short stable id of the base: architecture configs plus a checksum of two weight tensors."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(pipe.text_encoder.config.to_dict().get("hidden_size")).encode())
+    for tensor in (pipe.unet.conv_in.weight, pipe.text_encoder.get_input_embeddings().weight[:64]):
+        digest.update(tensor.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the pipeline's scheduler by short name (``ddim``, ``euler_a``, ``dpm++``…), keeping its schedule."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def _configure(pipe: Any, device: torch.device) -> None:
+    pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        try:
+            import xformers  # noqa: F401
+
+            pipe.enable_xformers_memory_efficient_attention()
+            logger.info("attention: xformers")
+        except ImportError:
+            logger.info("attention: torch SDPA")
+    pipe.to(device)
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any] | None]:
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json); pass a model folder "
+                             "or a .safetensors checkpoint file")
+    try:
+        index = json.loads(index_file.read_text())
+        unet_config = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path} has an unreadable model_index.json or unet/config.json: {error}") from error
+    domain_file = path / "studio_model.json"
+    domain = json.loads(domain_file.read_text()) if domain_file.exists() else None
+    family = detect_family(index, unet_config, domain)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+    except Exception as error:
+        raise ModelLoadError(f"could not load the model folder {path}: {_short(error)}") from error
+    return pipe, family, domain
+
+
+def _single_file_family(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): "
+                             f"{_short(error)}") from error
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.transformer.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelLoadError(f"{path} does not look like a Stable Diffusion checkpoint (no SD 1.x, 2.x or SDXL text "
+                         "encoder keys found)")
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
+    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download)."""
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path}: only .safetensors checkpoints are loaded; .ckpt files are pickles that can "
+                             "run code. Convert it to safetensors with a tool you trust first")
+    family = _single_file_family(path)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from studio.text import build_clip_tokenizer
+
+    config = SINGLE_FILE_CONFIGS / family
+    tokenizers = {"tokenizer": build_clip_tokenizer()}
+    if family in ("sd2", "sdxl"):  # OpenCLIP's tokenizer pads with "!" (id 0)
+        key = "tokenizer_2" if family == "sdxl" else "tokenizer"
+        tokenizers[key] = build_clip_tokenizer(pad_token="!")
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True,
+                                               torch_dtype=dtype, **tokenizers, **extra)
+    except Exception as error:
+        raise ModelLoadError(f"could not load the checkpoint {path} as {family}: {_short(error)}") from error
+    return pipe, family
+
+
+def load_base(spec: str | os.PathLike | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+              scheduler: str | None = None) -> BaseModel:
+    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id."""
+    target = choose_device(device)
+    dtype = dtype or choose_dtype(target)
+    text = "" if spec is None else str(spec)
+    domain = None
+    if text.lower() in EMBEDDED_NAMES:
+        if not (EMBEDDED_MODEL / "model_index.json").exists():
+            raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_MODEL}; run `studio build-tiny`")
+        pipe, family, domain = _load_folder(EMBEDDED_MODEL, dtype)
+        source = str(EMBEDDED_MODEL)
+    else:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            pipe, family, domain = _load_folder(path, dtype)
+        elif path.is_file():
+            pipe, family = _load_single_file(path, dtype)
+        elif _looks_like_hub_id(text) and not path.exists():
+            pipe, family = _load_hub(text, dtype)
+        else:
+            raise ModelLoadError(f"no model at {text!r}: not a folder, not a file, and not a hub id")
+        source = text
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    _configure(pipe, target)
+    return BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
+                     fingerprint=fingerprint(pipe))
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, str]:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"{repo_id!r} is a hub id, but HF_HUB_OFFLINE is set; download the model yourself and "
+                             "pass its local folder")
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    except Exception as error:
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the hub (offline?): {_short(error)}; pass a local "
+                             "model folder or .safetensors file instead") from error
+    config = dict(pipe.config)
+    family = detect_family(config, dict(pipe.unet.config))
+    return pipe, family
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

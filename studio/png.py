@@ -1,0 +1,74 @@
+"""PNG files that carry their own recipe: A1111's ``parameters`` text plus the studio's full recipe as JSON.
+
+A1111, Forge, ComfyUI's importers and most galleries parse ``parameters``; the ``studio`` chunk holds what
+A1111's format cannot express (adapter stacks, composition methods), so the app can reproduce an image exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from studio.files import atomic_path
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_name: str,
+    model_hash: str,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """The three-line ``parameters`` text A1111 writes: prompt, negative prompt, then ``Key: value`` pairs."""
+    fields = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": f"{guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash[:10],
+        "Model": model_name,
+        **(extra or {}),
+    }
+    pairs = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items())
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(pairs)
+    return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if ("," in text or ":" in text) else text
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe: Mapping[str, Any]) -> Path:
+    """Write ``image`` with its ``parameters`` text and ``studio`` recipe, atomically."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("studio", json.dumps(recipe, sort_keys=True))
+    destination = Path(path)
+    with atomic_path(destination) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return destination
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[str | None, dict[str, Any] | None]:
+    """The ``parameters`` text and ``studio`` recipe of a PNG (``None`` where absent)."""
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or image.info)
+    recipe = text.get("studio")
+    return text.get("parameters"), json.loads(recipe) if recipe else None
