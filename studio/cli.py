@@ -59,6 +59,20 @@ def _single_thread_on_cpu() -> None:
         torch.set_num_threads(int(os.environ.get("STUDIO_THREADS", "1")))
 
 
+def _app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    app_file = Path(__file__).resolve().parents[1] / "app.py"
+    spec = importlib.util.spec_from_file_location("studio_app", app_file)
+    if spec is None or spec.loader is None or not app_file.exists():
+        print(f"studio: error: the app is not installed beside the package ({app_file})", file=sys.stderr)
+        return 2
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(args.app_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -85,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--out", default="outputs/image.png", help="PNG path")
     gen.set_defaults(handler=_generate)
+
+    app = commands.add_parser("app", help="launch the Gradio app (flags: --host --port --share --auth --model)")
+    app.add_argument("app_args", nargs=argparse.REMAINDER)
+    app.set_defaults(handler=_app)
 
     evaluator = commands.add_parser("build-evaluator", help="train the embedded domain's evaluator")
     evaluator.add_argument("--seed", type=int, default=0)

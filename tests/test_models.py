@@ -1,0 +1,98 @@
+import json
+import socket
+
+import pytest
+import torch
+
+from studio.errors import ConfigError, ModelLoadError
+from studio.models import detect_family, load_base, set_scheduler
+
+
+def test_embedded_model_loads_offline_without_touching_the_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    base = load_base(device="cpu")
+    assert base.family == "tiny"
+    assert base.pipe.unet.config.cross_attention_dim == base.pipe.text_encoder.config.hidden_size
+    assert base.dtype == torch.float32 and base.default_size == 64
+    assert len(base.fingerprint) == 16
+
+
+def test_fingerprint_is_stable(tiny_base):
+    assert load_base(device="cpu").fingerprint == tiny_base.fingerprint
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model at"):
+        load_base(tmp_path / "nothing-here", device="cpu")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        load_base(tmp_path, device="cpu")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"cond_stage_model.transformer.x": torch.zeros(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="not a readable safetensors checkpoint"):
+        load_base(path, device="cpu")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError, match="pickles"):
+        load_base(path, device="cpu")
+
+
+def test_safetensors_that_is_not_stable_diffusion(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(4)}, str(path))
+    with pytest.raises(ModelLoadError, match="does not look like a Stable Diffusion checkpoint"):
+        load_base(path, device="cpu")
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        load_base("someone/some-model", device="cpu")
+
+
+def test_unknown_scheduler_is_a_clear_error(tiny_base):
+    with pytest.raises(ConfigError, match="unknown scheduler 'fastest'"):
+        set_scheduler(tiny_base.pipe, "fastest")
+
+
+def test_broken_model_index_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        load_base(tmp_path, device="cpu")
+
+
+def test_family_detection():
+    assert detect_family({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []}) == "sdxl"
+    assert detect_family({}, {"cross_attention_dim": 1024}) == "sd2"
+    assert detect_family({}, {"cross_attention_dim": 768}) == "sd1"
+    assert detect_family({}, {"cross_attention_dim": 96}, domain={"name": "x"}) == "tiny"
+
+
+def test_shipped_single_file_configs_describe_each_family():
+    from studio.models import SINGLE_FILE_CONFIGS
+
+    widths = {}
+    for family in ("sd1", "sd2", "sdxl"):
+        index = json.loads((SINGLE_FILE_CONFIGS / family / "model_index.json").read_text())
+        unet = json.loads((SINGLE_FILE_CONFIGS / family / "unet" / "config.json").read_text())
+        assert detect_family(index, unet) == family
+        widths[family] = unet["cross_attention_dim"]
+    assert widths == {"sd1": 768, "sd2": 1024, "sdxl": 2048}
