@@ -73,6 +73,43 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapters_list(args: argparse.Namespace) -> int:
+    from studio.adapters.library import list_adapters
+
+    rows = list_adapters()
+    if not rows:
+        print("no adapters found")
+    for row in rows:
+        ranks = "/".join(map(str, row.ranks))
+        print(f"{row.name:24} {row.kind or '-':8} {row.method:8} rank {ranks:8} {row.base_family or '-':6} "
+              f"{', '.join(row.trigger_words) or '-':16} {row.path}")
+    return 0
+
+
+def _adapters_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from studio.adapters.file import read_adapter
+    from studio.adapters.library import describe, resolve_adapter
+
+    print(json.dumps(describe(read_adapter(resolve_adapter(args.file))), indent=2))
+    return 0
+
+
+def _adapters_convert(args: argparse.Namespace) -> int:
+    from studio.adapters.file import read_adapter, save_adapter
+    from studio.adapters.library import resolve_adapter
+
+    source = resolve_adapter(args.file)
+    adapter = read_adapter(source)
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}.{args.to}.safetensors")
+    if out.resolve() == source.resolve():
+        print("studio: error: --out must differ from the input file", file=sys.stderr)
+        return 2
+    print(save_adapter(adapter, out, layout=args.to))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -99,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--out", default="outputs/image.png", help="PNG path")
     gen.set_defaults(handler=_generate)
+
+    adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
+    adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)
+    adapter_commands.add_parser("list", help="adapters in the library").set_defaults(handler=_adapters_list)
+    inspect = adapter_commands.add_parser("inspect", help="structure, ranks and metadata of one adapter")
+    inspect.add_argument("file")
+    inspect.set_defaults(handler=_adapters_inspect)
+    convert = adapter_commands.add_parser("convert", help="rewrite an adapter in another layout")
+    convert.add_argument("file")
+    convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    convert.add_argument("--out", default=None)
+    convert.set_defaults(handler=_adapters_convert)
 
     app = commands.add_parser("app", help="launch the Gradio app (flags: --host --port --share --auth --model)")
     app.add_argument("app_args", nargs=argparse.REMAINDER)

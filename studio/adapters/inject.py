@@ -1,0 +1,106 @@
+"""Attach adapters to a loaded base through peft's LoRA layers, and set which are active and how strongly.
+
+peft's ``inject_adapter_in_model`` is used directly on the UNet and the text encoders (transformers 5's own
+``add_adapter`` refuses peft 0.21), with per-module ranks and alphas from the file, so every adapter keeps the
+exact scale it was trained with. Several adapters can be attached at once; :func:`set_adapter_weights` chooses
+the active set and a weight per adapter (ΔW_i scaled by weight_i · alpha_i / rank_i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from studio.adapters.file import AdapterFile, lora_configs
+from studio.adapters.validate import validate_adapter
+from studio.errors import AdapterError
+
+
+def lora_layers(base) -> Iterator[tuple[str, str, LoraLayer]]:
+    """(component, module path, layer) for every peft LoRA layer in the base's UNet and text encoders."""
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(base.pipe, component, None)
+        if model is None:
+            continue
+        for path, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield component, path, module
+
+
+def attached_adapters(base) -> list[str]:
+    names: set[str] = set()
+    for _, _, layer in lora_layers(base):
+        names.update(layer.lora_A.keys())
+    return sorted(names)
+
+
+def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
+    """Validate ``adapter`` against ``base`` and attach it (inactive until :func:`set_adapter_weights`)."""
+    name = name or adapter.name
+    if name in attached_adapters(base):
+        raise AdapterError(f"an adapter named '{name}' is already attached; detach it first or pick another name")
+    validate_adapter(adapter, base)
+    configs = lora_configs(adapter)
+    for component, modules in adapter.modules.items():
+        model = getattr(base.pipe, component)
+        in_memory = list(modules)
+        config = configs[component]
+        full = {p: f"^{_escape(p)}$" for p in in_memory}
+        lora_config = LoraConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            target_modules=in_memory,
+            rank_pattern={full[p]: m.rank for p, m in modules.items()},
+            alpha_pattern={full[p]: m.alpha for p, m in modules.items()},
+        )
+        inject_adapter_in_model(lora_config, model, adapter_name=name)
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            for path, module in modules.items():
+                layer = model.get_submodule(path)
+                if not isinstance(layer, LoraLayer) or layer.r.get(name) != module.rank:
+                    raise AdapterError(f"adapter '{name}': could not attach {component}.{path}")
+                layer.lora_A[name].weight.copy_(module.down.to(dtype))
+                layer.lora_B[name].weight.copy_(module.up.to(dtype))
+        model.requires_grad_(False)
+    set_adapter_weights(base, {})
+    return name
+
+
+def _escape(path: str) -> str:
+    return path.replace(".", r"\.")
+
+
+def set_adapter_weights(base, weights: Mapping[str, float]) -> None:
+    """Activate exactly the adapters in ``weights`` with their weights; all others are switched off."""
+    unknown = set(weights) - set(attached_adapters(base))
+    if unknown:
+        raise AdapterError(f"no attached adapter named {', '.join(sorted(unknown))}")
+    for _, _, layer in lora_layers(base):
+        active = [n for n in weights if n in layer.lora_A]
+        layer.set_adapter(active)
+        for name in active:
+            layer.set_scale(name, float(weights[name]))
+        for parameter in layer.parameters():
+            parameter.requires_grad_(False)
+
+
+def detach_adapter(base, name: str) -> None:
+    """Remove one adapter's weights from every layer (other adapters stay attached)."""
+    if name not in attached_adapters(base):
+        raise AdapterError(f"no attached adapter named {name}")
+    for _, _, layer in lora_layers(base):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+
+
+def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> str:
+    """Read, validate, attach and activate one adapter file; returns the name it is attached under."""
+    from studio.adapters.file import read_adapter
+
+    attached = attach_adapter(base, read_adapter(path), name)
+    set_adapter_weights(base, {attached: weight})
+    return attached

@@ -1,0 +1,94 @@
+"""The adapter library: a folder of adapter files (``$STUDIO_HOME/adapters``, default ``./adapters``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.adapters.file import AdapterFile, read_adapter
+from studio.errors import AdapterError
+
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "adapters"
+
+
+def library_dir() -> Path:
+    return Path(os.environ.get("STUDIO_HOME", ".")) / "adapters"
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What the library shows for one adapter file."""
+
+    name: str
+    path: Path
+    kind: str | None
+    method: str
+    trigger_words: tuple[str, ...]
+    ranks: tuple[int, ...]
+    base_family: str | None
+    base_fingerprint: str | None
+    frequency_class: str | None
+
+    @classmethod
+    def of(cls, adapter: AdapterFile) -> AdapterSummary:
+        assert adapter.path is not None
+        return cls(
+            name=adapter.name,
+            path=adapter.path,
+            kind=adapter.kind,
+            method=adapter.method,
+            trigger_words=tuple(adapter.trigger_words),
+            ranks=tuple(sorted(set(adapter.ranks().values()))),
+            base_family=adapter.base_family,
+            base_fingerprint=adapter.metadata.get("studio.base_fingerprint"),
+            frequency_class=adapter.metadata.get("studio.frequency_class"),
+        )
+
+
+def list_adapters(folders: list[Path] | None = None) -> list[AdapterSummary]:
+    """Every readable adapter in the library and the shipped demo folder; unreadable files are skipped."""
+    found = []
+    for folder in folders if folders is not None else [library_dir(), SHIPPED]:
+        for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+            try:
+                found.append(AdapterSummary.of(read_adapter(path)))
+            except AdapterError:
+                continue
+    return found
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
+    """A file path as given, else ``<library>/<name>.safetensors``, else the shipped demo of that name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    for folder in (library_dir(), SHIPPED):
+        candidate = folder / f"{path.name.removesuffix('.safetensors')}.safetensors"
+        if candidate.exists():
+            return candidate
+    raise AdapterError(f"no adapter {str(name_or_path)!r}: not a file, not in {library_dir()} or {SHIPPED}")
+
+
+def describe(adapter: AdapterFile) -> dict:
+    """Everything ``studio adapters inspect`` prints: structure, ranks and metadata (JSON values decoded)."""
+    metadata = {}
+    for key, value in sorted(adapter.metadata.items()):
+        try:
+            metadata[key] = json.loads(value) if value[:1] in "[{" else value
+        except json.JSONDecodeError:
+            metadata[key] = value
+    ranks = adapter.ranks()
+    return {
+        "name": adapter.name,
+        "path": str(adapter.path),
+        "method": adapter.method,
+        "kind": adapter.kind,
+        "trigger_words": adapter.trigger_words,
+        "components": {c: len(m) for c, m in adapter.modules.items()},
+        "parameters": adapter.num_parameters(),
+        "rank_min_max": [min(ranks.values()), max(ranks.values())],
+        "ranks": ranks if len(set(ranks.values())) > 1 else None,
+        "metadata": metadata,
+    }
