@@ -110,6 +110,74 @@ def _adapters_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
+    from trainers.config import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=True)
+    parser.add_argument("--instance_prompt", default=None, help="caption for images without a .txt sidecar")
+    parser.add_argument("--trigger", dest="trigger_words", action="append", default=[], help="trigger word")
+    parser.add_argument("--kind", choices=["content", "style"], default=defaults.kind)
+    parser.add_argument("--output", "--output_name", dest="output", required=True, help="adapter name")
+    parser.add_argument("--output_dir", type=Path, default=None, help="default: the adapter library")
+    parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--no_center_crop", dest="center_crop", action="store_false")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--rank", "--network_dim", dest="rank", type=int, default=defaults.rank)
+    parser.add_argument("--network_alpha", "--lora_alpha", dest="network_alpha", type=float, default=None)
+    parser.add_argument("--train_text_encoder", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--text_encoder_lr", type=float, default=None)
+    parser.add_argument("--lr_scheduler", default=defaults.lr_scheduler)
+    parser.add_argument("--lr_warmup_steps", type=int, default=defaults.lr_warmup_steps)
+    parser.add_argument("--max_train_steps", type=int, default=defaults.max_train_steps)
+    parser.add_argument("--train_batch_size", type=int, default=defaults.train_batch_size)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--max_grad_norm", type=float, default=defaults.max_grad_norm)
+    parser.add_argument("--use_8bit_adam", action="store_true")
+    parser.add_argument("--snr_gamma", type=float, default=None)
+    parser.add_argument("--with_prior_preservation", action="store_true")
+    parser.add_argument("--prior_loss_weight", type=float, default=defaults.prior_loss_weight)
+    parser.add_argument("--class_prompt", default=None)
+    parser.add_argument("--num_class_images", type=int, default=defaults.num_class_images)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--checkpointing_steps", type=int, default=0)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=defaults.checkpoints_total_limit)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    parser.add_argument("--validation_prompt", default=None)
+    parser.add_argument("--validation_steps", type=int, default=0)
+    parser.add_argument("--num_validation_images", type=int, default=defaults.num_validation_images)
+    parser.add_argument("--save_as", dest="export_layout", choices=["diffusers", "kohya"], default="diffusers")
+    parser.add_argument("--device", default=None)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from trainers.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainers import get_method, train
+
+    _single_thread_on_cpu()
+    config = train_config_from_args(args)
+    method = args.make_method(args) if hasattr(args, "make_method") else get_method(args.method)
+    result = train(config, method)
+    for path in result.outputs:
+        print(path)
+    print(f"{result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -136,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--out", default="outputs/image.png", help="PNG path")
     gen.set_defaults(handler=_generate)
+
+    train = commands.add_parser("train", help="train an adapter from a folder of images")
+    methods = train.add_subparsers(dest="method", required=True)
+    lora = methods.add_parser("lora", help="plain LoRA (the baseline)")
+    add_training_flags(lora)
+    lora.set_defaults(handler=_train)
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)

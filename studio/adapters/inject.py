@@ -104,3 +104,20 @@ def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> st
     attached = attach_adapter(base, read_adapter(path), name)
     set_adapter_weights(base, {attached: weight})
     return attached
+
+
+def adapter_from_layers(base, name: str) -> AdapterFile:
+    """The weights of attached adapter ``name`` as an :class:`AdapterFile` (how trainers export)."""
+    from studio.adapters.file import LoraModule
+
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for component, path, layer in lora_layers(base):
+        if name in layer.lora_A:
+            modules.setdefault(component, {})[path] = LoraModule(
+                down=layer.lora_A[name].weight.detach().float().cpu().clone(),
+                up=layer.lora_B[name].weight.detach().float().cpu().clone(),
+                alpha=float(layer.lora_alpha[name]),
+            )
+    if not modules:
+        raise AdapterError(f"no attached adapter named {name}")
+    return AdapterFile(modules=modules)

@@ -1,0 +1,78 @@
+"""The metadata every trained adapter carries: kohya ``ss_*``, ``modelspec.*`` and the studio's ``studio.*`` keys.
+
+A1111, ComfyUI and LoRA managers read ``ss_*`` and ``modelspec.*`` (trigger words, tag frequency, base
+version); the studio reads ``studio.*`` (method, content/style kind, base fingerprint) to validate and compose.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from studio import __version__
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "tiny": "adapter_studio_tiny",
+                      "custom": "custom"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base",
+                "tiny": "adapter-studio-tiny", "custom": "custom"}
+
+
+def adapter_metadata(
+    base: Any,
+    *,
+    name: str,
+    method: str,
+    kind: str,
+    rank: int,
+    alpha: float,
+    trigger_words: list[str],
+    seed: int,
+    steps: int,
+    started_at: float,
+    tag_frequency: Mapping[str, Mapping[str, int]],
+    num_images: int,
+    learning_rate: float,
+    resolution: int,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """String metadata for a safetensors header (values that are not strings are JSON-encoded)."""
+    if kind not in ("content", "style"):
+        from studio.errors import ConfigError
+
+        raise ConfigError(f"kind must be 'content' or 'style', not {kind!r}")
+    values: dict[str, Any] = {
+        "ss_output_name": name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": alpha,
+        "ss_base_model_version": BASE_MODEL_VERSION.get(base.family, base.family),
+        "ss_sd_model_name": base.name,
+        "ss_seed": seed,
+        "ss_steps": steps,
+        "ss_max_train_steps": steps,
+        "ss_learning_rate": learning_rate,
+        "ss_num_train_images": num_images,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": time.time(),
+        "ss_v2": base.family == "sd2",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": name,
+        "modelspec.architecture": f"{ARCHITECTURE.get(base.family, base.family)}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.trigger_phrase": ", ".join(trigger_words),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "studio.method": method,
+        "studio.kind": kind,
+        "studio.trigger_words": json.dumps(trigger_words),
+        "studio.base_family": base.family,
+        "studio.base_fingerprint": base.fingerprint,
+        "studio.cross_attention_dim": base.cross_attention_dim,
+        "studio.version": __version__,
+    }
+    for key, value in (extra or {}).items():
+        values[key if "." in key else f"studio.{key}"] = value
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}

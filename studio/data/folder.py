@@ -1,0 +1,106 @@
+"""Training images from a folder, with kohya-style ``.txt`` caption sidecars or one instance prompt.
+
+Every image is validated up front, so a bad folder fails before any training starts: a corrupt file or an
+image too small to train on is an error naming the file; grayscale, palette, CMYK and alpha images are
+converted to RGB (alpha composited on white); files that are not images (captions, notes) are ignored.
+kohya's ``N_name`` folder convention sets the repeats of a sub-folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from studio.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MIN_SIDE = 16
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class TrainingImage:
+    path: Path
+    caption: str
+    repeats: int = 1
+
+
+def _caption_for(path: Path, instance_prompt: str | None, caption_extension: str) -> str:
+    sidecar = path.with_suffix(caption_extension)
+    if sidecar.exists():
+        text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            return " ".join(text.split())
+    if instance_prompt:
+        return instance_prompt
+    raise DataError(f"{path.name} has no caption: add {sidecar.name} or pass --instance_prompt")
+
+
+def scan_folder(folder: str | Path, instance_prompt: str | None = None, repeats: int = 1,
+                caption_extension: str = ".txt") -> list[TrainingImage]:
+    """All images under ``folder`` (one level of ``N_name`` sub-folders), with captions and repeats."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist or is not a folder")
+    images: list[TrainingImage] = []
+    sources = [(folder, repeats)] + [
+        (sub, int(m.group(1))) for sub in sorted(folder.iterdir())
+        if sub.is_dir() and (m := _REPEATS_FOLDER.match(sub.name))
+    ]
+    for source, source_repeats in sources:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(TrainingImage(path, _caption_for(path, instance_prompt, caption_extension),
+                                            source_repeats))
+    if not images:
+        raise DataError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise :class:`DataError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in image.info or "A" in image.mode):
+                rgba = image.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(canvas, rgba)
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path.name} is not a readable image: {error}") from error
+    if min(image.size) < MIN_SIDE:
+        raise DataError(f"{path.name} is {image.size[0]}×{image.size[1]} pixels; images need at least {MIN_SIDE} "
+                        "pixels on each side")
+    return image
+
+
+def prepare_pixels(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop to a square, return 3×R×R in [-1, 1]."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    resized = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
+                           Image.Resampling.BICUBIC)
+    if center_crop:
+        left, top = (resized.width - resolution) // 2, (resized.height - resolution) // 2
+    else:
+        left, top = 0, 0
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def tag_frequency(images: list[TrainingImage], dataset_name: str = "images") -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: comma-separated caption tags and how often each occurs."""
+    counts: dict[str, int] = {}
+    for item in images:
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + item.repeats
+    return {dataset_name: counts}

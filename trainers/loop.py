@@ -1,0 +1,463 @@
+"""The one training loop every method plugs into.
+
+The loop owns data (validated images, cached latents and text embeddings, prior-preservation class images),
+noise and timestep sampling with the scheduler's prediction type, min-SNR weighting, the optimizer and LR
+schedule, gradient accumulation, mixed precision through accelerate, checkpoints and resume, validation
+previews and progress. A :class:`TrainingMethod` supplies only what it trains, extra loss terms, schedule
+hooks and its export. Every step draws its randomness from a generator seeded by (seed, step), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from studio.data.folder import TrainingImage, load_rgb, prepare_pixels, scan_folder
+from studio.errors import ConfigError
+from studio.files import atomic_torch_save
+from trainers.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+#: progress(event, step, total, logs): events are "start", "step", "validation", "checkpoint", "done".
+ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
+
+
+@dataclass
+class EncodedSet:
+    """A cached training set: latent distributions and the text conditioning of each example."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+    captions: list[str]
+    weights: torch.Tensor  # sampling weight of each example (repeats)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+    captions: list[str]
+
+
+@dataclass
+class TrainingContext:
+    """What a method sees: the base, the config, the cached data and the loss helpers."""
+
+    base: Any
+    config: TrainConfig
+    noise_scheduler: Any
+    instance: EncodedSet
+    prior: EncodedSet | None
+    work_dir: Path
+    accelerator: Any
+    images: list[TrainingImage]
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def generator(self, step: int, stream: int = 0) -> torch.Generator:
+        """Per-step randomness: depends only on (seed, step, stream)."""
+        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863)
+
+    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator) -> Batch:
+        index = torch.multinomial(data.weights, batch_size, replacement=True, generator=generator)
+        noise = torch.randn(data.latent_mean[index].shape, generator=generator)
+        latents = (data.latent_mean[index] + data.latent_std[index] * noise) * _scaling(self.base)
+        pooled = data.pooled[index] if data.pooled is not None else None
+        return Batch(latents.to(self.device), data.hidden[index].to(self.device),
+                     pooled.to(self.device) if pooled is not None else None, [data.captions[i] for i in index])
+
+    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning with gradients (for methods that train the text encoder)."""
+        return encode_captions(self.base, captions)
+
+    def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
+                       timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
+        """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given)."""
+        unet = unet or self.base.pipe.unet
+        latents = batch.latents
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                      generator=generator).to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ConfigError(f"training with prediction type {prediction_type!r} is not supported")
+        dtype = next(unet.parameters()).dtype
+        kwargs = {}
+        if batch.pooled is not None:
+            kwargs["added_cond_kwargs"] = sdxl_conditioning(batch.pooled, latents, self.base)
+        prediction = unet(noisy.to(dtype), timesteps, batch.hidden.to(dtype), **kwargs).sample.float()
+        per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.config.snr_gamma)
+        return per_sample.mean()
+
+
+class TrainingMethod(ABC):
+    """Base of every method: plain diffusion loss on the instance set (plus prior preservation)."""
+
+    name = "base"
+
+    @abstractmethod
+    def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
+        """Make the method's parameters trainable; return optimizer parameter groups."""
+
+    def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        """Loss of one micro-batch; methods with their own data flow (B4M) override this."""
+        generator = ctx.generator(step)
+        loss = ctx.denoising_loss(ctx.sample(ctx.instance, ctx.config.train_batch_size, generator), generator)
+        ctx.logs["loss"] = float(loss.detach())
+        if ctx.prior is not None:
+            prior = ctx.denoising_loss(ctx.sample(ctx.prior, ctx.config.train_batch_size, generator), generator)
+            ctx.logs["prior_loss"] = float(prior.detach())
+            loss = loss + ctx.config.prior_loss_weight * prior
+        return loss + self.extra_loss(ctx, step)
+
+    def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        return torch.zeros((), device=ctx.device)
+
+    def after_step(self, ctx: TrainingContext, step: int) -> None:
+        """Schedule hooks (re-masking, rank changes) after each optimizer step."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint must hold to resume the method exactly (tensors and plain values)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    @abstractmethod
+    def export(self, ctx: TrainingContext) -> list[Path]:
+        """Write the finished adapter file(s); return their paths."""
+
+    @contextlib.contextmanager
+    def preview_weight(self, ctx: TrainingContext, weight: float) -> Iterator[None]:
+        """Apply the adapter being trained at ``weight`` for validation previews (default: only weight 1)."""
+        yield
+
+    def cleanup(self, ctx: TrainingContext) -> None:
+        """Undo what :meth:`setup` did to the base, so a shared base can be reused after training."""
+
+
+# --- conditioning helpers shared with methods ------------------------------------------------------------------
+
+
+def _scaling(base) -> float:
+    return float(base.pipe.vae.config.scaling_factor)
+
+
+def encode_captions(base, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled embedding or None) exactly as the base's pipeline conditions the UNet."""
+    from studio.text import clean_prompt
+
+    cleaned = [clean_prompt(c) for c in captions]
+    if base.family == "sdxl":
+        hidden, _, pooled, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return hidden, pooled
+    hidden, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)
+    return hidden, None
+
+
+def sdxl_conditioning(pooled: torch.Tensor, latents: torch.Tensor, base) -> dict[str, torch.Tensor]:
+    """SDXL's added conditioning: pooled text embedding and (original size, crop, target size) time ids."""
+    size = latents.shape[-1] * base.pipe.vae_scale_factor
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), for ε- and v-prediction."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr.clamp(min=1e-8)
+
+
+@torch.no_grad()
+def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float]) -> EncodedSet:
+    """Encode images once (VAE posterior mean and std) and captions once (text encoder)."""
+    vae = base.pipe.vae
+    means, stds = [], []
+    for start in range(0, len(pixels), 16):
+        chunk = pixels[start : start + 16].to(base.device, vae.dtype)
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    unique = sorted(set(captions))
+    hidden_unique, pooled_unique = encode_captions(base, unique)
+    lookup = {caption: i for i, caption in enumerate(unique)}
+    rows = torch.tensor([lookup[c] for c in captions])
+    return EncodedSet(
+        latent_mean=torch.cat(means),
+        latent_std=torch.cat(stds),
+        hidden=hidden_unique.float().cpu()[rows],
+        pooled=pooled_unique.float().cpu()[rows] if pooled_unique is not None else None,
+        captions=list(captions),
+        weights=torch.tensor(list(weights), dtype=torch.float),
+    )
+
+
+def load_training_images(images: list[TrainingImage], resolution: int, center_crop: bool, random_flip: bool
+                         ) -> tuple[torch.Tensor, list[str], list[float]]:
+    """Pixels, captions and sampling weights; a flipped copy of each image when ``random_flip``."""
+    pixels, captions, weights = [], [], []
+    for item in images:
+        tensor = prepare_pixels(load_rgb(item.path), resolution, center_crop)
+        versions = [tensor, tensor.flip(-1)] if random_flip else [tensor]
+        for version in versions:
+            pixels.append(version)
+            captions.append(item.caption)
+            weights.append(item.repeats / len(versions))
+    return torch.stack(pixels), captions, weights
+
+
+def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
+    """Prompts for prior preservation: the user's class prompt, else ordinary prompts of the embedded domain."""
+    if config.class_prompt:
+        return [config.class_prompt] * count
+    if base.family != "tiny":
+        raise ConfigError("prior preservation on this base needs --class_prompt (e.g. 'a photo of a dog')")
+    from studio.eval.prompt_following import grid_cases
+
+    return [case.prompt for case in grid_cases(count, held_out=False, seed=config.seed)]
+
+
+@torch.no_grad()
+def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Generate (once, cached in the work folder) the class images prior preservation trains on."""
+    from studio.generate import seeded_generator
+    from studio.text import clean_prompt
+
+    folder = work_dir / "class_images"
+    prompts = default_class_prompts(base, config, config.num_class_images)
+    cached = folder / "class_images.pt"
+    if cached.exists():
+        stored = torch.load(cached, weights_only=True)
+        if stored["prompts"] == "\n".join(prompts):
+            return stored["pixels"], prompts
+    pixels = []
+    for start in range(0, len(prompts), 8):
+        chunk = prompts[start : start + 8]
+        images = base.pipe(prompt=[clean_prompt(p) for p in chunk], num_inference_steps=base.default_steps,
+                           guidance_scale=base.default_guidance_scale, height=resolution, width=resolution,
+                           generator=[seeded_generator(config.seed * 1000 + start + i) for i in range(len(chunk))],
+                           output_type="pt").images
+        pixels.append(images.float().cpu() * 2 - 1)
+    result = torch.cat(pixels)
+    atomic_torch_save({"pixels": result, "prompts": "\n".join(prompts)}, cached)
+    return result, prompts
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(work_dir: Path) -> list[Path]:
+    found = [p for p in (work_dir / "checkpoints").glob("checkpoint-*") if (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(work_dir: Path, step: int, method: TrainingMethod, optimizer, lr_scheduler,
+                    limit: int | None) -> Path:
+    target = work_dir / "checkpoints" / f"checkpoint-{step}"
+    state = {"step": step, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict()}
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, target / "state.pt")
+    if limit:
+        for old in _checkpoint_dirs(work_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_checkpoint(work_dir: Path, spec: str) -> Path:
+    if spec == "latest":
+        found = _checkpoint_dirs(work_dir)
+        if not found:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {work_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / "state.pt").exists():
+        path = work_dir / "checkpoints" / spec
+    if not (path / "state.pt").exists():
+        raise ConfigError(f"no checkpoint at {spec}")
+    return path
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    outputs: list[Path]
+    steps: int
+    seconds: float
+    final_loss: float
+    samples: list[Path]
+
+
+def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device):
+    if config.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        except ImportError:
+            logger.warning("bitsandbytes is not installed; using torch AdamW")
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+
+
+def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
+    from studio.generate import seeded_generator
+    from studio.png import save_png
+    from studio.text import clean_prompt
+
+    config = ctx.config
+    paths = []
+    for weight in config.validation_weights:
+        with method.preview_weight(ctx, weight):
+            images = ctx.base.pipe(
+                prompt=[clean_prompt(config.validation_prompt)] * config.num_validation_images,
+                num_inference_steps=ctx.base.default_steps, guidance_scale=ctx.base.default_guidance_scale,
+                generator=[seeded_generator(config.seed + i) for i in range(config.num_validation_images)],
+            ).images
+        for index, image in enumerate(images):
+            path = ctx.work_dir / "samples" / f"step-{step:06d}-w{weight:g}-{index}.png"
+            text = (f"{config.validation_prompt}\nSteps: {ctx.base.default_steps}, Seed: {config.seed + index}, "
+                    f"Lora: {config.output}:{weight:g}, Training step: {step}")
+            save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
+            paths.append(path)
+    return paths
+
+
+def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None = None,
+          base=None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train ``method`` on ``config``; returns the written adapter files. ``should_stop`` lets the app stop it."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from studio.adapters.library import library_dir
+    from studio.models import load_base
+
+    start_time = time.time()
+    if config.images is None:
+        raise ConfigError("no training images: pass --images DIR")
+    images = scan_folder(config.images, config.instance_prompt, config.repeats)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    base = base or load_base(config.model, device=config.device)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision if base.device.type == "cuda" else "no",
+                              cpu=base.device.type == "cpu")
+    resolution = config.resolution or base.default_size
+    output_dir = Path(config.output_dir) if config.output_dir else library_dir()
+    work_dir = output_dir / f"{config.output}-work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
+    instance = encode_set(base, pixels, captions, weights)
+    prior = None
+    if config.with_prior_preservation:
+        class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
+        prior = encode_set(base, class_pixels, class_prompts, [1.0] * len(class_prompts))
+    noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+    ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images)
+
+    groups = method.setup(ctx)
+    if config.gradient_checkpointing:
+        base.pipe.unet.enable_gradient_checkpointing()
+    optimizer = _optimizer(groups, config, base.device)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    step = 0
+    if config.resume_from_checkpoint:
+        checkpoint = find_checkpoint(work_dir, config.resume_from_checkpoint)
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        step = int(state["step"])
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    total = config.max_train_steps
+    _emit(progress, "start", step, total, {"images": len(images)})
+    params = [p for group in groups for p in group["params"]]
+    samples: list[Path] = []
+    bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=progress is not None)
+    loss_value = math.nan
+    while step < total:
+        if should_stop is not None and should_stop():
+            logger.info("stopped at step %d", step)
+            break
+        accumulated = 0.0
+        for micro in range(config.gradient_accumulation_steps):
+            loss = method.training_loss(ctx, step * config.gradient_accumulation_steps + micro)
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+            accumulated += float(loss.detach()) / config.gradient_accumulation_steps
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        method.after_step(ctx, step)
+        loss_value = accumulated
+        logs = {**ctx.logs, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        _emit(progress, "step", step, total, logs)
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < total:
+            if accelerator.is_main_process:
+                path = save_checkpoint(work_dir, step, method, optimizer, lr_scheduler,
+                                       config.checkpoints_total_limit)
+                _emit(progress, "checkpoint", step, total, {"path": str(path)})
+        if config.validation_prompt and config.validation_steps and step % config.validation_steps == 0:
+            new = _validation(ctx, method, step)
+            samples += new
+            _emit(progress, "validation", step, total, {"images": [str(p) for p in new]})
+    bar.close()
+    try:
+        outputs = method.export(ctx) if accelerator.is_main_process else []
+    finally:
+        method.cleanup(ctx)
+    result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
+    _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
+    return result
+
+
+def _emit(progress: ProgressCallback | None, event: str, step: int, total: int, logs: dict[str, Any]) -> None:
+    if progress is not None:
+        progress(event, step, total, logs)

@@ -1,0 +1,132 @@
+"""Plain LoRA (Hu et al. 2021) on the UNet's attention projections (and optionally the text encoder).
+
+The baseline every other method is compared with, and the pattern they follow: inject trainable layers in
+``setup``, checkpoint them through ``state_dict``, export an adapter file with full metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from studio.adapters.file import AdapterFile, save_adapter
+from studio.adapters.inject import adapter_from_layers, detach_adapter, lora_layers, set_adapter_weights
+from studio.adapters.metadata import adapter_metadata
+from studio.data.folder import tag_frequency
+from trainers.loop import TrainingContext, TrainingMethod
+
+TRAINING_ADAPTER = "studio_training"  # not "training": that is an nn.Module attribute
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoraMethod(TrainingMethod):
+    """Trains a LoRA adapter; ``rank_pattern`` (module path → rank) gives per-layer ranks (used by CoLoRA)."""
+
+    name = "lora"
+
+    def __init__(self, rank_pattern: dict[str, int] | None = None, metadata_extra: dict[str, Any] | None = None
+                 ) -> None:
+        self.rank_pattern = dict(rank_pattern or {})
+        self.metadata_extra = dict(metadata_extra or {})
+        self.started_at = 0.0
+        self.parameters: dict[str, torch.nn.Parameter] = {}
+
+    def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
+        import time
+
+        self.started_at = time.time()
+        config = ctx.config
+        alpha = config.network_alpha or config.rank
+        torch.manual_seed(config.seed)
+        components = [("unet", list(config.target_modules), config.learning_rate)]
+        if config.train_text_encoder:
+            text_lr = config.text_encoder_lr or config.learning_rate
+            components.append(("text_encoder", list(TEXT_ENCODER_TARGETS), text_lr))
+        groups = []
+        for component, targets, lr in components:
+            model = getattr(ctx.base.pipe, component)
+            model.requires_grad_(False)
+            patterns = {f"^{p.replace('.', chr(92) + '.')}$": r for p, r in self.rank_pattern.items()
+                        if component == "unet"}
+            lora_config = LoraConfig(r=config.rank, lora_alpha=alpha, target_modules=targets,
+                                     init_lora_weights="gaussian", rank_pattern=patterns)
+            inject_adapter_in_model(lora_config, model, adapter_name=TRAINING_ADAPTER)
+            params = []
+            for path, module in model.named_modules():
+                if hasattr(module, "lora_A") and TRAINING_ADAPTER in module.lora_A:
+                    for part in ("lora_A", "lora_B"):
+                        weight = getattr(module, part)[TRAINING_ADAPTER].weight
+                        weight.data = weight.data.float()
+                        self.parameters[f"{component}.{path}.{part}"] = weight
+                        params.append(weight)
+            groups.append({"params": params, "lr": lr})
+        set_adapter_weights(ctx.base, {TRAINING_ADAPTER: 1.0})
+        for param in self.parameters.values():
+            param.requires_grad_(True)
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: param.detach().clone() for name, param in self.parameters.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, param in self.parameters.items():
+                param.copy_(state[name])
+
+    @contextlib.contextmanager
+    def preview_weight(self, ctx: TrainingContext, weight: float) -> Iterator[None]:
+        for _, _, layer in lora_layers(ctx.base):
+            if TRAINING_ADAPTER in layer.lora_A:
+                layer.set_scale(TRAINING_ADAPTER, weight)
+        try:
+            yield
+        finally:
+            for _, _, layer in lora_layers(ctx.base):
+                if TRAINING_ADAPTER in layer.lora_A:
+                    layer.set_scale(TRAINING_ADAPTER, 1.0)
+
+    def adapter(self, ctx: TrainingContext) -> AdapterFile:
+        """The trained weights with the studio's full metadata."""
+        adapter = adapter_from_layers(ctx.base, TRAINING_ADAPTER)
+        adapter.metadata = training_metadata(ctx, self.name, self.started_at, self.metadata_extra)
+        return adapter
+
+    def export(self, ctx: TrainingContext) -> list[Path]:
+        return [save_adapter(self.adapter(ctx), output_path(ctx), layout=ctx.config.export_layout)]
+
+    def cleanup(self, ctx: TrainingContext) -> None:
+        detach_adapter(ctx.base, TRAINING_ADAPTER)
+
+
+def output_path(ctx: TrainingContext, suffix: str = "") -> Path:
+    from studio.adapters.library import library_dir
+
+    folder = Path(ctx.config.output_dir) if ctx.config.output_dir else library_dir()
+    return folder / f"{ctx.config.output}{suffix}.safetensors"
+
+
+def trigger_words(ctx: TrainingContext) -> list[str]:
+    """The configured trigger words, else the instance prompt's words the base never saw (by domain metadata)."""
+    if ctx.config.trigger_words:
+        return list(ctx.config.trigger_words)
+    reserved = set((ctx.base.domain or {}).get("trigger_words", []))
+    words = (ctx.config.instance_prompt or "").replace(",", " ").split()
+    found = [w for w in words if w in reserved]
+    return found or ([ctx.config.instance_prompt] if ctx.config.instance_prompt else [])
+
+
+def training_metadata(ctx: TrainingContext, method: str, started_at: float,
+                      extra: dict[str, Any] | None = None) -> dict[str, str]:
+    config = ctx.config
+    return adapter_metadata(
+        ctx.base, name=config.output, method=method, kind=config.kind, rank=config.rank,
+        alpha=config.network_alpha or config.rank, trigger_words=trigger_words(ctx), seed=config.seed,
+        steps=config.max_train_steps, started_at=started_at, tag_frequency=tag_frequency(ctx.images),
+        num_images=len(ctx.images), learning_rate=config.learning_rate,
+        resolution=config.resolution or ctx.base.default_size, extra=extra,
+    )
