@@ -1,0 +1,196 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from studio.adapters import keys
+from studio.adapters.file import AdapterFile, LoraModule, read_adapter, save_adapter
+from studio.adapters.inject import attach_adapter, detach_adapter, load_adapter, set_adapter_weights
+from studio.errors import AdapterError
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+CONV = "down_blocks.0.resnets.0.conv1"
+TE = "encoder.layers.0.self_attn.q_proj"
+
+
+def make_adapter(base, scale=0.2, seed=0):
+    """Different ranks and alpha ≠ rank per module, a conv module and a text-encoder module."""
+    generator = torch.Generator().manual_seed(seed)
+    unet, te = base.pipe.unet, base.pipe.text_encoder
+
+    def linear(module, rank):
+        module = getattr(module, "base_layer", module)
+        return torch.randn(rank, module.in_features, generator=generator) * scale, torch.randn(
+            module.out_features, rank, generator=generator) * scale
+
+    conv = unet.get_submodule(CONV)
+    conv = getattr(conv, "base_layer", conv)
+    modules = {
+        "unet": {
+            Q: LoraModule(*linear(unet.get_submodule(Q), 4), alpha=8.0),
+            K2: LoraModule(*linear(unet.get_submodule(K2), 2), alpha=1.0),
+            CONV: LoraModule(torch.randn(3, conv.in_channels, 3, 3, generator=generator) * scale,
+                             torch.randn(conv.out_channels, 3, 1, 1, generator=generator) * scale, alpha=3.0),
+        },
+        "text_encoder": {TE: LoraModule(*linear(te.get_submodule(TE), 4), alpha=2.0)},
+    }
+    metadata = {"ss_output_name": "demo", "studio.base_family": "tiny", "studio.kind": "content",
+                "studio.trigger_words": json.dumps(["sks"])}
+    return AdapterFile(modules, metadata)
+
+
+def unet_output(base, prompt="a red solid circle on a white background"):
+    ids = base.pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = base.pipe.text_encoder(ids)[0]
+        return base.pipe.unet(latents, torch.tensor([500]), hidden).sample
+
+
+def test_kohya_names_round_trip():
+    for path in (Q, K2, CONV, "mid_block.attentions.0.proj_in",
+                 "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj",
+                 "text_model.encoder.layers.11.self_attn.out_proj", "time_embedding.linear_1"):
+        assert keys.kohya_name_to_path(keys.path_to_kohya_name(path)) == path
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_save_read_keeps_weights_alpha_and_metadata(tmp_path, random_base, layout):
+    adapter = make_adapter(random_base)
+    path = save_adapter(adapter, tmp_path / "a.safetensors", layout=layout)
+    back = read_adapter(path)
+    for component, modules in adapter.modules.items():
+        for module_path, module in modules.items():
+            got = back.modules[component][module_path]
+            assert torch.equal(got.down, module.down) and torch.equal(got.up, module.up)
+            assert got.alpha == module.alpha
+    assert back.trigger_words == ["sks"] and back.kind == "content"
+    with safe_open(str(path), "pt") as handle:
+        names = list(handle.keys())
+        meta = handle.metadata()
+    if layout == "kohya":
+        assert f"lora_unet_{keys.path_to_kohya_name(Q)}.lora_down.weight" in names
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in names
+    else:
+        assert f"unet.{Q}.lora_A.weight" in names and f"text_encoder.text_model.{TE}.lora_B.weight" in names
+        config = json.loads(meta["lora_adapter_metadata"])
+        assert config["unet.r"] in (2, 3, 4) and config["text_encoder.lora_alpha"] == 2.0
+
+
+def test_diffusers_kohya_diffusers_round_trip_gives_the_same_output(tmp_path, random_base):
+    adapter = make_adapter(random_base)
+    first = save_adapter(adapter, tmp_path / "a.safetensors")
+    kohya = save_adapter(read_adapter(first), tmp_path / "a_kohya.safetensors", layout="kohya")
+    again = save_adapter(read_adapter(kohya), tmp_path / "a_again.safetensors", layout="diffusers")
+    load_adapter(random_base, first, "first")
+    out_first = unet_output(random_base)
+    detach_adapter(random_base, "first")
+    load_adapter(random_base, again, "again")
+    out_again = unet_output(random_base)
+    assert (out_first - out_again).abs().max() <= 1e-4
+
+
+def test_a1111_keyed_file_loads_and_changes_the_image(tmp_path, random_base):
+    """Keys written by hand the way A1111/kohya files are keyed: lora_unet_…/lora_te_… with .alpha scalars."""
+    unet = random_base.pipe.unet
+    tensors = {}
+    for path in (Q, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"):
+        module = unet.get_submodule(path)
+        stem = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(4, module.in_features) * 0.3
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, 4) * 0.3
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    file = tmp_path / "a1111.safetensors"
+    save_file(tensors, str(file), metadata={"ss_network_dim": "4", "ss_network_alpha": "2"})
+    before = unet_output(random_base)
+    name = load_adapter(random_base, file)
+    after = unet_output(random_base)
+    assert (after - before).abs().max() > 1e-3
+    set_adapter_weights(random_base, {})
+    assert torch.allclose(unet_output(random_base), before, atol=1e-6)
+    layer = unet.get_submodule(Q)
+    set_adapter_weights(random_base, {name: 1.0})
+    assert layer.scaling[name] == pytest.approx(0.5)  # alpha 2 / rank 4
+
+
+def test_weight_scales_each_layer_delta_linearly(random_base):
+    attach_adapter(random_base, make_adapter(random_base), "a")
+    layer = random_base.pipe.unet.get_submodule(Q)
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        plain = layer.base_layer(x)
+        set_adapter_weights(random_base, {"a": 0.5})
+        half = layer(x) - plain
+        set_adapter_weights(random_base, {"a": 1.0})
+        full = layer(x) - plain
+    assert full.abs().max() > 1e-3
+    assert torch.allclose(half * 2, full, atol=1e-5)
+    module = make_adapter(random_base).modules["unet"][Q]
+    assert torch.allclose(full, x @ module.delta().T, atol=1e-5)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, random_base):
+    adapter = make_adapter(random_base)
+    wide = adapter.modules["unet"][K2]
+    adapter.modules["unet"][K2] = LoraModule(torch.zeros(2, 768), wide.up, 1.0)
+    with pytest.raises(AdapterError, match="cross_attention_dim 768, this base has 96"):
+        attach_adapter(random_base, adapter, "wide")
+    other = make_adapter(random_base)
+    other.metadata["studio.base_family"] = "sdxl"
+    with pytest.raises(AdapterError, match="trained for a sdxl base"):
+        attach_adapter(random_base, other, "xl")
+
+
+def test_missing_module_and_nan_are_refused(random_base):
+    adapter = make_adapter(random_base)
+    adapter.modules["unet"]["down_blocks.9.attn.to_q"] = adapter.modules["unet"][Q]
+    with pytest.raises(AdapterError, match="no module down_blocks.9"):
+        attach_adapter(random_base, adapter, "x")
+    adapter = make_adapter(random_base)
+    adapter.modules["unet"][Q].up[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        attach_adapter(random_base, adapter, "y")
+
+
+def test_truncated_and_pickle_files_are_refused(tmp_path, random_base):
+    path = save_adapter(make_adapter(random_base), tmp_path / "a.safetensors")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(AdapterError, match="not a readable safetensors"):
+        read_adapter(truncated)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    pickle_file = tmp_path / "evil.ckpt"
+    torch.save({"x": Payload()}, pickle_file)
+    with pytest.raises(AdapterError, match="never unpickles"):
+        read_adapter(pickle_file)
+    safe = tmp_path / "plain.pt"
+    torch.save(make_adapter(random_base).modules["unet"][Q].down, safe)
+    with pytest.raises(AdapterError, match="not a dict of tensors"):
+        read_adapter(safe)
+
+
+def test_lycoris_files_are_refused_with_a_reason(tmp_path):
+    path = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(AdapterError, match="LyCORIS"):
+        read_adapter(path)
+
+
+def test_cli_inspect_and_convert(tmp_path, random_base, capsys):
+    from studio.cli import main
+
+    path = save_adapter(make_adapter(random_base), tmp_path / "demo.safetensors")
+    assert main(["adapters", "inspect", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["trigger_words"] == ["sks"] and shown["rank_min_max"] == [2, 4]
+    out = tmp_path / "demo_kohya.safetensors"
+    assert main(["adapters", "convert", str(path), "--to", "kohya", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as handle:
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in handle.keys())
