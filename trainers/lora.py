@@ -111,13 +111,13 @@ def output_path(ctx: TrainingContext, suffix: str = "") -> Path:
 
 
 def trigger_words(ctx: TrainingContext) -> list[str]:
-    """The configured trigger words, else the instance prompt's words the base never saw (by domain metadata)."""
+    """The configured trigger words, else caption words the base reserves for adapters (domain metadata)."""
     if ctx.config.trigger_words:
         return list(ctx.config.trigger_words)
     reserved = set((ctx.base.domain or {}).get("trigger_words", []))
-    words = (ctx.config.instance_prompt or "").replace(",", " ").split()
-    found = [w for w in words if w in reserved]
-    return found or ([ctx.config.instance_prompt] if ctx.config.instance_prompt else [])
+    captions = [ctx.config.instance_prompt or ""] + [image.caption for image in ctx.images]
+    found = dict.fromkeys(w for c in captions for w in c.replace(",", " ").split() if w in reserved)
+    return list(found) or ([ctx.config.instance_prompt] if ctx.config.instance_prompt else [])
 
 
 def training_metadata(ctx: TrainingContext, method: str, started_at: float,
