@@ -81,3 +81,35 @@ def shape_images(tmp_path):
         Image.fromarray(procedural.render(scene)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a {color} solid sks on a white background")
     return folder
+
+
+def make_random_sdxl_base(seed: int = 0):
+    """A tiny SDXL-architecture pipeline (two text encoders, added time ids), random weights, built in code."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.models import BaseModel, fingerprint
+    from studio.text import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=32)
+    text_config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(), tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return BaseModel(pipe=pipe, family="sdxl", source="random-sdxl", device=torch.device("cpu"),
+                     dtype=torch.float32, domain=None, fingerprint=fingerprint(pipe))

@@ -86,9 +86,13 @@ class TrainingContext:
         index = torch.multinomial(data.weights, batch_size, replacement=True, generator=generator)
         noise = torch.randn(data.latent_mean[index].shape, generator=generator)
         latents = (data.latent_mean[index] + data.latent_std[index] * noise) * _scaling(self.base)
+        captions = [data.captions[i] for i in index]
+        if self.config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
+            hidden, pooled = encode_captions(self.base, captions)
+            return Batch(latents.to(self.device), hidden, pooled, captions)
         pooled = data.pooled[index] if data.pooled is not None else None
         return Batch(latents.to(self.device), data.hidden[index].to(self.device),
-                     pooled.to(self.device) if pooled is not None else None, [data.captions[i] for i in index])
+                     pooled.to(self.device) if pooled is not None else None, captions)
 
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning with gradients (for methods that train the text encoder)."""

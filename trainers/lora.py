@@ -46,7 +46,9 @@ class LoraMethod(TrainingMethod):
         components = [("unet", list(config.target_modules), config.learning_rate)]
         if config.train_text_encoder:
             text_lr = config.text_encoder_lr or config.learning_rate
-            components.append(("text_encoder", list(TEXT_ENCODER_TARGETS), text_lr))
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(ctx.base.pipe, name, None) is not None:
+                    components.append((name, list(TEXT_ENCODER_TARGETS), text_lr))
         groups = []
         for component, targets, lr in components:
             model = getattr(ctx.base.pipe, component)

@@ -57,7 +57,10 @@ class LoraModule:
 
 @dataclass
 class AdapterFile:
-    """A LoRA adapter: modules per component ("unet", "text_encoder", "text_encoder_2") plus string metadata."""
+    """A LoRA adapter: modules per component ("unet", "text_encoder", "text_encoder_2") plus string metadata.
+
+    Module paths are in file form (text encoders' paths start with ``text_model.``).
+    """
 
     modules: dict[str, dict[str, LoraModule]]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -160,7 +163,7 @@ def _modules_from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[st
         if parsed is None:
             raise AdapterError(f"adapter {path.name} mixes kohya keys with an unknown key {key!r}")
         component, module_path, part = parsed
-        parts.setdefault((component, keys.from_file_path(component, module_path)), {})[part] = tensor
+        parts.setdefault((component, keys.to_file_path(component, module_path)), {})[part] = tensor
     modules: dict[str, dict[str, LoraModule]] = {}
     for (component, module_path), found in parts.items():
         if "A" not in found or "B" not in found:
@@ -192,7 +195,7 @@ def _modules_from_peft(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         if "A" not in found or "B" not in found:
             raise AdapterError(f"adapter {path.name}: module {file_path} lacks its lora_A or lora_B weight")
         alpha = _alpha_from_config(configs, component, file_path, rank=int(found["A"].shape[0]))
-        modules.setdefault(component, {})[keys.from_file_path(component, file_path)] = LoraModule(
+        modules.setdefault(component, {})[keys.to_file_path(component, file_path)] = LoraModule(
             found["A"], found["B"], alpha)
     return modules
 
@@ -218,13 +221,12 @@ def lora_configs(adapter: AdapterFile) -> dict[str, dict]:
         ranks = Counter(m.rank for m in modules.values())
         alphas = Counter(m.alpha for m in modules.values())
         r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-        file_paths = {p: keys.to_file_path(component, p) for p in modules}
         configs[component] = {
             "r": r,
             "lora_alpha": alpha,
-            "target_modules": sorted(file_paths.values()),
-            "rank_pattern": {file_paths[p]: m.rank for p, m in modules.items() if m.rank != r},
-            "alpha_pattern": {file_paths[p]: m.alpha for p, m in modules.items() if m.alpha != alpha},
+            "target_modules": sorted(modules),
+            "rank_pattern": {p: m.rank for p, m in modules.items() if m.rank != r},
+            "alpha_pattern": {p: m.alpha for p, m in modules.items() if m.alpha != alpha},
             "init_lora_weights": True,
             "lora_dropout": 0.0,
             "bias": "none",
@@ -245,8 +247,7 @@ def adapter_tensors(adapter: AdapterFile, layout: str) -> dict[str, torch.Tensor
     tensors: dict[str, torch.Tensor] = {}
     prefixes = _kohya_prefixes(adapter)
     for component, modules in adapter.modules.items():
-        for module_path, module in modules.items():
-            file_path = keys.to_file_path(component, module_path)
+        for file_path, module in modules.items():
             if layout == "diffusers":
                 tensors[f"{component}.{file_path}.lora_A.weight"] = module.down
                 tensors[f"{component}.{file_path}.lora_B.weight"] = module.up

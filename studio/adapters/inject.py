@@ -14,7 +14,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.file import AdapterFile, lora_configs
+from studio.adapters.file import AdapterFile
+from studio.adapters.keys import module_path_in, to_file_path
 from studio.adapters.validate import validate_adapter
 from studio.errors import AdapterError
 
@@ -43,23 +44,22 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
     if name in attached_adapters(base):
         raise AdapterError(f"an adapter named '{name}' is already attached; detach it first or pick another name")
     validate_adapter(adapter, base)
-    configs = lora_configs(adapter)
     for component, modules in adapter.modules.items():
         model = getattr(base.pipe, component)
-        in_memory = list(modules)
-        config = configs[component]
-        full = {p: f"^{_escape(p)}$" for p in in_memory}
+        located = {module_path_in(model, p): m for p, m in modules.items()}
+        patterns = {p: f"^{_escape(p)}$" for p in located}
+        first = next(iter(located.values()))
         lora_config = LoraConfig(
-            r=config["r"],
-            lora_alpha=config["lora_alpha"],
-            target_modules=in_memory,
-            rank_pattern={full[p]: m.rank for p, m in modules.items()},
-            alpha_pattern={full[p]: m.alpha for p, m in modules.items()},
+            r=first.rank,
+            lora_alpha=first.alpha,
+            target_modules=list(located),
+            rank_pattern={patterns[p]: m.rank for p, m in located.items()},
+            alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
         )
         inject_adapter_in_model(lora_config, model, adapter_name=name)
         dtype = next(model.parameters()).dtype
         with torch.no_grad():
-            for path, module in modules.items():
+            for path, module in located.items():
                 layer = model.get_submodule(path)
                 if not isinstance(layer, LoraLayer) or layer.r.get(name) != module.rank:
                     raise AdapterError(f"adapter '{name}': could not attach {component}.{path}")
@@ -113,7 +113,7 @@ def adapter_from_layers(base, name: str) -> AdapterFile:
     modules: dict[str, dict[str, LoraModule]] = {}
     for component, path, layer in lora_layers(base):
         if name in layer.lora_A:
-            modules.setdefault(component, {})[path] = LoraModule(
+            modules.setdefault(component, {})[to_file_path(component, path)] = LoraModule(
                 down=layer.lora_A[name].weight.detach().float().cpu().clone(),
                 up=layer.lora_B[name].weight.detach().float().cpu().clone(),
                 alpha=float(layer.lora_alpha[name]),

@@ -49,17 +49,21 @@ def path_to_kohya_name(path: str) -> str:
 
 
 def to_file_path(component: str, path: str) -> str:
-    """In-memory module path → the path written in files (text encoders gain ``text_model.``)."""
+    """A module path in the form files use: text-encoder paths start with ``text_model.`` as in transformers 4."""
     if component.startswith("text_encoder") and not path.startswith("text_model."):
         return "text_model." + path
     return path
 
 
-def from_file_path(component: str, path: str) -> str:
-    """Path read from a file → in-memory path of a transformers 5 CLIP text encoder (no ``text_model.``)."""
-    if component.startswith("text_encoder"):
-        return path.removeprefix("text_model.")
-    return path
+def module_path_in(model, path: str) -> str | None:
+    """The path of ``path``'s module inside ``model`` (transformers 5's CLIPTextModel has no ``text_model.``)."""
+    for candidate in (path, path.removeprefix("text_model."), "text_model." + path):
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
 
 
 _PEFT_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")

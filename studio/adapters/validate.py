@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from studio.adapters.file import AdapterFile
+from studio.adapters.keys import module_path_in
 from studio.errors import AdapterError
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ def validate_adapter(adapter: AdapterFile, base) -> None:
 
 
 def _check_module(name: str, component: str, path: str, module, model: nn.Module, cross_width: int) -> None:
-    try:
-        target = model.get_submodule(path)
-    except AttributeError:
+    found = module_path_in(model, path)
+    if found is None:
         raise AdapterError(f"adapter '{name}': {component} has no module {path} (an adapter for another "
-                           "architecture?)") from None
+                           "architecture?)")
+    target = model.get_submodule(found)
     target = getattr(target, "base_layer", target)
     for label, tensor in (("down", module.down), ("up", module.up)):
         if not torch.isfinite(tensor).all():

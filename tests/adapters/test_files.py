@@ -13,7 +13,7 @@ from studio.errors import AdapterError
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 CONV = "down_blocks.0.resnets.0.conv1"
-TE = "encoder.layers.0.self_attn.q_proj"
+TE = "text_model.encoder.layers.0.self_attn.q_proj"
 
 
 def make_adapter(base, scale=0.2, seed=0):
@@ -35,7 +35,7 @@ def make_adapter(base, scale=0.2, seed=0):
             CONV: LoraModule(torch.randn(3, conv.in_channels, 3, 3, generator=generator) * scale,
                              torch.randn(conv.out_channels, 3, 1, 1, generator=generator) * scale, alpha=3.0),
         },
-        "text_encoder": {TE: LoraModule(*linear(te.get_submodule(TE), 4), alpha=2.0)},
+        "text_encoder": {TE: LoraModule(*linear(te.get_submodule(TE.removeprefix("text_model.")), 4), alpha=2.0)},
     }
     metadata = {"ss_output_name": "demo", "studio.base_family": "tiny", "studio.kind": "content",
                 "studio.trigger_words": json.dumps(["sks"])}
@@ -75,7 +75,7 @@ def test_save_read_keeps_weights_alpha_and_metadata(tmp_path, random_base, layou
         assert f"lora_unet_{keys.path_to_kohya_name(Q)}.lora_down.weight" in names
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in names
     else:
-        assert f"unet.{Q}.lora_A.weight" in names and f"text_encoder.text_model.{TE}.lora_B.weight" in names
+        assert f"unet.{Q}.lora_A.weight" in names and f"text_encoder.{TE}.lora_B.weight" in names
         config = json.loads(meta["lora_adapter_metadata"])
         assert config["unet.r"] in (2, 3, 4) and config["text_encoder.lora_alpha"] == 2.0
 
