@@ -1,0 +1,26 @@
+"""Inference: multi-LoRA composition as diffusers pipelines.
+
+``CompositionPipeline`` takes ``method=``; the named classes fix the default method, so
+``CMLoRAPipeline.from_pretrained(folder)(prompt, adapters=[…])`` composes with CMLoRA.
+"""
+
+from pipelines.composition import CompositionPipeline
+
+
+class MergePipeline(CompositionPipeline):
+    default_method = "merge"
+
+
+class SwitchPipeline(CompositionPipeline):
+    default_method = "switch"
+
+
+class CompositePipeline(CompositionPipeline):
+    default_method = "composite"
+
+
+class CMLoRAPipeline(CompositionPipeline):
+    default_method = "cmlora"
+
+
+__all__ = ["CMLoRAPipeline", "CompositePipeline", "CompositionPipeline", "MergePipeline", "SwitchPipeline"]

@@ -1,0 +1,231 @@
+"""Multi-LoRA composition as a diffusers pipeline.
+
+``CompositionPipeline`` subclasses diffusers' ``StableDiffusionPipeline`` and keeps its ``__call__`` arguments,
+adding ``adapters=[(name_or_path, weight), …]`` and ``method="merge"|"switch"|"composite"|"cmlora"`` with
+``method_options``. Each step the method plans its evaluations; the shared step runs every single-adapter
+evaluation of one pass type as one batched UNet call with per-sample adapter routing; the method fuses; a
+guidance combiner (CFG) makes the final noise estimate. Works as
+``DiffusionPipeline.from_pretrained(base, custom_pipeline="pipelines/composition.py")`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+from pipelines.guidance import cfg
+from pipelines.methods import make_method
+from pipelines.methods.base import Prediction, Route
+from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
+
+logger = logging.getLogger(__name__)
+
+AdapterSpec = tuple[str | Path, float] | str | Path
+
+
+class CompositionPipeline(StableDiffusionPipeline):
+    """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
+
+    default_method = "merge"
+    max_loaded_adapters = 8  # least recently used adapters beyond this are detached (diffusers #11816, #8532)
+
+    def studio_base(self):
+        """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
+        import json
+
+        from studio.models import BaseModel, detect_family, fingerprint
+
+        if getattr(self, "_studio_base", None) is None:
+            domain_file = Path(str(self.config.get("_name_or_path") or "")) / "studio_model.json"
+            domain = json.loads(domain_file.read_text()) if domain_file.is_file() else None
+            family = detect_family(dict(self.config), dict(self.unet.config), domain)
+            self._studio_base = BaseModel(pipe=self, family=family, source=str(self.config.get("_name_or_path", "")),
+                                          device=self.device, dtype=self.unet.dtype, domain=domain,
+                                          fingerprint=fingerprint(self))
+        return self._studio_base
+
+    @classmethod
+    def from_base(cls, base) -> CompositionPipeline:
+        """A composition pipeline sharing the modules of a loaded studio ``BaseModel``."""
+        from dataclasses import replace
+
+        pipe = cls(**base.pipe.components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe._studio_base = replace(base, pipe=pipe)
+        return pipe
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    def _loaded(self) -> OrderedDict[str, str]:
+        if getattr(self, "_studio_loaded", None) is None:
+            self._studio_loaded = OrderedDict()
+        return self._studio_loaded
+
+    def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
+        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order."""
+        from studio.adapters.file import read_adapter
+        from studio.adapters.inject import attach_adapter, detach_adapter
+        from studio.adapters.library import resolve_adapter
+        from studio.errors import ConfigError
+
+        resolved = []
+        for spec in adapters or []:
+            source, weight = (spec, 1.0) if isinstance(spec, str | Path) else spec
+            if isinstance(weight, bool) or not isinstance(weight, Real):
+                raise ConfigError(f"adapter weight for {source} must be a number, not {weight!r}")
+            path = resolve_adapter(source)
+            key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
+            loaded = self._loaded()
+            if key not in loaded:
+                adapter = read_adapter(path)
+                name = _unique_name(adapter.name, set(loaded.values()))
+                attach_adapter(self.studio_base(), adapter, name)
+                loaded[key] = name
+                self._studio_profiles = getattr(self, "_studio_profiles", {})
+                self._studio_profiles[name] = _frequency_profile(adapter)
+            loaded.move_to_end(key)
+            resolved.append((loaded[key], float(weight)))
+        in_use = {name for name, _ in resolved}
+        while len(self._loaded()) > self.max_loaded_adapters:
+            key, name = next(iter(self._loaded().items()))
+            if name in in_use:
+                break
+            detach_adapter(self.studio_base(), name)
+            del self._loaded()[key]
+        return resolved
+
+    # -- one denoising step -----------------------------------------------------------------------------------
+    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep, uncond: torch.Tensor,
+                 cond: torch.Tensor, cache: FeatureCache, stats: UNetStats) -> dict[str, Prediction]:
+        """Run every planned evaluation; single-adapter routes of one pass type share one batched UNet call."""
+        from studio.adapters.inject import set_adapter_weights
+
+        batch = len(latents)
+        pair_latents = torch.cat([latents, latents])
+        pair_hidden = torch.cat([uncond, cond])
+        results: dict[str, Prediction] = {}
+
+        def split(output: torch.Tensor, index: int) -> Prediction:
+            chunk = output[2 * batch * index : 2 * batch * (index + 1)]
+            return Prediction(chunk[:batch], chunk[batch:])
+
+        for route in [r for r in routes if r.adapter is None]:
+            if route.merged:
+                set_adapter_weights(self.studio_base(), route.merged)
+            names = None if route.merged else [BASE] * (2 * batch)
+            output, _ = predict_noise(self.unet, pair_latents, timestep, pair_hidden, names, stats=stats)
+            results[route.key] = split(output, 0)
+        for mode in ("full", "read"):
+            group = [r for r in routes if r.adapter is not None and (r.cache == "read") == (mode == "read")]
+            if not group:
+                continue
+            names = [r.adapter for r in group for _ in range(2 * batch)]
+            deep = torch.cat([cache.features[r.adapter] for r in group]) if mode == "read" else None
+            output, feature = predict_noise(self.unet, pair_latents.repeat(len(group), 1, 1, 1), timestep,
+                                            pair_hidden.repeat(len(group), 1, 1), names, deep_feature=deep,
+                                            stats=stats)
+            for index, route in enumerate(group):
+                results[route.key] = split(output, index)
+                if route.cache == "write":
+                    cache.features[route.adapter] = feature[2 * batch * index : 2 * batch * (index + 1)]
+        return results
+
+    def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float
+                         ) -> torch.Tensor:
+        return cfg(prediction.uncond, prediction.cond, guidance_scale, guidance_rescale)
+
+    # -- __call__ -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_rescale: float = 0.0,
+        adapters: Sequence[AdapterSpec] | None = None,
+        method: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        from studio.errors import ConfigError
+        from studio.text import clean_prompt
+
+        if kwargs:
+            raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
+        method_name = method or self.default_method
+        composer = make_method(method_name, **dict(method_options or {}))
+        resolved = self.attach_adapters(adapters)
+        if not resolved and method_name != "merge":
+            raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
+        from studio.adapters.inject import set_adapter_weights
+
+        set_adapter_weights(self.studio_base(), dict(resolved))  # text is encoded with every adapter active
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
+        negatives = negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else list(
+            negative_prompt)
+        device = self._execution_device
+        cond, uncond = self.encode_prompt(
+            [clean_prompt(p) for p in prompts], device, num_images_per_prompt, True,
+            clean_prompt(negatives) if isinstance(negatives, str) else
+            ([clean_prompt(n) for n in negatives] if negatives else None),
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        batch = len(prompts) * num_images_per_prompt
+        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, cond.dtype, device,
+                                       generator, latents)
+        extra = self.prepare_extra_step_kwargs(generator, 0.0)
+        composer.prepare(resolved, len(timesteps), getattr(self, "_studio_profiles", {}))
+        cache, stats = FeatureCache(), UNetStats()
+        for step, t in enumerate(timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            predictions = self.evaluate(composer.plan(step), model_input, t, uncond, cond, cache, stats)
+            noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale)
+            latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                latents = callback_on_step_end(self, step, t, values).get("latents", latents)
+        self.last_stats = stats
+        self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    candidate, index = name.replace(".", "_") or "adapter", 2
+    while candidate in taken or candidate in ("training", "base"):
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate
+
+
+def _frequency_profile(adapter) -> dict:
+    import json
+
+    raw = adapter.metadata.get("studio.freq_profile")
+    return json.loads(raw) if raw else {}

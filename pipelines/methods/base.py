@@ -1,0 +1,57 @@
+"""What a composition method is: per step, which evaluations it needs (a plan) and how it fuses them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Route:
+    """One evaluation of the [uncond, cond] pair: a single routed adapter, or a merged set of active adapters.
+
+    ``adapter``: evaluate with only this adapter (at its weight); ``merged``: evaluate with these adapters
+    active together (weights); neither: the base model. ``cache``: "off", "write" (full pass that stores deep
+    features under ``adapter``) or "read" (shallow pass from the stored features).
+    """
+
+    key: str
+    adapter: str | None = None
+    merged: Mapping[str, float] | None = None
+    cache: str = "off"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    uncond: torch.Tensor
+    cond: torch.Tensor
+
+
+class CompositionMethod(ABC):
+    """A method sees the adapters (name, weight) in the user's order and the number of steps."""
+
+    name = "method"
+
+    def __init__(self) -> None:
+        self.adapters: list[tuple[str, float]] = []
+        self.num_steps = 0
+
+    def prepare(self, adapters: Sequence[tuple[str, float]], num_steps: int, profiles: Mapping[str, dict]) -> None:
+        """Called once per generation before the first step."""
+        self.adapters = list(adapters)
+        self.num_steps = num_steps
+
+    @abstractmethod
+    def plan(self, step: int) -> list[Route]:
+        """The evaluations step ``step`` needs."""
+
+    @abstractmethod
+    def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
+        """Combine the planned evaluations into one [uncond, cond] pair (guidance comes after)."""
+
+    def describe(self) -> dict:
+        """Method options for the image's recipe."""
+        return {}

@@ -1,0 +1,25 @@
+"""Composite (Zhong et al. 2024, §6.1): every adapter evaluated alone at each step, predictions averaged.
+
+ε̄_u = (1/N) Σ ε_u^i and ε̄_c likewise, then CFG — the mean of the per-adapter CFG outputs. 2N evaluations per
+step, run as one batch with per-sample adapter routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pipelines.guidance import weighted_mean
+from pipelines.methods.base import CompositionMethod, Prediction, Route
+
+
+class Composite(CompositionMethod):
+    name = "composite"
+
+    def plan(self, step: int) -> list[Route]:
+        return [Route(name, adapter=name) for name, _ in self.adapters]
+
+    def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
+        names = [name for name, _ in self.adapters]
+        weights = [1.0] * len(names)
+        return Prediction(weighted_mean([predictions[n].uncond for n in names], weights),
+                          weighted_mean([predictions[n].cond for n in names], weights))

@@ -1,0 +1,159 @@
+"""One UNet evaluation of several adapters at one latent (METHODS §11.1).
+
+:func:`predict_noise` runs a batch in which each slice may see a different adapter (peft's mixed-batch
+``adapter_names``, injected into every LoRA layer by forward pre-hooks), and can read or write a DeepCache-style
+deep-feature cache: a *full* pass stores the feature entering the last up-block; a *shallow* pass runs only
+``conv_in``, the first down-block(s) whose residuals the last up-block consumes, the last up-block and the head,
+taking the deep path from the cache. :class:`UNetStats` counts passes and block evaluations, so a benchmark
+can prove the cache skips compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class UNetStats:
+    """Counts of UNet work: one block evaluation = one down/mid/up block applied to one sample."""
+
+    full_passes: int = 0
+    shallow_passes: int = 0
+    block_evaluations: int = 0
+    samples: int = 0
+
+    def reset(self) -> None:
+        self.full_passes = self.shallow_passes = self.block_evaluations = self.samples = 0
+
+
+@dataclass
+class FeatureCache:
+    """Deep features per key (adapter name), each a batch of [uncond, cond] features entering the last up-block."""
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.features.clear()
+
+
+@contextlib.contextmanager
+def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    """Route batch slice i through adapter ``adapter_names[i]`` only (``BASE`` = none) in every LoRA layer."""
+    if adapter_names is None:
+        yield
+        return
+    names = list(adapter_names)
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
+               for module in unet.modules() if isinstance(module, LoraLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _embeddings(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    added_cond = added_cond or {}
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    emb = unet.time_embedding(t_emb, None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden, added_cond_kwargs=added_cond)
+    if aug is not None:
+        emb = emb + aug
+    hidden = unet.process_encoder_hidden_states(encoder_hidden_states=hidden, added_cond_kwargs=added_cond)
+    return emb, hidden
+
+
+def _down(block, x, emb, hidden):
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
+    return block(hidden_states=x, temb=emb)
+
+
+def _up(block, x, emb, hidden, residuals, upsample_size):
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=x, temb=emb, res_hidden_states_tuple=residuals, encoder_hidden_states=hidden,
+                     upsample_size=upsample_size)
+    return block(hidden_states=x, temb=emb, res_hidden_states_tuple=residuals, upsample_size=upsample_size)
+
+
+def _head(unet, x: torch.Tensor) -> torch.Tensor:
+    if unet.conv_norm_out is not None:
+        x = unet.conv_act(unet.conv_norm_out(x))
+    return unet.conv_out(x)
+
+
+def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None = None,
+                 deep_feature: torch.Tensor | None = None, stats: UNetStats | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNet2DConditionModel's forward, returning (noise prediction, feature entering the last up-block).
+
+    With ``deep_feature`` given, the pass is shallow: the deep blocks are skipped and that feature is used.
+    """
+    emb, hidden = _embeddings(unet, sample, timestep, hidden, added_cond)
+    x = unet.conv_in(sample)
+    residuals: tuple[torch.Tensor, ...] = (x,)
+    last_up = unet.up_blocks[-1]
+    needed = len(last_up.resnets)
+    blocks = 0
+    for block in unet.down_blocks:
+        if deep_feature is not None and len(residuals) >= needed:
+            break
+        x, res = _down(block, x, emb, hidden)
+        residuals += res
+        blocks += 1
+    if deep_feature is None:
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                x = unet.mid_block(x, emb, encoder_hidden_states=hidden)
+            else:
+                x = unet.mid_block(x, emb)
+            blocks += 1
+        for block in unet.up_blocks[:-1]:
+            take = residuals[-len(block.resnets):]
+            residuals = residuals[: -len(block.resnets)]
+            x = _up(block, x, emb, hidden, take, residuals[-1].shape[2:])
+            blocks += 1
+        deep_feature = x
+    else:
+        residuals = residuals[:needed]
+    out = _up(last_up, deep_feature, emb, hidden, residuals[-needed:], None)
+    blocks += 1
+    if stats is not None:
+        stats.block_evaluations += blocks * len(sample)
+        stats.samples += len(sample)
+    return _head(unet, out), deep_feature
+
+
+def predict_noise(unet, latents: torch.Tensor, timestep, hidden: torch.Tensor, adapter_names: Sequence[str] | None,
+                  added_cond: dict | None = None, deep_feature: torch.Tensor | None = None,
+                  stats: UNetStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batched evaluation; slice i sees adapter ``adapter_names[i]`` (None: the currently active set)."""
+    with routed(unet, adapter_names):
+        prediction, feature = unet_forward(unet, latents, timestep, hidden, added_cond, deep_feature, stats)
+    if stats is not None:
+        if deep_feature is None:
+            stats.full_passes += 1
+        else:
+            stats.shallow_passes += 1
+    return prediction, feature
+
+
+def added_conditions(added_cond: dict[str, Any] | None, repeats: int) -> dict[str, Any] | None:
+    """Repeat SDXL's added conditions along the batch for ``repeats`` routed copies."""
+    if not added_cond:
+        return None
+    return {key: value.repeat(repeats, *([1] * (value.dim() - 1))) for key, value in added_cond.items()}
