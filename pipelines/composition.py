@@ -71,7 +71,7 @@ class CompositionPipeline(StableDiffusionPipeline):
     def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
         """Load (or reuse) each adapter; returns (attached name, weight) in the user's order."""
         from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, detach_adapter
+        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
         from studio.adapters.library import resolve_adapter
         from studio.errors import ConfigError
 
@@ -85,7 +85,7 @@ class CompositionPipeline(StableDiffusionPipeline):
             loaded = self._loaded()
             if key not in loaded:
                 adapter = read_adapter(path)
-                name = _unique_name(adapter.name, set(loaded.values()))
+                name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
                 attach_adapter(self.studio_base(), adapter, name)
                 loaded[key] = name
                 self._studio_profiles = getattr(self, "_studio_profiles", {})

@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+from pipelines import CMLoRAPipeline, CompositionPipeline
+from pipelines.methods.cmlora import dominant_shares, refresh_steps
+from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
+from studio.adapters.file import save_adapter
+from studio.errors import AdapterError, ConfigError
+from tests.adapters.test_files import make_adapter
+from tests.conftest import make_random_base
+
+PROMPT = "a red solid sks on a white background"
+
+
+def unet_only_adapter(base, seed):
+    """Text is encoded once with every adapter active (as in the paper's code), so these carry no text-encoder
+    part: then Switch's first adapter alone reproduces a single-adapter image."""
+    adapter = make_adapter(base, seed=seed, scale=0.3)
+    del adapter.modules["text_encoder"]
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    base = make_random_base()
+    paths = [save_adapter(unet_only_adapter(base, i), folder / f"a{i}.safetensors") for i in range(3)]
+    return CompositionPipeline.from_base(base), paths
+
+
+def run(pipe, **kwargs):
+    return pipe(PROMPT, num_inference_steps=kwargs.pop("steps", 6), guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+
+
+def test_unet_forward_matches_diffusers_and_shallow_pass_reuses_the_deep_feature(setup):
+    unet = setup[0].unet
+    x, hidden, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 96), torch.tensor([300, 300])
+    with torch.no_grad():
+        reference = unet(x, t, hidden).sample
+        full, feature = unet_forward(unet, x, t, hidden)
+        stats = UNetStats()
+        shallow, _ = unet_forward(unet, x, t, hidden, deep_feature=feature, stats=stats)
+    assert torch.allclose(reference, full, atol=1e-5) and torch.allclose(full, shallow, atol=1e-5)
+    assert stats.block_evaluations == 2 * 2  # first down-block + last up-block, for 2 samples
+
+
+def test_batched_routing_equals_sequential_evaluation(setup):
+    pipe, paths = setup
+    names = [name for name, _ in pipe.attach_adapters([(p, 0.8) for p in paths])]
+    from studio.adapters.inject import set_adapter_weights
+
+    set_adapter_weights(pipe.studio_base(), {n: 0.8 for n in names})
+    x, hidden, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 96), torch.tensor(400)
+    with torch.no_grad():
+        batched, _ = predict_noise(pipe.unet, x.repeat(4, 1, 1, 1), t, hidden.repeat(4, 1, 1), names + [BASE])
+        for index, name in enumerate(names):
+            set_adapter_weights(pipe.studio_base(), {name: 0.8})
+            single = pipe.unet(x, t, hidden).sample
+            assert (batched[index] - single[0]).abs().max() <= 1e-4
+        set_adapter_weights(pipe.studio_base(), {})
+        assert (batched[3] - pipe.unet(x, t, hidden).sample[0]).abs().max() <= 1e-4
+
+
+def test_methods_differ_from_each_other_and_from_the_base(setup):
+    pipe, paths = setup
+    adapters = [(p, 1.0) for p in paths]
+    images = {m: run(pipe, adapters=adapters, method=m) for m in ("merge", "switch", "composite", "cmlora")}
+    base = run(pipe)
+    for name, image in images.items():
+        assert np.abs(image - base).mean() > 1e-3, name
+    keys = list(images)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert np.abs(images[a] - images[b]).mean() > 1e-4, (a, b)
+
+
+def test_composite_with_one_adapter_equals_the_single_adapter_image(setup):
+    pipe, paths = setup
+    single = run(pipe, adapters=[(paths[0], 0.7)], method="merge")
+    composite = run(pipe, adapters=[(paths[0], 0.7)], method="composite")
+    assert np.abs(single - composite).max() <= 1e-5
+
+
+def test_switch_with_a_long_interval_equals_its_first_adapter(setup):
+    pipe, paths = setup
+    first = run(pipe, adapters=[(paths[1], 1.0)], method="merge")
+    switch = run(pipe, adapters=[(paths[1], 1.0), (paths[2], 1.0)], method="switch",
+                 method_options={"interval": 100})
+    assert np.abs(first - switch).max() <= 1e-5
+
+
+def test_cmlora_cache_cuts_block_evaluations_and_changes_the_image_boundedly(setup):
+    pipe, paths = setup
+    adapters = [(p, 1.0) for p in paths]
+    uncached = run(pipe, adapters=adapters, method="cmlora", method_options={"use_cache": False}, steps=12)
+    full_blocks = pipe.last_stats.block_evaluations
+    cached = run(pipe, adapters=adapters, method="cmlora", steps=12)
+    assert pipe.last_stats.shallow_passes > 0
+    assert pipe.last_stats.block_evaluations < 0.7 * full_blocks
+    difference = np.abs(cached - uncached).mean()
+    assert 0 < difference < 0.1
+
+
+def test_cmlora_schedule_and_weights_follow_the_paper():
+    assert len(refresh_steps(220)) == 92
+    assert refresh_steps(10, interval=1) == set(range(10))
+    assert dominant_shares(3) == pytest.approx((0.5556, 0.2222), abs=1e-4)
+    dom, other = dominant_shares(4)
+    assert dom + 3 * other == pytest.approx(1.0)
+
+
+def test_named_pipeline_uses_its_method(setup):
+    pipe, paths = setup
+    named = CMLoRAPipeline.from_base(pipe.studio_base())
+    named(PROMPT, num_inference_steps=3, adapters=[(paths[0], 1.0), (paths[1], 1.0)], output_type="np")
+    assert named.last_recipe["method"] == "cmlora"
+
+
+def test_many_loaded_adapters_stay_bounded(tmp_path):
+    base = make_random_base()
+    pipe = CompositionPipeline.from_base(base)
+    pipe.max_loaded_adapters = 3
+    paths = [save_adapter(make_adapter(base, seed=i), tmp_path / f"b{i}.safetensors") for i in range(5)]
+    for path in paths:
+        pipe.attach_adapters([(path, 1.0)])
+    from studio.adapters.inject import attached_adapters
+
+    assert len(attached_adapters(pipe.studio_base())) == 3
+
+
+def test_bad_input_gives_clear_errors(setup, tmp_path):
+    pipe, paths = setup
+    with pytest.raises(ConfigError, match="unknown composition method 'blend'"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="blend")
+    with pytest.raises(ConfigError, match="composes adapters"):
+        run(pipe, adapters=[], method="composite")
+    with pytest.raises(ConfigError, match="must be a number"):
+        run(pipe, adapters=[(paths[0], "strong")], method="merge")
+    other = make_random_base()
+    foreign = make_adapter(other)
+    foreign.metadata["studio.base_family"] = "sdxl"
+    with pytest.raises(AdapterError, match="sdxl"):
+        run(pipe, adapters=[(save_adapter(foreign, tmp_path / "xl.safetensors"), 1.0)], method="merge")
