@@ -40,13 +40,43 @@ def _generate(args: argparse.Namespace) -> int:
     base = load_base(args.model, device=args.device, scheduler=args.scheduler)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=args.seed,
                                 steps=args.steps, guidance_scale=args.guidance_scale, width=args.width,
-                                height=args.height, num_images=args.num_images)
+                                height=args.height, num_images=args.num_images,
+                                adapters=[parse_adapter_spec(a) for a in args.adapter], method=args.method,
+                                method_options=dict(parse_option(o) for o in args.method_option))
     out = Path(args.out)
     for index, result in enumerate(generate(base, request)):
         path = out if request.num_images == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix}")
         save_png(result.image, path, result.parameters, result.recipe)
         print(path)
     return 0
+
+
+def parse_adapter_spec(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` → (file, weight); a weight that is not a number is an error."""
+    from studio.errors import ConfigError
+
+    source, sep, weight = text.rpartition(":")
+    if not sep or "/" in weight or weight.endswith(".safetensors"):
+        return text, 1.0
+    try:
+        return source, float(weight)
+    except ValueError:
+        raise ConfigError(f"adapter weight {weight!r} in {text!r} is not a number") from None
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as int, float, true/false, or kept as text."""
+    from studio.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"method option {text!r} must look like KEY=VALUE")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _single_thread_on_cpu() -> None:
@@ -199,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=1)
+    gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
+                     help="an adapter file or library name, repeatable")
+    gen.add_argument("--method", default="merge", help="merge, switch, composite or cmlora")
+    gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
+                     help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
     gen.add_argument("--model", default=None, help="model folder, .safetensors file or hub id (default: embedded)")
     gen.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++, unipc, …")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")

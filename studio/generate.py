@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from studio import __version__
+from studio.errors import ConfigError
 from studio.models import SAMPLER_LABELS, BaseModel
 from studio.png import a1111_parameters
-from studio.text import clean_prompt
 
 
 @dataclass
@@ -26,6 +27,9 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    adapters: list[tuple[str, float]] = field(default_factory=list)  # (file or library name, weight)
+    method: str = "merge"
+    method_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
@@ -39,6 +43,9 @@ class GenerationRequest:
             width=self.width or base.default_size,
             height=self.height or base.default_size,
             num_images=self.num_images,
+            adapters=list(self.adapters),
+            method=self.method,
+            method_options=dict(self.method_options),
             extra=dict(self.extra),
         )
 
@@ -55,13 +62,18 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
-def describe(base: BaseModel, request: GenerationRequest, seed: int) -> tuple[str, dict[str, Any]]:
+def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
+             ) -> tuple[str, dict[str, Any]]:
     """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
     sampler = SAMPLER_LABELS.get(type(base.pipe.scheduler).__name__, type(base.pipe.scheduler).__name__)
+    fields: dict[str, Any] = {}
+    if request.adapters:
+        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(a)}" for a, _ in request.adapters)
+        fields["Composition"] = request.method
     parameters = a1111_parameters(
-        request.prompt, request.negative_prompt, request.steps, sampler, request.guidance_scale, seed,
-        request.width, request.height, base.name, base.fingerprint, {"Version": f"adapter-studio {__version__}",
-                                                                     **request.extra},
+        _with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps, sampler,
+        request.guidance_scale, seed, request.width, request.height, base.name, base.fingerprint,
+        {**fields, "Version": f"adapter-studio {__version__}", **request.extra},
     )
     recipe = {
         "prompt": request.prompt,
@@ -74,26 +86,54 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int) -> tuple[st
         "scheduler": type(base.pipe.scheduler).__name__,
         "model": base.source,
         "model_fingerprint": base.fingerprint,
+        "adapters": [[str(a), w] for a, w in request.adapters],
+        "method": request.method,
+        "method_options": request.method_options,
+        **(recipe_extra or {}),
         **request.extra,
     }
     return parameters, recipe
 
 
+def _with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
+    """A1111 writes active LoRAs into the prompt as ``<lora:name:weight>``."""
+    tags = " ".join(f"<lora:{Path(str(a)).stem}:{w:g}>" for a, w in adapters)
+    return f"{prompt} {tags}".strip() if tags else prompt
+
+
+def adapter_hash(spec: str) -> str:
+    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256."""
+    import hashlib
+
+    from studio.adapters.library import resolve_adapter
+
+    digest = hashlib.sha256(resolve_adapter(spec).read_bytes()).hexdigest()
+    return digest[:12]
+
+
 def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage]:
     """Generate ``request.num_images`` images; image i uses seed ``request.seed + i`` (A1111's batch convention)."""
     request = request.resolved(base)
+    pipe = base.pipe
+    composing = {}
+    if request.adapters or request.method != "merge":
+        if not hasattr(pipe, "attach_adapters"):
+            raise ConfigError(f"composing adapters on a {base.family} base is not supported yet (SD 1.x/2.x only)")
+        composing = {"adapters": request.adapters, "method": request.method,
+                     "method_options": request.method_options}
     results = []
     for index in range(request.num_images):
         seed = request.seed + index
-        output = base.pipe(
-            prompt=clean_prompt(request.prompt),
-            negative_prompt=clean_prompt(request.negative_prompt) if request.negative_prompt else None,
+        output = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             width=request.width,
             height=request.height,
             generator=seeded_generator(seed),
+            **composing,
         )
-        parameters, recipe = describe(base, request, seed)
+        parameters, recipe = describe(base, request, seed, {"composition": getattr(pipe, "last_recipe", None)})
         results.append(GeneratedImage(output.images[0], parameters, recipe))
     return results

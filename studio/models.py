@@ -143,6 +143,17 @@ def _configure(pipe: Any, device: torch.device) -> None:
     pipe.to(device)
 
 
+def _pipeline_class(family: str):
+    """SD 1.x/2.x and the embedded model get the composition pipeline (a StableDiffusionPipeline subclass)."""
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+    from pipelines import CompositionPipeline
+
+    return CompositionPipeline
+
+
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any] | None]:
     index_file = path / "model_index.json"
     if not index_file.exists():
@@ -156,9 +167,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, An
     domain_file = path / "studio_model.json"
     domain = json.loads(domain_file.read_text()) if domain_file.exists() else None
     family = detect_family(index, unet_config, domain)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = _pipeline_class(family)
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
@@ -192,8 +201,6 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
         raise ModelLoadError(f"{path}: only .safetensors checkpoints are loaded; .ckpt files are pickles that can "
                              "run code. Convert it to safetensors with a tool you trust first")
     family = _single_file_family(path)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from studio.text import build_clip_tokenizer
 
     config = SINGLE_FILE_CONFIGS / family
@@ -201,7 +208,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
     if family in ("sd2", "sdxl"):  # OpenCLIP's tokenizer pads with "!" (id 0)
         key = "tokenizer_2" if family == "sdxl" else "tokenizer"
         tokenizers[key] = build_clip_tokenizer(pad_token="!")
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = _pipeline_class(family)
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True,
@@ -237,8 +244,10 @@ def load_base(spec: str | os.PathLike | None = None, device: str | None = None, 
     if scheduler:
         set_scheduler(pipe, scheduler)
     _configure(pipe, target)
-    return BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
+    base = BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
                      fingerprint=fingerprint(pipe))
+    pipe._studio_base = base  # the composition pipeline validates adapters against this
+    return base
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -257,8 +266,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, str]:
     except Exception as error:
         raise ModelLoadError(f"could not fetch {repo_id!r} from the hub (offline?): {_short(error)}; pass a local "
                              "model folder or .safetensors file instead") from error
-    config = dict(pipe.config)
-    family = detect_family(config, dict(pipe.unet.config))
+    family = detect_family(dict(pipe.config), dict(pipe.unet.config))
     return pipe, family
 
 
