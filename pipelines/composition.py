@@ -5,7 +5,7 @@ adding ``adapters=[(name_or_path, weight), …]`` and ``method="merge"|"switch"|
 ``method_options``. Each step the method plans its evaluations; the shared step runs every single-adapter
 evaluation of one pass type as one batched UNet call with per-sample adapter routing; the method fuses; a
 guidance combiner (CFG) makes the final noise estimate. Works as
-``DiffusionPipeline.from_pretrained(base, custom_pipeline="pipelines/composition.py")`` too.
+``DiffusionPipeline.from_pretrained(base, custom_pipeline="pipelines/composition.py", trust_remote_code=True)``.
 """
 
 from __future__ import annotations

@@ -208,6 +208,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapters_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.frequency import profile_adapter, store_profile
+    from studio.adapters.library import resolve_adapter
+    from studio.models import load_base
+
+    _single_thread_on_cpu()
+    base = load_base(args.model, device=args.device)
+    path = resolve_adapter(args.file)
+    profile = profile_adapter(base.pipe, path, steps=args.steps, tau_h=args.tau_h)
+    if args.frequency_class:
+        profile["class"] = args.frequency_class
+    store_profile(path, profile)
+    print(json.dumps(profile))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -257,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     convert.add_argument("--out", default=None)
     convert.set_defaults(handler=_adapters_convert)
+
+    profile = adapter_commands.add_parser("profile", help="measure and store the CMLoRA frequency profile")
+    profile.add_argument("file")
+    profile.add_argument("--model", default=None)
+    profile.add_argument("--device", default=None)
+    profile.add_argument("--steps", type=int, default=30)
+    profile.add_argument("--tau-h", dest="tau_h", type=float, default=0.0, help="ΔH threshold between L and H")
+    profile.add_argument("--class", dest="frequency_class", choices=["H", "L"], default=None,
+                         help="override the measured class")
+    profile.set_defaults(handler=_adapters_profile)
 
     app = commands.add_parser("app", help="launch the Gradio app (flags: --host --port --share --auth --model)")
     app.add_argument("app_args", nargs=argparse.REMAINDER)

@@ -143,3 +143,21 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
     foreign.metadata["studio.base_family"] = "sdxl"
     with pytest.raises(AdapterError, match="sdxl"):
         run(pipe, adapters=[(save_adapter(foreign, tmp_path / "xl.safetensors"), 1.0)], method="merge")
+
+
+def test_custom_pipeline_file_loads_through_diffusers(tmp_path, setup):
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    pipe, paths = setup
+    folder = tmp_path / "model"
+    make_random_base().pipe.save_pretrained(folder)
+    source = Path(__file__).resolve().parents[2] / "pipelines" / "composition.py"
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(source), local_files_only=True,
+                                               trust_remote_code=True)
+    assert type(loaded).__name__ == "CompositionPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    image = loaded(PROMPT, num_inference_steps=2, adapters=[(paths[0], 1.0), (paths[1], 0.5)], method="composite",
+                   output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and loaded.last_stats.full_passes == 2
