@@ -22,6 +22,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from pipelines.guidance import cfg
+from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.methods import make_method
 from pipelines.methods.base import Prediction, Route
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
@@ -102,44 +103,73 @@ class CompositionPipeline(StableDiffusionPipeline):
         return resolved
 
     # -- one denoising step -----------------------------------------------------------------------------------
-    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep, uncond: torch.Tensor,
-                 cond: torch.Tensor, cache: FeatureCache, stats: UNetStats) -> dict[str, Prediction]:
-        """Run every planned evaluation; single-adapter routes of one pass type share one batched UNet call."""
+    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep, conditions: Sequence[torch.Tensor],
+                 cache: FeatureCache, stats: UNetStats) -> dict[str, Prediction]:
+        """Run every planned evaluation on every conditioning ([uncond, cond, extra negatives…]); single-adapter
+        routes of one pass type share one batched UNet call."""
         from studio.adapters.inject import set_adapter_weights
 
-        batch = len(latents)
-        pair_latents = torch.cat([latents, latents])
-        pair_hidden = torch.cat([uncond, cond])
+        batch, count = len(latents), len(conditions)
+        stacked_latents = latents.repeat(count, 1, 1, 1)
+        stacked_hidden = torch.cat(list(conditions))
+        width = batch * count
         results: dict[str, Prediction] = {}
 
         def split(output: torch.Tensor, index: int) -> Prediction:
-            chunk = output[2 * batch * index : 2 * batch * (index + 1)]
-            return Prediction(chunk[:batch], chunk[batch:])
+            chunk = output[width * index : width * (index + 1)]
+            return Prediction(tuple(chunk[batch * c : batch * (c + 1)] for c in range(count)))
 
         for route in [r for r in routes if r.adapter is None]:
             if route.merged:
                 set_adapter_weights(self.studio_base(), route.merged)
-            names = None if route.merged else [BASE] * (2 * batch)
-            output, _ = predict_noise(self.unet, pair_latents, timestep, pair_hidden, names, stats=stats)
+            names = None if route.merged else [BASE] * width
+            output, _ = predict_noise(self.unet, stacked_latents, timestep, stacked_hidden, names, stats=stats)
             results[route.key] = split(output, 0)
         for mode in ("full", "read"):
             group = [r for r in routes if r.adapter is not None and (r.cache == "read") == (mode == "read")]
             if not group:
                 continue
-            names = [r.adapter for r in group for _ in range(2 * batch)]
+            names = [r.adapter for r in group for _ in range(width)]
             deep = torch.cat([cache.features[r.adapter] for r in group]) if mode == "read" else None
-            output, feature = predict_noise(self.unet, pair_latents.repeat(len(group), 1, 1, 1), timestep,
-                                            pair_hidden.repeat(len(group), 1, 1), names, deep_feature=deep,
+            output, feature = predict_noise(self.unet, stacked_latents.repeat(len(group), 1, 1, 1), timestep,
+                                            stacked_hidden.repeat(len(group), 1, 1), names, deep_feature=deep,
                                             stats=stats)
             for index, route in enumerate(group):
                 results[route.key] = split(output, index)
                 if route.cache == "write":
-                    cache.features[route.adapter] = feature[2 * batch * index : 2 * batch * (index + 1)]
+                    cache.features[route.adapter] = feature[width * index : width * (index + 1)]
         return results
 
-    def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float
-                         ) -> torch.Tensor:
+    def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float,
+                         negative_weights: Sequence[float] = ()) -> torch.Tensor:
+        """CFG on (uncond, cond); with Perp-Neg negatives, Perp-Neg on (∅, positive, negatives…)."""
+        if negative_weights:
+            return perp_neg_guidance(prediction.conditions[0], prediction.conditions[1], prediction.conditions[2:],
+                            negative_weights, guidance_scale)
         return cfg(prediction.uncond, prediction.cond, guidance_scale, guidance_rescale)
+
+    def encode_conditions(self, prompts: list[str], negative: str | list[str] | None, per_prompt: int,
+                          perp_negatives: Sequence[tuple[str, float]], decor_remove: Sequence[str],
+                          decor_alpha: float, decor_rank: int | None) -> list[torch.Tensor]:
+        """Prompt embeddings [uncond, cond, negatives…]; DECOR projects the conditional one only (METHODS §5.1)."""
+        from studio.text import clean_prompt
+
+        device = self._execution_device
+        batch = len(prompts) * per_prompt
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return self.encode_prompt([clean_prompt(t) for t in texts], device, 1, False)[0]
+
+        cond = encode(prompts).repeat_interleave(per_prompt, dim=0)
+        if decor_remove:
+            from pipelines.decor import decor_basis, project_out
+
+            cond = project_out(cond, decor_basis(self, decor_remove, decor_rank), decor_alpha)
+        if perp_negatives:  # the unconditional input becomes the empty prompt
+            empty = encode([""]).repeat(batch, 1, 1)
+            return [empty, cond] + [encode([text]).repeat(batch, 1, 1) for text, _ in perp_negatives]
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative or [""] * len(prompts))
+        return [encode(negatives).repeat_interleave(per_prompt, dim=0), cond]
 
     # -- __call__ -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,10 +192,14 @@ class CompositionPipeline(StableDiffusionPipeline):
         adapters: Sequence[AdapterSpec] | None = None,
         method: str | None = None,
         method_options: Mapping[str, Any] | None = None,
+        perp_neg: bool | Sequence[tuple[str, float]] | None = None,
+        perp_neg_weight: float = 1.5,
+        decor_remove: Sequence[str] | None = None,
+        decor_alpha: float = 1.0,
+        decor_rank: int | None = None,
         **kwargs: Any,
     ):
         from studio.errors import ConfigError
-        from studio.text import clean_prompt
 
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
@@ -180,14 +214,11 @@ class CompositionPipeline(StableDiffusionPipeline):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
-        negatives = negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else list(
-            negative_prompt)
+        negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
+        conditions = self.encode_conditions(prompts, negative_prompt, num_images_per_prompt, negatives,
+                                            list(decor_remove or []), decor_alpha, decor_rank)
         device = self._execution_device
-        cond, uncond = self.encode_prompt(
-            [clean_prompt(p) for p in prompts], device, num_images_per_prompt, True,
-            clean_prompt(negatives) if isinstance(negatives, str) else
-            ([clean_prompt(n) for n in negatives] if negatives else None),
-        )
+        cond = conditions[1]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         batch = len(prompts) * num_images_per_prompt
@@ -198,14 +229,19 @@ class CompositionPipeline(StableDiffusionPipeline):
         cache, stats = FeatureCache(), UNetStats()
         for step, t in enumerate(timesteps):
             model_input = self.scheduler.scale_model_input(latents, t)
-            predictions = self.evaluate(composer.plan(step), model_input, t, uncond, cond, cache, stats)
-            noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale)
+            predictions = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats)
+            noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
+                                          [w for _, w in negatives])
             latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             if callback_on_step_end is not None:
                 values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, step, t, values).get("latents", latents)
         self.last_stats = stats
         self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        if negatives:
+            self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
+        if decor_remove:
+            self.last_recipe.update(decor_remove=list(decor_remove), decor_alpha=decor_alpha)
         if output_type == "latent":
             images = latents
         else:
@@ -215,6 +251,23 @@ class CompositionPipeline(StableDiffusionPipeline):
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+
+def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative_prompt,
+                   default_weight: float) -> list[tuple[str, float]]:
+    """Perp-Neg's negatives: an explicit [(text, weight)] list, or (``perp_neg=True``) the negative prompt(s)."""
+    if not perp_neg:
+        return []
+    if perp_neg is True:
+        texts = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+        terms = [(t, default_weight) for t in texts if t]
+    else:
+        terms = [(str(text), float(weight)) for text, weight in perp_neg]
+    if not terms:
+        from studio.errors import ConfigError
+
+        raise ConfigError("Perp-Neg is on but there is no negative prompt to apply")
+    return terms
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

@@ -42,7 +42,10 @@ def _generate(args: argparse.Namespace) -> int:
                                 steps=args.steps, guidance_scale=args.guidance_scale, width=args.width,
                                 height=args.height, num_images=args.num_images,
                                 adapters=[parse_adapter_spec(a) for a in args.adapter], method=args.method,
-                                method_options=dict(parse_option(o) for o in args.method_option))
+                                method_options=dict(parse_option(o) for o in args.method_option),
+                                perp_neg=[parse_weighted_text(t) for t in args.perp_neg],
+                                decor_remove=[w.strip() for w in ",".join(args.decor_remove).split(",") if w.strip()],
+                                decor_alpha=args.decor_alpha)
     out = Path(args.out)
     for index, result in enumerate(generate(base, request)):
         path = out if request.num_images == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix}")
@@ -62,6 +65,17 @@ def parse_adapter_spec(text: str) -> tuple[str, float]:
         return source, float(weight)
     except ValueError:
         raise ConfigError(f"adapter weight {weight!r} in {text!r} is not a number") from None
+
+
+def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:
+    """``TEXT[:WEIGHT]`` → (text, weight)."""
+    body, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return body, float(weight)
+        except ValueError:
+            pass
+    return text, default
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -252,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default="merge", help="merge, switch, composite or cmlora")
     gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
+    gen.add_argument("--perp-neg", dest="perp_neg", action="append", default=[], metavar="TEXT[:WEIGHT]",
+                     help="a Perp-Neg negative (weight 1.5 by default), repeatable")
+    gen.add_argument("--decor-remove", dest="decor_remove", action="append", default=[], metavar="WORDS",
+                     help="comma-separated concepts DECOR projects out of the prompt")
+    gen.add_argument("--decor-alpha", dest="decor_alpha", type=float, default=1.0)
     gen.add_argument("--model", default=None, help="model folder, .safetensors file or hub id (default: embedded)")
     gen.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++, unipc, …")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")

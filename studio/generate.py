@@ -30,6 +30,9 @@ class GenerationRequest:
     adapters: list[tuple[str, float]] = field(default_factory=list)  # (file or library name, weight)
     method: str = "merge"
     method_options: dict[str, Any] = field(default_factory=dict)
+    perp_neg: list[tuple[str, float]] = field(default_factory=list)  # Perp-Neg negatives (text, weight)
+    decor_remove: list[str] = field(default_factory=list)  # DECOR: concepts projected out of the prompt
+    decor_alpha: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
@@ -46,6 +49,9 @@ class GenerationRequest:
             adapters=list(self.adapters),
             method=self.method,
             method_options=dict(self.method_options),
+            perp_neg=list(self.perp_neg),
+            decor_remove=list(self.decor_remove),
+            decor_alpha=self.decor_alpha,
             extra=dict(self.extra),
         )
 
@@ -89,6 +95,9 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
         "adapters": [[str(a), w] for a, w in request.adapters],
         "method": request.method,
         "method_options": request.method_options,
+        "perp_neg": [[t, w] for t, w in request.perp_neg],
+        "decor_remove": request.decor_remove,
+        "decor_alpha": request.decor_alpha,
         **(recipe_extra or {}),
         **request.extra,
     }
@@ -115,12 +124,14 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
     """Generate ``request.num_images`` images; image i uses seed ``request.seed + i`` (A1111's batch convention)."""
     request = request.resolved(base)
     pipe = base.pipe
-    composing = {}
-    if request.adapters or request.method != "merge":
+    composing: dict[str, Any] = {}
+    if request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
         if not hasattr(pipe, "attach_adapters"):
-            raise ConfigError(f"composing adapters on a {base.family} base is not supported yet (SD 1.x/2.x only)")
+            raise ConfigError(f"composition, Perp-Neg and DECOR on a {base.family} base are not supported yet "
+                              "(SD 1.x/2.x only)")
         composing = {"adapters": request.adapters, "method": request.method,
-                     "method_options": request.method_options}
+                     "method_options": request.method_options, "perp_neg": request.perp_neg or None,
+                     "decor_remove": request.decor_remove or None, "decor_alpha": request.decor_alpha}
     results = []
     for index in range(request.num_images):
         seed = request.seed + index

@@ -11,7 +11,7 @@ import torch
 
 @dataclass(frozen=True)
 class Route:
-    """One evaluation of the [uncond, cond] pair: a single routed adapter, or a merged set of active adapters.
+    """One evaluation of every conditioning ([uncond, cond, …]) with one routed adapter or a merged set.
 
     ``adapter``: evaluate with only this adapter (at its weight); ``merged``: evaluate with these adapters
     active together (weights); neither: the base model. ``cache``: "off", "write" (full pass that stores deep
@@ -26,8 +26,25 @@ class Route:
 
 @dataclass(frozen=True)
 class Prediction:
-    uncond: torch.Tensor
-    cond: torch.Tensor
+    """Noise predictions of one evaluation, one per conditioning: [uncond, cond, extra negatives…]."""
+
+    conditions: tuple[torch.Tensor, ...]
+
+    @property
+    def uncond(self) -> torch.Tensor:
+        return self.conditions[0]
+
+    @property
+    def cond(self) -> torch.Tensor:
+        return self.conditions[1]
+
+
+def fuse_weighted(predictions: Sequence[Prediction], weights: Sequence[float]) -> Prediction:
+    """Weighted mean of several evaluations, per conditioning (fuse first, guide after)."""
+    from pipelines.guidance import weighted_mean
+
+    return Prediction(tuple(weighted_mean([p.conditions[i] for p in predictions], weights)
+                            for i in range(len(predictions[0].conditions))))
 
 
 class CompositionMethod(ABC):

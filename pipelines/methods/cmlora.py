@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pipelines.guidance import weighted_mean
-from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
 
 
 def refresh_steps(num_steps: int, interval: int = 0, c1: int = 2, c2: int = 3) -> set[int]:
@@ -100,8 +99,7 @@ class CMLoRA(CompositionMethod):
         weights = [dominant_share if n == self.dominant else other_share for n in names]
         if self.dominant not in names:
             weights = [1.0] * len(names)
-        return Prediction(weighted_mean([predictions[n].uncond for n in names], weights),
-                          weighted_mean([predictions[n].cond for n in names], weights))
+        return fuse_weighted([predictions[n] for n in names], weights)
 
     def describe(self) -> dict:
         return {"cache_interval": self.cache_interval, "phase_boundary": self.phase_boundary,

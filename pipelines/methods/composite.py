@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipelines.guidance import weighted_mean
-from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
 
 
 class Composite(CompositionMethod):
@@ -19,7 +18,4 @@ class Composite(CompositionMethod):
         return [Route(name, adapter=name) for name, _ in self.adapters]
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
-        names = [name for name, _ in self.adapters]
-        weights = [1.0] * len(names)
-        return Prediction(weighted_mean([predictions[n].uncond for n in names], weights),
-                          weighted_mean([predictions[n].cond for n in names], weights))
+        return fuse_weighted([predictions[name] for name, _ in self.adapters], [1.0] * len(self.adapters))

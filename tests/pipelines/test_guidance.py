@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from pipelines.decor import project_out, unwanted_basis
+from pipelines.guidance import cfg, masked_fusion, perp_neg, perpendicular_component, weighted_mean
+from studio.errors import ConfigError
+from tests.pipelines.test_composition import PROMPT, run, setup  # noqa: F401 (fixture)
+
+
+def test_cfg_and_weighted_mean():
+    u, c = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    assert torch.equal(cfg(u, c, 7.5), torch.full_like(c, 7.5))
+    assert torch.allclose(weighted_mean([u, c], [1, 3]), torch.full_like(c, 0.75))
+
+
+def test_perp_neg_keeps_the_part_of_a_negative_along_the_positive():
+    generator = torch.Generator().manual_seed(0)
+    empty, positive = torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8, generator=generator)
+    parallel = 0.5 * positive  # a negative that only repeats the positive: nothing may be removed
+    assert torch.allclose(perp_neg(empty, positive, [parallel], [1.5], 7.0), 7.0 * positive, atol=1e-5)
+    orthogonal = perpendicular_component(torch.randn(2, 4, 8, 8, generator=generator), positive)
+    guided = perp_neg(empty, positive, [orthogonal], [1.5], 7.0)
+    assert torch.allclose(guided, 7.0 * (positive - 1.5 * orthogonal), atol=1e-5)
+    dims = (1, 2, 3)
+    assert ((perpendicular_component(orthogonal, positive) * positive).sum(dims).abs() < 1e-3).all()
+
+
+def test_masked_fusion_uses_each_mask():
+    a, b = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    left = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    fused = masked_fusion([a, b], [left, 1 - left])
+    assert fused[0, :, :, 0].eq(0).all() and fused[0, :, :, 1].eq(1).all()
+
+
+def test_decor_projection_removes_the_unwanted_directions():
+    generator = torch.Generator().manual_seed(0)
+    unwanted = [torch.randn(2, 16, generator=generator), torch.randn(1, 16, generator=generator)]
+    basis = unwanted_basis(unwanted)
+    assert basis.shape == (16, 3)
+    x = torch.randn(77, 16, generator=generator)
+    projected = project_out(x, basis, alpha=1.0)
+    assert (projected @ basis).abs().max() < 1e-4
+    half = project_out(x, basis, alpha=0.5)
+    assert torch.allclose(half, (x + projected) / 2, atol=1e-5)
+    assert unwanted_basis(unwanted, rank=1).shape == (16, 1)
+
+
+def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):  # noqa: F811
+    pipe, paths = setup
+    plain = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape")
+    perp = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
+               perp_neg=True)
+    assert abs(plain - perp).mean() > 1e-4
+    assert pipe.last_recipe["perp_neg"] == [["a striped shape", 1.5]]
+    assert pipe.last_stats.samples == 6 * 3  # ∅, positive, one negative per step
+    decor = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
+                decor_remove=["red"], decor_alpha=1.0)
+    assert abs(plain - decor).mean() > 1e-4 and pipe.last_recipe["decor_remove"] == ["red"]
+    with pytest.raises(ConfigError, match="no negative prompt"):
+        run(pipe, perp_neg=True)
+
+
+def test_perp_neg_without_adapters_works(setup):  # noqa: F811
+    pipe, _ = setup
+    image = run(pipe, perp_neg=[("a striped shape", 1.0), ("a blue shape", 0.5)])
+    assert image.shape == (1, 64, 64, 3) and pipe.last_stats.samples == 6 * 4
