@@ -15,8 +15,14 @@ def _lora() -> TrainingMethod:
     return LoraMethod()
 
 
+def _sara() -> TrainingMethod:
+    from trainers.sara import SaraMethod
+
+    return SaraMethod()
+
+
 #: Method name → factory of its default TrainingMethod.
-METHODS: dict[str, Callable[[], TrainingMethod]] = {"lora": _lora}
+METHODS: dict[str, Callable[[], TrainingMethod]] = {"lora": _lora, "sara": _sara}
 
 
 def get_method(name: str) -> TrainingMethod:

@@ -73,6 +73,7 @@ class TrainingContext:
     accelerator: Any
     images: list[TrainingImage]
     logs: dict[str, float] = field(default_factory=dict)
+    optimizer: Any = None  # set by the loop once the method's parameters exist
 
     @property
     def device(self) -> torch.device:
@@ -407,6 +408,7 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    ctx.optimizer = optimizer
     step = 0
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(work_dir, config.resume_from_checkpoint)

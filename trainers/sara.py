@@ -1,0 +1,322 @@
+"""SaRA (Hu et al., ICLR 2025; METHODS §3): fine-tune only the pretrained UNet weights with |w| < θ.
+
+* Selection: one global threshold θ over every UNet tensor (or θ = the N-th smallest |w| for a target count).
+* Unstructured backprop: the trainable leaf is the vector v of selected values. A parametrization writes v into
+  the frozen weight storage in place and returns it (no copy); its backward hands v only the selected entries of
+  the weight gradient, so no full-size ``.grad`` and no optimizer state exist outside the selection.
+* Loss: diffusion loss + λ_rank · ‖ΔP‖_* of one random eligible 2-D layer per step (or all). The penalty is
+  built from v itself, so its gradient reaches the trained values — the official ``adamw.py`` sends it to the
+  original parameter instead, where it never reaches the update (a deviation this module does not copy).
+* Progressive re-selection at T/2: only entries still below θ keep training; the Adam state is reset.
+* Output: the sparse delta (indices and ΔP values per tensor, with θ and the base fingerprint) and a LoRA
+  extracted from it by truncated SVD, so SaRA results compose like any LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.utils.parametrize as parametrize
+from safetensors.torch import save_file
+from torch import nn
+
+from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+from studio.errors import ConfigError
+from studio.files import atomic_path
+from trainers.loop import TrainingContext, TrainingMethod
+from trainers.lora import output_path, training_metadata
+
+
+@dataclass
+class SaraConfig:
+    """SaRA's own options (the shared loop's options live in TrainConfig)."""
+
+    threshold: float | None = 2e-3  # θ; ignored when target_params is set
+    target_params: int | None = None  # train the N smallest-|w| weights instead
+    lambda_rank: float = 5e-4  # nuclear-norm weight; the paper's best grid point is 5e-3
+    rank_penalty_layers: str = "random_one"  # random_one | all
+    rank_penalty_min_dim: int = 64  # only 2-D updates with min(shape) ≥ this are penalised
+    progressive: bool = True  # re-select at T/2
+    scope: str = "all"  # all | weights_only | attention_only
+    learning_rate: float | None = None  # None: 1e-3·exp(−350θ) (paper eq. 12)
+    lora_rank: int | None = None  # fixed rank of the extracted LoRA; None: by energy
+    lora_energy: float = 0.9  # share of each ΔW's squared singular values the LoRA keeps
+
+
+class _SparseWrite(torch.autograd.Function):
+    """Write ``values`` into ``base`` at ``index`` in place; the backward returns only those gradient entries."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        base.view(-1)[index] = values.to(base.dtype)
+        ctx.save_for_backward(index)
+        return base.view_as(base)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return None, None, grad.reshape(-1)[index]
+
+
+class SparseValues(nn.Module):
+    """Parametrization holding the trainable vector of one tensor's selected entries."""
+
+    def __init__(self, index: torch.Tensor, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("initial", initial.clone(), persistent=False)
+        self.values = nn.Parameter(initial.clone().float())
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        return _SparseWrite.apply(base, self.index, self.values)
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """ΔP as a dense tensor (differentiable in ``values``), for the rank penalty and export."""
+        dense = torch.zeros(shape.numel(), dtype=self.values.dtype, device=self.values.device)
+        return dense.index_put((self.index,), self.values - self.initial.float()).view(shape)
+
+
+def _in_scope(name: str, parameter: torch.Tensor, scope: str) -> bool:
+    if scope == "all":
+        return True
+    if scope == "weights_only":
+        return parameter.dim() >= 2
+    if scope == "attention_only":
+        return ".attn" in name and parameter.dim() >= 2
+    raise ConfigError(f"unknown SaRA scope {scope!r}; choose all, weights_only or attention_only")
+
+
+def select_weights(unet: nn.Module, config: SaraConfig) -> tuple[float, dict[str, torch.Tensor]]:
+    """(θ, flat indices per tensor) of the weights SaRA trains: |w| < θ, or exactly the N smallest |w|."""
+    tensors = {n: p for n, p in unet.named_parameters() if _in_scope(n, p, config.scope)}
+    if config.target_params is None:
+        if not config.threshold or config.threshold <= 0:
+            raise ConfigError("SaRA needs a positive --threshold or --target_params")
+        return float(config.threshold), {n: (p.detach().abs() < config.threshold).flatten().nonzero().squeeze(1)
+                                         for n, p in tensors.items()}
+    magnitudes = torch.cat([p.detach().abs().flatten().float() for p in tensors.values()])
+    if not 0 < config.target_params < len(magnitudes):
+        raise ConfigError(f"--target_params must be between 1 and {len(magnitudes) - 1}")
+    chosen = torch.topk(magnitudes, config.target_params, largest=False).indices.sort().values
+    selection, offset = {}, 0
+    for name, parameter in tensors.items():
+        inside = chosen[(chosen >= offset) & (chosen < offset + parameter.numel())]
+        selection[name] = inside - offset
+        offset += parameter.numel()
+    return float(magnitudes[chosen].max()), selection
+
+
+def sara_learning_rate(threshold: float) -> float:
+    """Paper eq. 12: lr = 1e-3 · exp(−350 θ)."""
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
+class SaraMethod(TrainingMethod):
+    name = "sara"
+
+    def __init__(self, config: SaraConfig | None = None) -> None:
+        self.config = config or SaraConfig()
+        self.threshold = 0.0
+        self.slots: dict[str, tuple[nn.Module, str, SparseValues]] = {}
+        self.selection: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # M0 indices and base values
+        self.selected_total = 0
+        self.reselected_total: int | None = None
+        self.started_at = 0.0
+        self.seed = 0
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
+        import time
+
+        self.started_at = time.time()
+        self.seed = ctx.config.seed
+        unet = ctx.base.pipe.unet
+        unet.requires_grad_(False)
+        self.threshold, selection = select_weights(unet, self.config)
+        parameters = dict(unet.named_parameters())
+        for name, index in selection.items():
+            parameter = parameters[name]
+            if len(index) == 0:
+                continue
+            module_name, _, attribute = name.rpartition(".")
+            module = unet.get_submodule(module_name)
+            slot = SparseValues(index, parameter.detach().flatten()[index])
+            self.selection[name] = (index.clone(), slot.initial.clone())
+            parametrize.register_parametrization(module, attribute, slot, unsafe=True)
+            self.slots[name] = (module, attribute, slot)
+        self.selected_total = sum(len(slot.index) for _, _, slot in self.slots.values())
+        if self.selected_total == 0:
+            raise ConfigError(f"no UNet weight has |w| < θ = {self.threshold:g}; raise --threshold")
+        lr = self.config.learning_rate or sara_learning_rate(self.threshold)
+        ctx.logs["selected_params"] = float(self.selected_total)
+        return [{"params": [slot.values for _, _, slot in self.slots.values()], "lr": lr}]
+
+    # -- loss and schedule -------------------------------------------------------------------------------------
+    def penalised_layers(self, step: int) -> list[str]:
+        eligible = [name for name, (module, attribute, slot) in self.slots.items()
+                    if _original(module, attribute).dim() >= 2
+                    and min(_original(module, attribute).shape[:2]) >= self.config.rank_penalty_min_dim]
+        if not eligible or self.config.lambda_rank <= 0:
+            return []
+        if self.config.rank_penalty_layers == "all":
+            return eligible
+        return [random.Random(self.seed * 1_000_003 + step).choice(eligible)]  # per-step: resumable
+
+    def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        total = torch.zeros((), device=ctx.device)
+        for name in self.penalised_layers(step):
+            module, attribute, slot = self.slots[name]
+            delta = slot.delta(_original(module, attribute).shape)
+            total = total + torch.linalg.matrix_norm(delta.flatten(1), ord="nuc")
+        if self.config.lambda_rank > 0:
+            ctx.logs["rank_penalty"] = float(total.detach())
+        return self.config.lambda_rank * total
+
+    def after_step(self, ctx: TrainingContext, step: int) -> None:
+        if not self.config.progressive or step != ctx.config.max_train_steps // 2 or self.reselected_total is not None:
+            return
+        optimizer = ctx.optimizer
+        for _, _, slot in self.slots.values():
+            keep = slot.values.detach().abs() <= self.threshold
+            old = slot.values
+            slot.index, slot.initial = slot.index[keep], slot.initial[keep]
+            slot.values = nn.Parameter(old.detach()[keep].clone())  # a new leaf: autograd caches leaf shapes
+            optimizer.state.pop(old, None)  # Adam state is reset at T_p, as the paper's code does
+            for group in optimizer.param_groups:
+                group["params"] = [slot.values if p is old else p for p in group["params"]]
+        self.reselected_total = sum(len(slot.index) for _, _, slot in self.slots.values())
+        ctx.logs["reselected_params"] = float(self.reselected_total)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"reselected": -1 if self.reselected_total is None else self.reselected_total}
+        for name, (_, _, slot) in self.slots.items():
+            state[f"{name}.index"] = slot.index.clone()
+            state[f"{name}.values"] = slot.values.detach().clone()
+            state[f"{name}.initial"] = slot.initial.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore values (before the optimizer is restored, so sizes match its saved state)."""
+        for name, (_, _, slot) in self.slots.items():
+            slot.index = state[f"{name}.index"]
+            slot.initial = state[f"{name}.initial"]
+            slot.values.data = state[f"{name}.values"].clone()  # not yet used by autograd: resizing is safe
+        reselected = int(state["reselected"])
+        self.reselected_total = None if reselected < 0 else reselected
+
+    # -- export ----------------------------------------------------------------------------------------------
+    def deltas(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]]:
+        """Per tensor: (flat indices, ΔP values, shape) of the M0 entries that moved, frozen ones included."""
+        result = {}
+        with torch.no_grad():
+            for name, (module, attribute, slot) in self.slots.items():
+                storage = _original(module, attribute).view(-1)
+                storage[slot.index] = slot.values.to(storage.dtype)  # the last step's values
+                index, initial = self.selection[name]
+                change = storage[index].float() - initial.float()
+                moved = change != 0
+                result[name] = (index[moved].cpu(), change[moved].cpu(), _original(module, attribute).shape)
+        return result
+
+    def export(self, ctx: TrainingContext) -> list[Path]:
+        deltas = self.deltas()
+        metadata = training_metadata(ctx, self.name, self.started_at, {
+            "sara_threshold": self.threshold,
+            "sara_selected_params": self.selected_total,
+            "sara_reselected_params": self.reselected_total,
+            "sara_lambda_rank": self.config.lambda_rank,
+        })
+        sparse_path = output_path(ctx, ".sara")
+        tensors = {}
+        for name, (index, values, shape) in deltas.items():
+            tensors[f"{name}.indices"] = index.contiguous()
+            tensors[f"{name}.values"] = values.contiguous()
+            tensors[f"{name}.shape"] = torch.tensor(list(shape), dtype=torch.int64)
+        with atomic_path(sparse_path) as tmp:
+            save_file(tensors, str(tmp), metadata={**metadata, "studio.format": "sparse_delta"})
+        lora, error = lora_from_deltas(deltas, self.config.lora_rank, self.config.lora_energy)
+        lora.metadata = {**metadata, "studio.sara_lora_relative_error": json.dumps(error),
+                         "studio.sara_sparse_file": sparse_path.name,
+                         "ss_network_dim": json.dumps(max(m.rank for m in lora.modules["unet"].values()))}
+        return [sparse_path, save_adapter(lora, output_path(ctx), layout=ctx.config.export_layout)]
+
+    def cleanup(self, ctx: TrainingContext) -> None:
+        """Put the base weights back and remove the parametrizations."""
+        with torch.no_grad():
+            for name, (module, attribute, _) in self.slots.items():
+                index, initial = self.selection[name]
+                _original(module, attribute).view(-1)[index] = initial.to(_original(module, attribute).dtype)
+                parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+        self.slots.clear()
+        self.selection.clear()
+
+
+def _original(module: nn.Module, attribute: str) -> torch.Tensor:
+    return getattr(module.parametrizations, attribute).original
+
+
+def lora_from_deltas(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]], rank: int | None,
+                     energy: float) -> tuple[AdapterFile, float]:
+    """Truncated-SVD LoRA of every 2-D/4-D ΔP; returns it with the relative Frobenius error over all of ΔP."""
+    modules: dict[str, LoraModule] = {}
+    total, lost = 0.0, 0.0
+    for name, (index, values, shape) in deltas.items():
+        dense = torch.zeros(shape.numel()).index_put((index,), values).view(shape)
+        total += float(dense.pow(2).sum())
+        module_path, _, attribute = name.rpartition(".")
+        if attribute != "weight" or dense.dim() not in (2, 4) or len(values) == 0:
+            lost += float(dense.pow(2).sum())  # norms and biases cannot be a LoRA
+            continue
+        matrix = dense.flatten(1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        if rank is not None:
+            r = min(rank, len(s))
+        else:
+            cumulative = torch.cumsum(s.pow(2), 0) / s.pow(2).sum().clamp(min=1e-20)
+            r = int((cumulative < energy).sum()) + 1
+        root = s[:r].sqrt()
+        up, down = u[:, :r] * root, root[:, None] * vh[:r]
+        lost += float(s[r:].pow(2).sum())
+        if dense.dim() == 4:
+            down, up = down.view(r, *shape[1:]), up.view(shape[0], r, 1, 1)
+        modules[module_path] = LoraModule(down.contiguous(), up.contiguous(), alpha=float(r))
+    return AdapterFile({"unet": modules}), math.sqrt(lost / total) if total > 0 else 0.0
+
+
+def read_sparse_delta(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]], dict]:
+    """Read a SaRA sparse-delta file: per tensor (indices, values, shape), and its metadata."""
+    from safetensors import safe_open
+
+    from studio.errors import AdapterError
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = {key.rsplit(".", 1)[0] for key in handle.keys()}
+            deltas = {name: (handle.get_tensor(f"{name}.indices"), handle.get_tensor(f"{name}.values"),
+                             torch.Size(handle.get_tensor(f"{name}.shape").tolist())) for name in names}
+    except Exception as error:
+        raise AdapterError(f"{Path(path).name} is not a readable SaRA sparse-delta file: {error}") from error
+    if metadata.get("studio.format") != "sparse_delta":
+        raise AdapterError(f"{Path(path).name} is not a SaRA sparse-delta file")
+    return deltas, metadata
+
+
+@torch.no_grad()
+def apply_sparse_delta(unet: nn.Module, deltas: dict, alpha: float = 1.0) -> None:
+    """P ← P + α·ΔP in place (call again with −α to undo)."""
+    parameters = dict(unet.named_parameters())
+    for name, (index, values, shape) in deltas.items():
+        if name not in parameters or parameters[name].shape != shape:
+            from studio.errors import AdapterError
+
+            raise AdapterError(f"sparse delta for {name} does not fit this UNet")
+        parameters[name].view(-1).index_add_(0, index.to(parameters[name].device),
+                                            alpha * values.to(parameters[name].dtype))
