@@ -174,7 +174,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", "--network_dim", dest="rank", type=int, default=defaults.rank)
     parser.add_argument("--network_alpha", "--lora_alpha", dest="network_alpha", type=float, default=None)
     parser.add_argument("--train_text_encoder", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help=f"default {defaults.learning_rate:g} (SaRA: 1e-3·exp(−350θ))")
     parser.add_argument("--text_encoder_lr", type=float, default=None)
     parser.add_argument("--lr_scheduler", default=defaults.lr_scheduler)
     parser.add_argument("--lr_warmup_steps", type=int, default=defaults.lr_warmup_steps)
@@ -206,7 +207,16 @@ def train_config_from_args(args: argparse.Namespace):
     from trainers.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def _make_sara(args: argparse.Namespace):
+    from trainers.sara import SaraConfig, SaraMethod
+
+    return SaraMethod(SaraConfig(
+        threshold=args.threshold, target_params=args.target_params, lambda_rank=args.lambda_rank,
+        rank_penalty_layers=args.rank_penalty_layers, progressive=args.progressive, scope=args.scope,
+        learning_rate=args.learning_rate, lora_rank=args.lora_rank))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -282,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     lora = methods.add_parser("lora", help="plain LoRA (the baseline)")
     add_training_flags(lora)
     lora.set_defaults(handler=_train)
+
+    sara = methods.add_parser("sara", help="SaRA: train the smallest pretrained weights (sparse)")
+    add_training_flags(sara)
+    sara.add_argument("--threshold", type=float, default=2e-3, help="θ: train weights with |w| < θ")
+    sara.add_argument("--target_params", type=int, default=None, help="train exactly the N smallest-|w| weights")
+    sara.add_argument("--lambda_rank", type=float, default=5e-4)
+    sara.add_argument("--rank_penalty_layers", choices=["random_one", "all"], default="random_one")
+    sara.add_argument("--no_progressive", dest="progressive", action="store_false")
+    sara.add_argument("--scope", choices=["all", "weights_only", "attention_only"], default="all")
+    sara.add_argument("--lora_rank", type=int, default=None, help="rank of the extracted LoRA (default: energy)")
+    sara.set_defaults(handler=_train, make_method=_make_sara)
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)
