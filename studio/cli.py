@@ -219,6 +219,15 @@ def _make_sara(args: argparse.Namespace):
         learning_rate=args.learning_rate, lora_rank=args.lora_rank))
 
 
+def _make_colora(args: argparse.Namespace):
+    from trainers.colora import CoLoRAConfig, CoLoRAMethod
+
+    return CoLoRAMethod(CoLoRAConfig(
+        score=args.score, probe_rank=args.probe_rank, probe_steps=args.probe_steps,
+        probe_learning_rate=args.probe_learning_rate, budget_rank=args.budget_rank, min_rank=args.min_rank,
+        max_rank=args.max_rank))
+
+
 def _train(args: argparse.Namespace) -> int:
     from trainers import get_method, train
 
@@ -303,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     sara.add_argument("--scope", choices=["all", "weights_only", "attention_only"], default="all")
     sara.add_argument("--lora_rank", type=int, default=None, help="rank of the extracted LoRA (default: energy)")
     sara.set_defaults(handler=_train, make_method=_make_sara)
+
+    colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")
+    add_training_flags(colora)
+    colora.add_argument("--budget_rank", type=int, default=16, help="budget = a uniform LoRA of this rank")
+    colora.add_argument("--score", choices=["faig", "taylor", "weight_change", "fisher"], default="faig")
+    colora.add_argument("--probe_rank", type=int, default=64)
+    colora.add_argument("--probe_steps", type=int, default=200)
+    colora.add_argument("--probe_learning_rate", type=float, default=1e-4)
+    colora.add_argument("--min_rank", type=int, default=4)
+    colora.add_argument("--max_rank", type=int, default=128)
+    colora.set_defaults(handler=_train, make_method=_make_colora)
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)

@@ -21,8 +21,14 @@ def _sara() -> TrainingMethod:
     return SaraMethod()
 
 
+def _colora() -> TrainingMethod:
+    from trainers.colora import CoLoRAMethod
+
+    return CoLoRAMethod()
+
+
 #: Method name → factory of its default TrainingMethod.
-METHODS: dict[str, Callable[[], TrainingMethod]] = {"lora": _lora, "sara": _sara}
+METHODS: dict[str, Callable[[], TrainingMethod]] = {"lora": _lora, "sara": _sara, "colora": _colora}
 
 
 def get_method(name: str) -> TrainingMethod:

@@ -29,10 +29,13 @@ class LoraMethod(TrainingMethod):
 
     name = "lora"
 
-    def __init__(self, rank_pattern: dict[str, int] | None = None, metadata_extra: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, rank_pattern: dict[str, int] | None = None, metadata_extra: dict[str, Any] | None = None,
+                 rank: int | None = None, adapter_name: str | None = None, scale_one: bool = False) -> None:
         self.rank_pattern = dict(rank_pattern or {})
         self.metadata_extra = dict(metadata_extra or {})
+        self.rank = rank
+        self.adapter_name = adapter_name or TRAINING_ADAPTER
+        self.scale_one = scale_one  # alpha = rank in every module (CoLoRA's per-layer ranks)
         self.started_at = 0.0
         self.parameters: dict[str, torch.nn.Parameter] = {}
 
@@ -41,7 +44,8 @@ class LoraMethod(TrainingMethod):
 
         self.started_at = time.time()
         config = ctx.config
-        alpha = config.network_alpha or config.rank
+        rank = self.rank or config.rank
+        alpha = rank if self.scale_one else (config.network_alpha or rank)
         torch.manual_seed(config.seed)
         components = [("unet", list(config.target_modules), config.learning_rate)]
         if config.train_text_encoder:
@@ -55,19 +59,21 @@ class LoraMethod(TrainingMethod):
             model.requires_grad_(False)
             patterns = {f"^{p.replace('.', chr(92) + '.')}$": r for p, r in self.rank_pattern.items()
                         if component == "unet"}
-            lora_config = LoraConfig(r=config.rank, lora_alpha=alpha, target_modules=targets,
-                                     init_lora_weights="gaussian", rank_pattern=patterns)
-            inject_adapter_in_model(lora_config, model, adapter_name=TRAINING_ADAPTER)
+            if patterns:
+                targets = [p for p in self.rank_pattern if self.rank_pattern[p] > 0]
+            lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian",
+                                     rank_pattern=patterns, alpha_pattern=patterns if self.scale_one else {})
+            inject_adapter_in_model(lora_config, model, adapter_name=self.adapter_name)
             params = []
             for path, module in model.named_modules():
-                if hasattr(module, "lora_A") and TRAINING_ADAPTER in module.lora_A:
+                if hasattr(module, "lora_A") and self.adapter_name in module.lora_A:
                     for part in ("lora_A", "lora_B"):
-                        weight = getattr(module, part)[TRAINING_ADAPTER].weight
+                        weight = getattr(module, part)[self.adapter_name].weight
                         weight.data = weight.data.float()
                         self.parameters[f"{component}.{path}.{part}"] = weight
                         params.append(weight)
             groups.append({"params": params, "lr": lr})
-        set_adapter_weights(ctx.base, {TRAINING_ADAPTER: 1.0})
+        set_adapter_weights(ctx.base, {self.adapter_name: 1.0})
         for param in self.parameters.values():
             param.requires_grad_(True)
         return groups
@@ -83,18 +89,18 @@ class LoraMethod(TrainingMethod):
     @contextlib.contextmanager
     def preview_weight(self, ctx: TrainingContext, weight: float) -> Iterator[None]:
         for _, _, layer in lora_layers(ctx.base):
-            if TRAINING_ADAPTER in layer.lora_A:
-                layer.set_scale(TRAINING_ADAPTER, weight)
+            if self.adapter_name in layer.lora_A:
+                layer.set_scale(self.adapter_name, weight)
         try:
             yield
         finally:
             for _, _, layer in lora_layers(ctx.base):
-                if TRAINING_ADAPTER in layer.lora_A:
-                    layer.set_scale(TRAINING_ADAPTER, 1.0)
+                if self.adapter_name in layer.lora_A:
+                    layer.set_scale(self.adapter_name, 1.0)
 
     def adapter(self, ctx: TrainingContext) -> AdapterFile:
         """The trained weights with the studio's full metadata."""
-        adapter = adapter_from_layers(ctx.base, TRAINING_ADAPTER)
+        adapter = adapter_from_layers(ctx.base, self.adapter_name)
         adapter.metadata = training_metadata(ctx, self.name, self.started_at, self.metadata_extra)
         return adapter
 
@@ -102,7 +108,8 @@ class LoraMethod(TrainingMethod):
         return [save_adapter(self.adapter(ctx), output_path(ctx), layout=ctx.config.export_layout)]
 
     def cleanup(self, ctx: TrainingContext) -> None:
-        detach_adapter(ctx.base, TRAINING_ADAPTER)
+        detach_adapter(ctx.base, self.adapter_name)
+        self.parameters.clear()
 
 
 def output_path(ctx: TrainingContext, suffix: str = "") -> Path:

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+from safetensors import safe_open
+
+from studio.adapters.file import read_adapter
+from studio.adapters.inject import attach_adapter, set_adapter_weights
+from studio.errors import ConfigError
+from tests.conftest import make_random_base
+from trainers import TrainConfig, train
+from trainers.colora import CoLoRAConfig, CoLoRAMethod, allocate_ranks
+
+
+def test_allocation_follows_scores_and_respects_the_budget():
+    dims = {"a": (64, 64), "b": (64, 64), "c": (64, 64), "d": (64, 64)}
+    budget = 16 * sum(i + o for i, o in dims.values())
+    ranks = allocate_ranks({"a": 8.0, "b": 4.0, "c": 2.0, "d": 2.0}, dims, budget, min_rank=4, max_rank=128)
+    assert ranks["a"] > ranks["b"] > ranks["c"] and ranks["c"] == ranks["d"]
+    assert all(r % 4 == 0 and 4 <= r <= 128 for r in ranks.values())
+    used = sum(r * 128 for r in ranks.values())
+    assert abs(used - budget) <= 4 * 128 * len(ranks)
+    clipped = allocate_ranks({"a": 1000.0, "b": 1.0, "c": 1.0, "d": 1.0}, dims, budget, max_rank=32)
+    assert clipped["a"] == 32 and clipped["b"] > 4  # slack from clipping goes to the others
+
+
+@pytest.mark.parametrize("score", ["faig", "taylor", "weight_change", "fisher"])
+def test_colora_plans_ranks_and_writes_a_file_diffusers_can_load(tmp_path, shape_images, score):
+    base = make_random_base()
+    method = CoLoRAMethod(CoLoRAConfig(score=score, probe_rank=8, probe_steps=3, path_points=2, probe_samples=2,
+                                       budget_rank=8, min_rank=4, max_rank=32, probe_learning_rate=1e-2))
+    config = TrainConfig(images=shape_images, output=f"colora-{score}", output_dir=tmp_path, max_train_steps=2,
+                         train_batch_size=2)
+    [path] = train(config, method, base=base).outputs
+    adapter = read_adapter(path)
+    ranks = {m.rank for m in adapter.modules["unet"].values()}
+    assert all(m.alpha == m.rank for m in adapter.modules["unet"].values())  # scale 1 everywhere
+    plan = json.loads(adapter.metadata["studio.rank_plan"])
+    assert plan["score"] == score and len(plan["scores"]) == len(plan["ranks"])
+    assert set(plan["ranks"].values()) == ranks
+    with safe_open(str(path), "pt") as handle:
+        lora_config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    if len(ranks) > 1:
+        assert lora_config["unet.rank_pattern"]
+    fresh = make_random_base()
+    attach_adapter(fresh, adapter, "c")
+    set_adapter_weights(fresh, {"c": 1.0})
+
+
+def test_unknown_score_is_refused():
+    with pytest.raises(ConfigError, match="unknown CoLoRA score"):
+        CoLoRAMethod(CoLoRAConfig(score="vibes"))
