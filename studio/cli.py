@@ -154,12 +154,12 @@ def _adapters_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True) -> None:
     """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
     from trainers.config import TrainConfig
 
     defaults = TrainConfig()
-    parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=True)
+    parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=images_required)
     parser.add_argument("--instance_prompt", default=None, help="caption for images without a .txt sidecar")
     parser.add_argument("--trigger", dest="trigger_words", action="append", default=[], help="trigger word")
     parser.add_argument("--kind", choices=["content", "style"], default=defaults.kind)
@@ -226,6 +226,22 @@ def _make_colora(args: argparse.Namespace):
         score=args.score, probe_rank=args.probe_rank, probe_steps=args.probe_steps,
         probe_learning_rate=args.probe_learning_rate, budget_rank=args.budget_rank, min_rank=args.min_rank,
         max_rank=args.max_rank))
+
+
+def _train_b4m(args: argparse.Namespace) -> int:
+    from trainers.b4m import B4MConfig, train_b4m
+
+    _single_thread_on_cpu()
+    config = train_config_from_args(args)
+    b4m = B4MConfig(content=args.content, style=args.style, content_trigger=args.content_trigger,
+                    style_trigger=args.style_trigger, content_prompt=args.content_prompt,
+                    style_prompt=args.style_prompt, aux_style=args.aux_style, aux_content=args.aux_content,
+                    rank=args.b4m_rank, main_learning_rate=args.learning_rate or 1e-4,
+                    aux_learning_rate=args.aux_learning_rate, make_learning_rate=args.learning_rate or 1e-4,
+                    break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer)
+    for path in train_b4m(b4m, config):
+        print(path)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -312,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     sara.add_argument("--scope", choices=["all", "weights_only", "attention_only"], default="all")
     sara.add_argument("--lora_rank", type=int, default=None, help="rank of the extracted LoRA (default: energy)")
     sara.set_defaults(handler=_train, make_method=_make_sara)
+
+    b4m = methods.add_parser("b4m", help="Break-for-Make: content, style and the made content+style adapter")
+    add_training_flags(b4m, images_required=False)
+    b4m.add_argument("--content", type=Path, required=True, help="content images")
+    b4m.add_argument("--style", type=Path, required=True, help="style images")
+    b4m.add_argument("--content-trigger", "--content_trigger", dest="content_trigger", default="sks")
+    b4m.add_argument("--style-trigger", "--style_trigger", dest="style_trigger", default="zwx")
+    b4m.add_argument("--content_prompt", default=None, help="caption for content images without .txt")
+    b4m.add_argument("--style_prompt", default=None, help="caption for style images without .txt")
+    b4m.add_argument("--aux-style", "--aux_style", dest="aux_style", type=Path, action="append", default=[])
+    b4m.add_argument("--aux-content", "--aux_content", dest="aux_content", type=Path, action="append", default=[])
+    b4m.add_argument("--b4m_rank", type=int, default=64)
+    b4m.add_argument("--aux_learning_rate", type=float, default=1e-5)
+    b4m.add_argument("--break_steps", type=int, default=1000)
+    b4m.add_argument("--make_steps", type=int, default=1000)
+    b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
+    b4m.set_defaults(handler=_train_b4m)
 
     colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")
     add_training_flags(colora)

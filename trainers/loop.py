@@ -151,6 +151,9 @@ class TrainingMethod(ABC):
     def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         return torch.zeros((), device=ctx.device)
 
+    def before_step(self, ctx: TrainingContext, step: int) -> None:
+        """Gradient hooks between backward and the optimizer step (e.g. preconditioning)."""
+
     def after_step(self, ctx: TrainingContext, step: int) -> None:
         """Schedule hooks (re-masking, rank changes) after each optimizer step."""
 
@@ -435,6 +438,7 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
             accumulated += float(loss.detach()) / config.gradient_accumulation_steps
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        method.before_step(ctx, step)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)

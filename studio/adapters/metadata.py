@@ -38,10 +38,10 @@ def adapter_metadata(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """String metadata for a safetensors header (values that are not strings are JSON-encoded)."""
-    if kind not in ("content", "style"):
+    if kind not in ("content", "style", "content+style"):
         from studio.errors import ConfigError
 
-        raise ConfigError(f"kind must be 'content' or 'style', not {kind!r}")
+        raise ConfigError(f"kind must be 'content', 'style' or 'content+style', not {kind!r}")
     values: dict[str, Any] = {
         "ss_output_name": name,
         "ss_network_module": "networks.lora",

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.adapters.file import read_adapter
+from studio.data import procedural
+from studio.errors import ConfigError
+from tests.conftest import make_random_base
+from trainers import TrainConfig
+from trainers.b4m import B4MConfig, FrozenHalf, PLPAdapter, make_basis, train_b4m
+
+
+@pytest.fixture
+def style_images(tmp_path):
+    folder = tmp_path / "style"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, shape in enumerate(["circle", "square", "heart", "star"]):
+        scene = procedural.jittered_scene(rng, "orange", "zigzag", shape, "gray")
+        Image.fromarray(procedural.render(scene)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a orange zwx {shape} on a gray background")
+    return folder
+
+
+def test_basis_is_deterministic_and_orthogonal_on_square_layers():
+    unet = make_random_base().pipe.unet
+    first, second = make_basis(unet, 8, seed=3), make_basis(unet, 8, seed=3)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    key = next(k for k in first if k.endswith("attn1.to_q.A_frozen"))
+    path = key.removesuffix(".A_frozen")
+    a_frozen, b_frozen = first[f"{path}.A_frozen"], first[f"{path}.B_frozen"]
+    assert b_frozen.abs().sum() > 0  # ΔW ≠ 0 at step 0 on square layers
+    gram = torch.cat([a_frozen.T, b_frozen]).T @ torch.cat([a_frozen.T, b_frozen])
+    assert torch.allclose(gram, torch.eye(8), atol=1e-5)  # rows of one orthonormal Q
+    cross = next(k for k in first if k.endswith("attn2.to_k.B_frozen"))
+    assert first[cross].abs().sum() == 0  # non-square: B_f = 0 stays frozen
+
+
+def test_mcp_isolation_sends_each_loss_to_its_own_half():
+    unet = make_random_base().pipe.unet
+    plp = PLPAdapter(unet, make_basis(unet, 4, seed=0))
+    layer = next(iter(plp.layers.values()))
+    with torch.no_grad():
+        layer.learnable("B").normal_()
+    x = torch.randn(2, layer.base.in_features)
+    plp.isolate("A")
+    layer(x).sum().backward()
+    assert layer.learnable("A").grad is not None and layer.learnable("B").grad is None
+    layer.learnable("A").grad = None
+    plp.isolate("B")
+    layer(x).sum().backward()
+    assert layer.learnable("A").grad is None and layer.learnable("B").grad is not None
+    plp.remove()
+    assert not any(type(m).__name__ == "PLPLinear" for m in unet.modules())
+
+
+def test_frozen_half_is_not_a_parameter():
+    half = FrozenHalf(torch.zeros(2, 3), dim=1)
+    assert [n for n, _ in half.named_parameters()] == []
+
+
+def test_b4m_writes_content_style_and_made_adapters(tmp_path, shape_images, style_images):
+    base = make_random_base()
+    b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=2,
+                    aux_images_per_set=2, main_learning_rate=1e-2, aux_learning_rate=1e-3, make_learning_rate=1e-2)
+    config = TrainConfig(output="duo", output_dir=tmp_path / "out", train_batch_size=2, seed=0)
+    content_path, style_path, made_path = train_b4m(b4m, config, base=base)
+    content, style, made = (read_adapter(p) for p in (content_path, style_path, made_path))
+    assert (content.kind, style.kind, made.kind) == ("content", "style", "content+style")
+    assert made.trigger_words == ["sks", "zwx"]
+    path = next(iter(made.modules["unet"]))
+    c, s, m = content.modules["unet"][path], style.modules["unet"][path], made.modules["unet"][path]
+    half_in, half_out = c.down.shape[1] // 2, c.up.shape[0] // 2
+    # frozen halves identical in all three; the learnable halves come from their own run
+    assert torch.equal(c.down[:, :half_in], s.down[:, :half_in]) and torch.equal(c.up[:half_out], s.up[:half_out])
+    assert torch.equal(m.down[:, :half_in], c.down[:, :half_in])
+    # the content run trained its down half (content lr) and its up half (aux lr): both moved from the basis
+    assert not torch.equal(c.down[:, half_in:], s.down[:, half_in:])
+    # the base is untouched afterwards
+    assert not any(type(mod).__name__ == "PLPLinear" for mod in base.pipe.unet.modules())
+
+
+def test_make_keeps_the_content_runs_learned_down_half(tmp_path, shape_images, style_images):
+    """The official code re-randomises A_l of square layers in the make stage; we keep it (0 make steps)."""
+    base = make_random_base()
+    b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=0,
+                    aux_images_per_set=2, main_learning_rate=1e-2)
+    config = TrainConfig(output="keep", output_dir=tmp_path, train_batch_size=2)
+    content_path, style_path, made_path = train_b4m(b4m, config, base=base)
+    content, style, made = (read_adapter(p) for p in (content_path, style_path, made_path))
+    for path, module in made.modules["unet"].items():
+        assert torch.equal(module.down, content.modules["unet"][path].down)
+        half_out = module.up.shape[0] // 2
+        assert torch.equal(module.up[half_out:], style.modules["unet"][path].up[half_out:])
+
+
+def test_b4m_needs_both_folders(tmp_path):
+    with pytest.raises(ConfigError, match="--content DIR and --style DIR"):
+        train_b4m(B4MConfig(content=tmp_path), TrainConfig(output="x", output_dir=tmp_path),
+                  base=make_random_base())

@@ -1,0 +1,426 @@
+"""Break-for-Make (Xu et al., ACM TOG 2025; METHODS §2): content and style LoRAs in disjoint learnable halves.
+
+* PLP layers: A = [A_f | A_l] (input columns split), B = [B_f ; B_l] (output rows split); the frozen halves are
+  buffers outside the optimizer (concatenated in a parametrization), shared by the content and style runs
+  through one stored basis file, so the make stage can check they are bitwise equal.
+* Orthogonal prior on square projections: Q (d × r) orthonormal, S1/S2 disjoint random halves of the rows;
+  A_f = Q[S1]ᵀ, B_f = Q[S2]. Other layers: Gaussian A, zero B, same halves frozen.
+* Break, content run: the content loss trains A_l (content lr); the auxiliary style sets, with the same noise
+  and timestep, train B_l (auxiliary lr) — multi-correspondence projection learning. Each loss reaches only its
+  own half (the official code leaks gradients across; ``mcp_isolation``). The style run mirrors it.
+* Make: ΔW = [B_f ; B_l^style]·[A_f | A_l^content], fine-tuned jointly on content and style batches with a
+  shared noise and timestep, with Riemannian preconditioning (g_B ← g_B(AAᵀ+λI)⁻¹, g_A ← (BᵀB+λI)⁻¹g_A).
+  The official code re-randomises the learned down half of square layers here; the paper means to keep it, and
+  this implementation keeps it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.utils.parametrize as parametrize
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+from studio.adapters.library import library_dir
+from studio.adapters.metadata import adapter_metadata
+from studio.data.folder import scan_folder, tag_frequency
+from studio.errors import ConfigError
+from studio.files import atomic_path
+from trainers.config import TrainConfig
+from trainers.loop import EncodedSet, TrainingContext, TrainingMethod, encode_set, load_training_images, train
+from trainers.lora import output_path
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class B4MConfig:
+    content: Path | None = None
+    style: Path | None = None
+    content_trigger: str = "sks"
+    style_trigger: str = "zwx"
+    content_prompt: str | None = None  # caption of content images without .txt; default "a {trigger} shape"
+    style_prompt: str | None = None
+    aux_style: list[Path] = field(default_factory=list)
+    aux_content: list[Path] = field(default_factory=list)
+    rank: int = 64
+    main_learning_rate: float = 1e-4
+    aux_learning_rate: float = 1e-5
+    make_learning_rate: float = 1e-4
+    break_steps: int = 1000
+    make_steps: int = 1000
+    make_optimizer: str = "riemannian"  # riemannian | adamw
+    riemannian_lambda: float = 1e-6
+    mcp_isolation: bool = True
+    aux_images_per_set: int = 8
+
+
+# --- PLP layers ---------------------------------------------------------------------------------------------
+
+
+class FrozenHalf(nn.Module):
+    """Parametrization: the weight is [frozen | learnable] along ``dim``; only the learnable half is a parameter."""
+
+    def __init__(self, frozen: torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("frozen", frozen.clone())
+        self.dim = dim
+        self.detach_learnable = False  # MCP isolation: a loss that must not reach this half
+
+    def forward(self, learnable: torch.Tensor) -> torch.Tensor:
+        part = learnable.detach() if self.detach_learnable else learnable
+        return torch.cat([self.frozen.to(part.dtype), part], dim=self.dim)
+
+    def right_inverse(self, full: torch.Tensor) -> torch.Tensor:
+        return full.narrow(self.dim, self.frozen.shape[self.dim], full.shape[self.dim] - self.frozen.shape[self.dim])
+
+
+def make_basis(unet: nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Frozen halves (and initial learnable halves) for every target projection, deterministic in ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = {}
+    for path, module in unet.named_modules():
+        if not isinstance(module, nn.Linear) or not path.endswith(TARGETS) or ".attn" not in path:
+            continue
+        d_in, d_out = module.in_features, module.out_features
+        a = torch.randn(rank, d_in, generator=generator) / rank
+        b = torch.zeros(d_out, rank)
+        if d_in == d_out:
+            q, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=generator))
+            rows = torch.randperm(d_in, generator=generator)
+            s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
+            a[:, : d_in // 2] = q[s1].T
+            b[: d_out // 2] = q[s2]
+        basis[f"{path}.A_frozen"] = a[:, : d_in // 2].contiguous()
+        basis[f"{path}.A_learn"] = a[:, d_in // 2 :].contiguous()
+        basis[f"{path}.B_frozen"] = b[: d_out // 2].contiguous()
+        basis[f"{path}.B_learn"] = b[d_out // 2 :].contiguous()
+    return basis
+
+
+def save_basis(basis: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    with atomic_path(path) as tmp:
+        save_file(basis, str(tmp), metadata=metadata)
+    return path
+
+
+class PLPAdapter:
+    """PLP LoRA branches on the UNet (our own Linear wrappers: the halves stay separate tensors)."""
+
+    def __init__(self, unet: nn.Module, basis: dict[str, torch.Tensor]) -> None:
+        self.unet = unet
+        self.layers: dict[str, PLPLinear] = {}
+        for key in basis:
+            if key.endswith(".A_frozen"):
+                path = key.removesuffix(".A_frozen")
+                parent, _, child = path.rpartition(".")
+                owner = unet.get_submodule(parent)
+                layer = PLPLinear(getattr(owner, child), basis, path)
+                setattr(owner, child, layer)
+                self.layers[path] = layer
+
+    def halves(self, side: str) -> list[nn.Parameter]:
+        """The learnable halves of A ("A") or B ("B")."""
+        return [layer.learnable(side) for layer in self.layers.values()]
+
+    def isolate(self, learn: str | None) -> None:
+        """Let gradients reach only side ``learn`` ("A" or "B"); None: both."""
+        for layer in self.layers.values():
+            layer.down_half.detach_learnable = learn == "B"
+            layer.up_half.detach_learnable = learn == "A"
+
+    def remove(self) -> None:
+        for path, layer in self.layers.items():
+            parent, _, child = path.rpartition(".")
+            setattr(self.unet.get_submodule(parent), child, layer.base)
+        self.layers.clear()
+
+    def adapter_file(self) -> AdapterFile:
+        modules = {path: LoraModule(layer.down.weight.detach().clone(), layer.up.weight.detach().clone(),
+                                    alpha=float(layer.down.weight.shape[0]))
+                   for path, layer in self.layers.items()}
+        return AdapterFile({"unet": modules})
+
+
+class PLPLinear(nn.Module):
+    """h = W x + B A x with A = [A_f | A_l], B = [B_f ; B_l] (scale 1: alpha = r)."""
+
+    def __init__(self, base: nn.Linear, basis: dict[str, torch.Tensor], path: str) -> None:
+        super().__init__()
+        self.base = base
+        rank = basis[f"{path}.A_frozen"].shape[0]
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        with torch.no_grad():
+            self.down.weight.copy_(torch.cat([basis[f"{path}.A_frozen"], basis[f"{path}.A_learn"]], dim=1))
+            self.up.weight.copy_(torch.cat([basis[f"{path}.B_frozen"], basis[f"{path}.B_learn"]], dim=0))
+        self.down_half = FrozenHalf(basis[f"{path}.A_frozen"], dim=1)
+        self.up_half = FrozenHalf(basis[f"{path}.B_frozen"], dim=0)
+        parametrize.register_parametrization(self.down, "weight", self.down_half, unsafe=True)
+        parametrize.register_parametrization(self.up, "weight", self.up_half, unsafe=True)
+        self.to(base.weight.device)
+
+    def learnable(self, side: str) -> nn.Parameter:
+        module = self.down if side == "A" else self.up
+        return module.parametrizations.weight.original
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
+# --- auxiliary sets ---------------------------------------------------------------------------------------------
+
+
+def procedural_aux_sets(kind: str, folder: Path, per_set: int, seed: int) -> list[Path]:
+    """Three auxiliary sets rendered from the embedded domain (exact captions): textures for a content run,
+    shapes for a style run."""
+    from studio.data import procedural
+
+    rng = np.random.default_rng(seed)
+    sets = []
+    choices = ("striped", "dotted", "checkered") if kind == "style" else ("circle", "square", "heart")
+    for value in choices:
+        target = folder / f"aux-{kind}-{value}"
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(per_set):
+            color = str(rng.choice(list(procedural.COLORS)))
+            background = str(rng.choice(list(procedural.BACKGROUNDS)))
+            if kind == "style":
+                shape, texture = str(rng.choice(procedural.BASE_SHAPES)), value
+            else:
+                shape, texture = value, str(rng.choice(procedural.BASE_TEXTURES))
+            scene = procedural.jittered_scene(rng, color, texture, shape, background)
+            Image.fromarray(procedural.render(scene)).save(target / f"{i}.png")
+            (target / f"{i}.txt").write_text(scene.caption)
+        sets.append(target)
+    return sets
+
+
+def generated_aux_sets(base, kind: str, folder: Path, per_set: int, seed: int) -> list[Path]:
+    """Auxiliary sets generated by a real base from built-in prompts (METHODS §2.4)."""
+    prompts = (["a watercolor painting of a house", "an oil painting of a cat", "a pencil sketch of a tree"]
+               if kind == "style" else ["a photo of a teapot", "a photo of a vase", "a photo of a backpack"])
+    sets = []
+    for index, prompt in enumerate(prompts):
+        target = folder / f"aux-{kind}-{index}"
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(per_set):
+            image = base.pipe(prompt, num_inference_steps=base.default_steps,
+                              generator=torch.Generator().manual_seed(seed + 100 * index + i)).images[0]
+            image.save(target / f"{i}.png")
+            (target / f"{i}.txt").write_text(prompt)
+        sets.append(target)
+    return sets
+
+
+def encode_folder(ctx: TrainingContext, folder: Path, prompt: str | None = None) -> EncodedSet:
+    images = scan_folder(folder, prompt)
+    resolution = ctx.config.resolution or ctx.base.default_size
+    pixels, captions, weights = load_training_images(images, resolution, ctx.config.center_crop, False)
+    return encode_set(ctx.base, pixels, captions, weights)
+
+
+# --- the three runs -----------------------------------------------------------------------------------------------
+
+
+class _PLPMethod(TrainingMethod):
+    """What the break and make runs share: checkpointing the learnable halves and removing the PLP layers."""
+
+    plp: PLPAdapter | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{p}.{side}": layer.learnable(side).detach().clone()
+                for p, layer in self.plp.layers.items() for side in ("A", "B")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for p, layer in self.plp.layers.items():
+                for side in ("A", "B"):
+                    layer.learnable(side).copy_(state[f"{p}.{side}"])
+
+    def cleanup(self, ctx: TrainingContext) -> None:
+        if self.plp is not None:
+            self.plp.remove()
+
+
+class B4MBreak(_PLPMethod):
+    """One break run: ``main`` = "content" trains A_l on the main set, B_l on auxiliary sets; "style" mirrors."""
+
+    def __init__(self, main: str, b4m: B4MConfig, basis_path: Path, aux_sets: list[Path]) -> None:
+        self.main = main
+        self.name = f"b4m-{main}"
+        self.b4m = b4m
+        self.basis_path = basis_path
+        self.aux_folders = aux_sets
+        self.aux: list[EncodedSet] = []
+        self.plp: PLPAdapter | None = None
+        self.started_at = 0.0
+
+    @property
+    def main_side(self) -> str:
+        return "A" if self.main == "content" else "B"
+
+    @property
+    def aux_side(self) -> str:
+        return "B" if self.main == "content" else "A"
+
+    def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
+        self.started_at = time.time()
+        ctx.base.pipe.unet.requires_grad_(False)
+        self.plp = PLPAdapter(ctx.base.pipe.unet, load_file(str(self.basis_path)))
+        self.aux = [encode_folder(ctx, folder) for folder in self.aux_folders]
+        return [{"params": self.plp.halves(self.main_side), "lr": self.b4m.main_learning_rate},
+                {"params": self.plp.halves(self.aux_side), "lr": self.b4m.aux_learning_rate}]
+
+    def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        generator = ctx.generator(step)
+        batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
+        noise = torch.randn(batch.latents.shape, generator=generator).to(ctx.device)
+        t = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (len(noise),),
+                          generator=generator).to(ctx.device)
+        isolate = self.b4m.mcp_isolation
+        self.plp.isolate(self.main_side if isolate else None)
+        main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
+        self.plp.isolate(self.aux_side if isolate else None)
+        aux = sum(ctx.denoising_loss(ctx.sample(data, len(noise), generator), generator, noise=noise, timesteps=t)
+                  for data in self.aux) / max(1, len(self.aux))
+        self.plp.isolate(None)
+        ctx.logs.update(loss_main=float(main.detach()), loss_aux=float(aux.detach()))
+        return main + aux
+
+    def export(self, ctx: TrainingContext) -> list[Path]:
+        adapter = self.plp.adapter_file()
+        trigger = self.b4m.content_trigger if self.main == "content" else self.b4m.style_trigger
+        adapter.metadata = b4m_metadata(ctx, self.main, [trigger], self.started_at, self.basis_path, self.b4m.rank)
+        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout)]
+
+
+class B4MMake(_PLPMethod):
+    """Assemble [B_f ; B_l^style]·[A_f | A_l^content] and fine-tune jointly on content and style batches."""
+
+    name = "b4m"
+
+    def __init__(self, b4m: B4MConfig, basis_path: Path, content_file: Path, style_file: Path) -> None:
+        self.b4m = b4m
+        self.basis_path = basis_path
+        self.content_file, self.style_file = content_file, style_file
+        self.plp: PLPAdapter | None = None
+        self.style: EncodedSet | None = None
+        self.started_at = 0.0
+
+    def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
+        from studio.adapters.file import read_adapter
+
+        self.started_at = time.time()
+        basis = load_file(str(self.basis_path))
+        content, style = read_adapter(self.content_file), read_adapter(self.style_file)
+        made = dict(basis)
+        for key in [k for k in basis if k.endswith(".A_frozen")]:
+            path = key.removesuffix(".A_frozen")
+            half_in = basis[f"{path}.A_frozen"].shape[1]
+            half_out = basis[f"{path}.B_frozen"].shape[0]
+            c, s = content.modules["unet"][path], style.modules["unet"][path]
+            for run, module in (("content", c), ("style", s)):
+                if not (torch.equal(module.down[:, :half_in], basis[f"{path}.A_frozen"])
+                        and torch.equal(module.up[:half_out], basis[f"{path}.B_frozen"])):
+                    raise ConfigError(f"B4M make: the {run} adapter's frozen halves of {path} differ from the basis")
+            made[f"{path}.A_learn"] = c.down[:, half_in:].clone()  # the content run's learned down half, kept
+            made[f"{path}.B_learn"] = s.up[half_out:].clone()
+        ctx.base.pipe.unet.requires_grad_(False)
+        self.plp = PLPAdapter(ctx.base.pipe.unet, made)
+        self.style = encode_folder(ctx, self.b4m.style, self.b4m.style_prompt)
+        return [{"params": self.plp.halves("A") + self.plp.halves("B"), "lr": self.b4m.make_learning_rate}]
+
+    def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        generator = ctx.generator(step)
+        content = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
+        noise = torch.randn(content.latents.shape, generator=generator).to(ctx.device)
+        t = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (len(noise),),
+                          generator=generator).to(ctx.device)
+        style = ctx.sample(self.style, len(noise), generator)
+        loss_c = ctx.denoising_loss(content, generator, noise=noise, timesteps=t)
+        loss_s = ctx.denoising_loss(style, generator, noise=noise, timesteps=t)
+        ctx.logs.update(loss_content=float(loss_c.detach()), loss_style=float(loss_s.detach()))
+        return loss_c + loss_s
+
+    def before_step(self, ctx: TrainingContext, step: int) -> None:
+        """Riemannian preconditioning (Zhang & Pilanci 2024) of each layer's learnable halves."""
+        if self.b4m.make_optimizer != "riemannian":
+            return
+        lam = self.b4m.riemannian_lambda
+        for layer in self.plp.layers.values():
+            a, b = layer.down.weight.detach(), layer.up.weight.detach()
+            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+            a_learn, b_learn = layer.learnable("A"), layer.learnable("B")
+            if b_learn.grad is not None:
+                b_learn.grad = torch.linalg.solve(a @ a.T + lam * eye, b_learn.grad.T).T
+            if a_learn.grad is not None:
+                a_learn.grad = torch.linalg.solve(b.T @ b + lam * eye, a_learn.grad)
+
+    def export(self, ctx: TrainingContext) -> list[Path]:
+        adapter = self.plp.adapter_file()
+        adapter.metadata = b4m_metadata(ctx, "content+style", [self.b4m.content_trigger, self.b4m.style_trigger],
+                                        self.started_at, self.basis_path, self.b4m.rank)
+        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout)]
+
+
+def b4m_metadata(ctx: TrainingContext, kind: str, triggers: list[str], started_at: float, basis: Path,
+                 rank: int) -> dict[str, str]:
+    config = ctx.config
+    return adapter_metadata(
+        ctx.base, name=config.output, method="b4m", kind=kind, rank=rank, alpha=rank, trigger_words=triggers,
+        seed=config.seed, steps=config.max_train_steps, started_at=started_at,
+        tag_frequency=tag_frequency(ctx.images), num_images=len(ctx.images), learning_rate=config.learning_rate,
+        resolution=config.resolution or ctx.base.default_size,
+        extra={"b4m_basis": basis.name, "b4m_stage": "make" if kind == "content+style" else f"break-{kind}"},
+    )
+
+
+def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> list[Path]:
+    """The three B4M runs on one base: content break, style break, make. Returns [content, style, made]."""
+    from studio.models import load_base
+
+    if b4m.content is None or b4m.style is None:
+        raise ConfigError("B4M needs --content DIR and --style DIR")
+    base = base or load_base(config.model, device=config.device)
+    output_dir = Path(config.output_dir) if config.output_dir else library_dir()
+    work = output_dir / f"{config.output}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    b4m = replace(b4m, content_prompt=b4m.content_prompt or f"a {b4m.content_trigger} shape",
+                  style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
+    basis_path = work / f"{config.output}.b4m-basis.safetensors"
+    if not basis_path.exists():
+        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed), basis_path,
+                   {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
+                    "studio.b4m_plp_split": "0.5"})
+
+    def aux(kind: str, given: list[Path]) -> list[Path]:
+        if given:
+            return list(given)
+        if base.family == "tiny":
+            return procedural_aux_sets(kind, work, b4m.aux_images_per_set, config.seed)
+        return generated_aux_sets(base, kind, work, b4m.aux_images_per_set, config.seed)
+
+    runs = []
+    for main, folder, prompt, aux_sets in (
+        ("content", b4m.content, b4m.content_prompt, aux("style", b4m.aux_style)),
+        ("style", b4m.style, b4m.style_prompt, aux("content", b4m.aux_content)),
+    ):
+        stage = replace(config, images=folder, instance_prompt=prompt, output=f"{config.output}-{main}",
+                        max_train_steps=b4m.break_steps, kind=main, output_dir=output_dir,
+                        trigger_words=[b4m.content_trigger if main == "content" else b4m.style_trigger])
+        runs += train(stage, B4MBreak(main, b4m, basis_path, aux_sets), progress, base).outputs
+    content_file = output_dir / f"{config.output}-content.safetensors"
+    style_file = output_dir / f"{config.output}-style.safetensors"
+    make = replace(config, images=b4m.content, instance_prompt=b4m.content_prompt, max_train_steps=b4m.make_steps,
+                   output_dir=output_dir, kind="content")
+    runs += train(make, B4MMake(b4m, basis_path, content_file, style_file), progress, base).outputs
+    return runs
