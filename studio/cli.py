@@ -197,6 +197,9 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--validation_prompt", default=None)
     parser.add_argument("--validation_steps", type=int, default=0)
     parser.add_argument("--num_validation_images", type=int, default=defaults.num_validation_images)
+    parser.add_argument("--decor-remove", "--decor_remove", dest="decor_remove", action="append", default=[],
+                        metavar="WORDS", help="DECOR: comma-separated words projected out of the captions")
+    parser.add_argument("--decor-alpha", "--decor_alpha", dest="decor_alpha", type=float, default=None)
     parser.add_argument("--save_as", dest="export_layout", choices=["diffusers", "kohya"], default="diffusers")
     parser.add_argument("--device", default=None)
 
@@ -207,7 +210,9 @@ def train_config_from_args(args: argparse.Namespace):
     from trainers.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values["decor_remove"] = [w.strip() for w in ",".join(values.get("decor_remove", [])).split(",") if w.strip()]
+    return TrainConfig(**values)
 
 
 def _make_sara(args: argparse.Namespace):

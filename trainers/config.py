@@ -50,5 +50,7 @@ class TrainConfig:
     validation_steps: int = 0
     num_validation_images: int = 2
     validation_weights: tuple[float, ...] = (1.0,)  # adapter weights the preview is drawn at
+    decor_remove: list[str] = field(default_factory=list)  # DECOR: words projected out of caption embeddings
+    decor_alpha: float = 1.0
     export_layout: str = "diffusers"  # diffusers | kohya
     device: str | None = None

@@ -74,6 +74,7 @@ class TrainingContext:
     images: list[TrainingImage]
     logs: dict[str, float] = field(default_factory=dict)
     optimizer: Any = None  # set by the loop once the method's parameters exist
+    decor: tuple[torch.Tensor, float] | None = None  # DECOR basis and α applied to every caption embedding
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +90,7 @@ class TrainingContext:
         latents = (data.latent_mean[index] + data.latent_std[index] * noise) * _scaling(self.base)
         captions = [data.captions[i] for i in index]
         if self.config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
-            hidden, pooled = encode_captions(self.base, captions)
+            hidden, pooled = encode_captions(self.base, captions, self.decor)
             return Batch(latents.to(self.device), hidden, pooled, captions)
         pooled = data.pooled[index] if data.pooled is not None else None
         return Batch(latents.to(self.device), data.hidden[index].to(self.device),
@@ -97,7 +98,7 @@ class TrainingContext:
 
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning with gradients (for methods that train the text encoder)."""
-        return encode_captions(self.base, captions)
+        return encode_captions(self.base, captions, self.decor)
 
     def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
                        timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
@@ -185,18 +186,25 @@ def _scaling(base) -> float:
     return float(base.pipe.vae.config.scaling_factor)
 
 
-def encode_captions(base, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states, pooled embedding or None) exactly as the base's pipeline conditions the UNet."""
+def encode_captions(base, captions: Sequence[str], decor: tuple[torch.Tensor, float] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled embedding or None) as the base's pipeline conditions the UNet; with ``decor``
+    (basis, α) the hidden states are projected away from the unwanted concepts (DECOR during training)."""
     from studio.text import clean_prompt
 
     cleaned = [clean_prompt(c) for c in captions]
+    pooled = None
     if base.family == "sdxl":
         hidden, _, pooled, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
-        return hidden, pooled
-    hidden, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
-                                        do_classifier_free_guidance=False)
-    return hidden, None
+    else:
+        hidden, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)
+    if decor is not None:
+        from pipelines.decor import project_out
+
+        hidden = project_out(hidden, *decor)
+    return hidden, pooled
 
 
 def sdxl_conditioning(pooled: torch.Tensor, latents: torch.Tensor, base) -> dict[str, torch.Tensor]:
@@ -217,7 +225,8 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 
 @torch.no_grad()
-def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float]) -> EncodedSet:
+def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float],
+               decor: tuple[torch.Tensor, float] | None = None) -> EncodedSet:
     """Encode images once (VAE posterior mean and std) and captions once (text encoder)."""
     vae = base.pipe.vae
     means, stds = [], []
@@ -227,7 +236,7 @@ def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequenc
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     unique = sorted(set(captions))
-    hidden_unique, pooled_unique = encode_captions(base, unique)
+    hidden_unique, pooled_unique = encode_captions(base, unique, decor)
     lookup = {caption: i for i, caption in enumerate(unique)}
     rows = torch.tensor([lookup[c] for c in captions])
     return EncodedSet(
@@ -396,13 +405,19 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     work_dir = output_dir / f"{config.output}-work"
     work_dir.mkdir(parents=True, exist_ok=True)
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
-    instance = encode_set(base, pixels, captions, weights)
+    decor = None
+    if config.decor_remove:
+        from pipelines.decor import decor_basis
+
+        decor = (decor_basis(base.pipe, config.decor_remove), config.decor_alpha)
+    instance = encode_set(base, pixels, captions, weights, decor)
     prior = None
     if config.with_prior_preservation:
         class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
-        prior = encode_set(base, class_pixels, class_prompts, [1.0] * len(class_prompts))
+        prior = encode_set(base, class_pixels, class_prompts, [1.0] * len(class_prompts), decor)
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
-    ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images)
+    ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images,
+                          decor=decor)
 
     groups = method.setup(ctx)
     if config.gradient_checkpointing:

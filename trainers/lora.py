@@ -132,6 +132,8 @@ def trigger_words(ctx: TrainingContext) -> list[str]:
 def training_metadata(ctx: TrainingContext, method: str, started_at: float,
                       extra: dict[str, Any] | None = None) -> dict[str, str]:
     config = ctx.config
+    if config.decor_remove:  # the words the adapter was trained without; recommended at inference too
+        extra = {"decor_remove": config.decor_remove, "decor_alpha": config.decor_alpha, **(extra or {})}
     return adapter_metadata(
         ctx.base, name=config.output, method=method, kind=config.kind, rank=config.rank,
         alpha=config.network_alpha or config.rank, trigger_words=trigger_words(ctx), seed=config.seed,

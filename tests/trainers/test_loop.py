@@ -138,3 +138,17 @@ def test_validation_previews_are_written_with_parameters(tmp_path, random_base, 
     assert len(result.samples) == 2
     with Image.open(result.samples[0]) as image:
         assert "Lora: demo:0.5" in image.info["parameters"]
+
+
+def test_decor_during_training_projects_captions_and_records_the_words(tmp_path, random_base, shape_images):
+    from pipelines.decor import decor_basis
+
+    result = train(config(shape_images, tmp_path / "out", decor_remove=["red", "white"], decor_alpha=1.0,
+                          max_train_steps=1), get_method("lora"), base=random_base)
+    meta = read_adapter(result.outputs[0]).metadata
+    assert json.loads(meta["studio.decor_remove"]) == ["red", "white"]
+    from trainers.loop import encode_captions
+
+    basis = decor_basis(random_base.pipe, ["red", "white"])
+    hidden, _ = encode_captions(random_base, [CAPTION], (basis, 1.0))
+    assert (hidden[0] @ basis).abs().max() < 1e-4
