@@ -23,4 +23,9 @@ class CMLoRAPipeline(CompositionPipeline):
     default_method = "cmlora"
 
 
-__all__ = ["CMLoRAPipeline", "CompositePipeline", "CompositionPipeline", "MergePipeline", "SwitchPipeline"]
+class CLoRAPipeline(CompositionPipeline):
+    default_method = "clora"
+
+
+__all__ = ["CLoRAPipeline", "CMLoRAPipeline", "CompositePipeline", "CompositionPipeline", "MergePipeline",
+           "SwitchPipeline"]

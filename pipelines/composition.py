@@ -21,6 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
+from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.methods import make_method
@@ -91,6 +92,8 @@ class CompositionPipeline(StableDiffusionPipeline):
                 loaded[key] = name
                 self._studio_profiles = getattr(self, "_studio_profiles", {})
                 self._studio_profiles[name] = _frequency_profile(adapter)
+                self._studio_triggers = getattr(self, "_studio_triggers", {})
+                self._studio_triggers[name] = adapter.trigger_words
             loaded.move_to_end(key)
             resolved.append((loaded[key], float(weight)))
         in_use = {name for name, _ in resolved}
@@ -103,17 +106,34 @@ class CompositionPipeline(StableDiffusionPipeline):
         return resolved
 
     # -- one denoising step -----------------------------------------------------------------------------------
-    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep, conditions: Sequence[torch.Tensor],
-                 cache: FeatureCache, stats: UNetStats) -> dict[str, Prediction]:
-        """Run every planned evaluation on every conditioning ([uncond, cond, extra negatives…]); single-adapter
-        routes of one pass type share one batched UNet call."""
+    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep,
+                 conditions: Sequence[Sequence[torch.Tensor]], cache: FeatureCache, stats: UNetStats,
+                 capture_resolution: int | None = None) -> tuple[dict[str, Prediction], dict[str, torch.Tensor]]:
+        """Run every planned evaluation on each conditioning of its prompt ([uncond, cond, negatives…]);
+        single-adapter routes of one pass type share one batched UNet call. Returns the predictions and, with
+        ``capture_resolution``, each route's conditional cross-attention maps."""
         from studio.adapters.inject import set_adapter_weights
 
-        batch, count = len(latents), len(conditions)
-        stacked_latents = latents.repeat(count, 1, 1, 1)
-        stacked_hidden = torch.cat(list(conditions))
+        batch, count = len(latents), len(conditions[0])
         width = batch * count
         results: dict[str, Prediction] = {}
+        maps: dict[str, torch.Tensor] = {}
+
+        def hidden_of(group: Sequence[Route]) -> torch.Tensor:
+            return torch.cat([torch.cat(list(conditions[r.prompt])) for r in group])
+
+        def run(group: Sequence[Route], names, deep=None):
+            stacked = latents.repeat(count * len(group), 1, 1, 1)
+            if capture_resolution is None:
+                return predict_noise(self.unet, stacked, timestep, hidden_of(group), names, deep_feature=deep,
+                                     stats=stats)
+            with capture_cross_attention(self.unet, capture_resolution) as store:
+                output = predict_noise(self.unet, stacked, timestep, hidden_of(group), names, deep_feature=deep,
+                                       stats=stats)
+            captured = store.mean()
+            for index, route in enumerate(group):
+                maps[route.key] = captured[width * index + batch : width * index + 2 * batch]
+            return output
 
         def split(output: torch.Tensor, index: int) -> Prediction:
             chunk = output[width * index : width * (index + 1)]
@@ -122,8 +142,7 @@ class CompositionPipeline(StableDiffusionPipeline):
         for route in [r for r in routes if r.adapter is None]:
             if route.merged:
                 set_adapter_weights(self.studio_base(), route.merged)
-            names = None if route.merged else [BASE] * width
-            output, _ = predict_noise(self.unet, stacked_latents, timestep, stacked_hidden, names, stats=stats)
+            output, _ = run([route], None if route.merged else [BASE] * width)
             results[route.key] = split(output, 0)
         for mode in ("full", "read"):
             group = [r for r in routes if r.adapter is not None and (r.cache == "read") == (mode == "read")]
@@ -131,14 +150,12 @@ class CompositionPipeline(StableDiffusionPipeline):
                 continue
             names = [r.adapter for r in group for _ in range(width)]
             deep = torch.cat([cache.features[r.adapter] for r in group]) if mode == "read" else None
-            output, feature = predict_noise(self.unet, stacked_latents.repeat(len(group), 1, 1, 1), timestep,
-                                            stacked_hidden.repeat(len(group), 1, 1), names, deep_feature=deep,
-                                            stats=stats)
+            output, feature = run(group, names, deep)
             for index, route in enumerate(group):
                 results[route.key] = split(output, index)
                 if route.cache == "write":
                     cache.features[route.adapter] = feature[width * index : width * (index + 1)]
-        return results
+        return results, maps
 
     def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float,
                          negative_weights: Sequence[float] = ()) -> torch.Tensor:
@@ -197,6 +214,7 @@ class CompositionPipeline(StableDiffusionPipeline):
         decor_remove: Sequence[str] | None = None,
         decor_alpha: float = 1.0,
         decor_rank: int | None = None,
+        adapter_prompts: Sequence[str] | None = None,
         **kwargs: Any,
     ):
         from studio.errors import ConfigError
@@ -215,21 +233,32 @@ class CompositionPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
         negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
-        conditions = self.encode_conditions(prompts, negative_prompt, num_images_per_prompt, negatives,
-                                            list(decor_remove or []), decor_alpha, decor_rank)
+        prompt_sets = [prompts]
+        if composer.uses_adapter_prompts:
+            own = list(adapter_prompts or [])
+            if own and len(own) != len(resolved):
+                raise ConfigError(f"{len(own)} adapter prompts for {len(resolved)} adapters")
+            prompt_sets += [[text] * len(prompts) for text in (own or [prompts[0]] * len(resolved))]
+        conditions = [self.encode_conditions(texts, negative_prompt, num_images_per_prompt, negatives,
+                                             list(decor_remove or []), decor_alpha, decor_rank)
+                      for texts in prompt_sets]
+        composer.prepare(resolved, num_inference_steps, getattr(self, "_studio_profiles", {}))
+        composer.bind(self, [texts[0] for texts in prompt_sets])
         device = self._execution_device
-        cond = conditions[1]
+        cond = conditions[0][1]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         batch = len(prompts) * num_images_per_prompt
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, cond.dtype, device,
                                        generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, 0.0)
-        composer.prepare(resolved, len(timesteps), getattr(self, "_studio_profiles", {}))
         cache, stats = FeatureCache(), UNetStats()
         for step, t in enumerate(timesteps):
+            latents = composer.refine(self, step, t, latents, conditions)
             model_input = self.scheduler.scale_model_input(latents, t)
-            predictions = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats)
+            predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
+                                              composer.capture_resolution)
+            composer.observe(step, maps)
             noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
                                           [w for _, w in negatives])
             latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
@@ -237,6 +266,8 @@ class CompositionPipeline(StableDiffusionPipeline):
                 values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, step, t, values).get("latents", latents)
         self.last_stats = stats
+        self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
+                           if mask is not None}
         self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
         if negatives:
             self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.methods.clora import CLoRA
 from pipelines.methods.cmlora import CMLoRA
 from pipelines.methods.composite import Composite
 from pipelines.methods.merge import Merge
 from pipelines.methods.switch import Switch
 
 METHODS: dict[str, type[CompositionMethod]] = {"merge": Merge, "switch": Switch, "composite": Composite,
-                                               "cmlora": CMLoRA}
+                                               "cmlora": CMLoRA, "clora": CLoRA}
 
 
 def make_method(name: str, **options: Any) -> CompositionMethod:

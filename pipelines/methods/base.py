@@ -22,6 +22,7 @@ class Route:
     adapter: str | None = None
     merged: Mapping[str, float] | None = None
     cache: str = "off"
+    prompt: int = 0  # which prompt's embeddings: 0 = the main prompt, i = the i-th adapter's own prompt
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,16 @@ def fuse_weighted(predictions: Sequence[Prediction], weights: Sequence[float]) -
 
 
 class CompositionMethod(ABC):
-    """A method sees the adapters (name, weight) in the user's order and the number of steps."""
+    """A method sees the adapters (name, weight) in the user's order and the number of steps.
+
+    Optional capabilities: ``uses_adapter_prompts`` (each adapter evaluated with its own prompt),
+    ``capture_resolution`` (cross-attention maps of each evaluation passed to :meth:`observe`), and
+    :meth:`refine` (change the latents before a step's evaluations, e.g. CLoRA's contrastive update).
+    """
 
     name = "method"
+    uses_adapter_prompts = False
+    capture_resolution: int | None = None
 
     def __init__(self) -> None:
         self.adapters: list[tuple[str, float]] = []
@@ -60,6 +68,17 @@ class CompositionMethod(ABC):
         """Called once per generation before the first step."""
         self.adapters = list(adapters)
         self.num_steps = num_steps
+
+    def bind(self, pipe, prompts: Sequence[str]) -> None:
+        """The pipeline and the prompts (main first, then one per adapter), before :meth:`prepare`."""
+
+    def refine(self, pipe, step: int, timestep, latents: torch.Tensor,
+               conditions: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Return the latents this step denoises (default: unchanged)."""
+        return latents
+
+    def observe(self, step: int, maps: Mapping[str, torch.Tensor]) -> None:
+        """Cross-attention maps [batch, queries, tokens] of each route's conditional evaluation."""
 
     @abstractmethod
     def plan(self, step: int) -> list[Route]:

@@ -1,0 +1,177 @@
+"""CLoRA (Meral et al., ICCV 2025; METHODS §8): contrastive test-time composition with attention masks.
+
+Each adapter is evaluated with its own prompt ("a sks shape and a xyz shape" with the sks adapter, …) beside the
+base prompt without adapters. On the early steps the latent is updated by gradient descent on a contrastive
+(NT-Xent, cosine similarity, temperature τ) loss over the cross-attention maps of each concept's tokens: maps
+of the same concept across prompts attract, maps of different concepts repel. At every step, each adapter's
+mask is its concept tokens' maps thresholded at α_m of their maximum; the base prompt covers what no mask
+covers; the per-adapter noise predictions are fused under the masks, then guided.
+
+Deviations from the official code (METHODS §8.3): maps come from the conditional half only (the official code
+mixes in the negative prompt), and token indices are derived from the concept words with the tokenizer instead
+of being typed by hand. The schedule is given as fractions of T so it scales with the step count; the default
+number of extra rounds (10, the paper's 20) keeps the cost near 2.5–3× Composite; all of it is configurable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.attention_capture import capture_cross_attention
+from pipelines.guidance import masked_fusion
+from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.unet_runner import BASE, predict_noise
+
+BASE_KEY = "__clora_base__"
+
+
+def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions of ``word``'s tokens in ``prompt`` (position 0 is BOS), every occurrence."""
+    from studio.text import clean_prompt
+
+    ids = tokenizer(clean_prompt(prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    pieces = tokenizer(clean_prompt(word), add_special_tokens=False).input_ids
+    found = []
+    for start in range(1, len(ids) - len(pieces) + 1):
+        if ids[start : start + len(pieces)] == pieces:
+            found.extend(range(start, start + len(pieces)))
+    return found
+
+
+def contrastive_loss(maps: Sequence[torch.Tensor], labels: Sequence[int], temperature: float) -> torch.Tensor:
+    """NT-Xent over flattened, min–max normalised maps: mean over positive pairs of
+    −log(e^{s(a,p)/τ} / (e^{s(a,p)/τ} + Σ_{n: label ≠ label(a)} e^{s(a,n)/τ}))."""
+    vectors = torch.stack([m.flatten() for m in maps])
+    low, high = vectors.min(1, keepdim=True).values, vectors.max(1, keepdim=True).values
+    vectors = (vectors - low) / (high - low).clamp(min=1e-8)
+    similarity = F.cosine_similarity(vectors[:, None], vectors[None], dim=-1) / temperature
+    label = torch.tensor(list(labels), device=vectors.device)
+    same = label[:, None] == label[None]
+    losses = []
+    for a in range(len(maps)):
+        negatives = torch.logsumexp(similarity[a][~same[a]], 0) if (~same[a]).any() else None
+        for p in range(len(maps)):
+            if p == a or not same[a, p]:
+                continue
+            positive = similarity[a, p]
+            denominator = positive if negatives is None else torch.logaddexp(positive, negatives)
+            losses.append(denominator - positive)
+    if not losses:
+        return vectors.sum() * 0
+    return torch.stack(losses).mean()
+
+
+class CLoRA(CompositionMethod):
+    name = "clora"
+    uses_adapter_prompts = True
+
+    def __init__(self, groups: Sequence[Sequence[str]] | None = None, step_size: float = 20.0,
+                 temperature: float = 0.5, mask_threshold: float = 0.3, alter_fraction: float = 0.25,
+                 iterative_fractions: Sequence[float] = (0.0, 0.1, 0.2), extra_rounds: int = 10,
+                 capture_resolution: int = 16, apply_mask_after: int = 0) -> None:
+        super().__init__()
+        self.groups = [list(g) for g in groups] if groups else None
+        self.step_size, self.temperature, self.mask_threshold = step_size, temperature, mask_threshold
+        self.alter_fraction, self.iterative_fractions = alter_fraction, tuple(iterative_fractions)
+        self.extra_rounds, self.apply_mask_after = extra_rounds, apply_mask_after
+        self.capture_resolution = capture_resolution
+        self.prompts: list[str] = []
+        self.indices: list[list[tuple[int, int]]] = []  # per prompt: (token position, group label)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.mask_history: list[dict[str, torch.Tensor]] = []
+        self.losses: list[float] = []
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def bind(self, pipe, prompts: Sequence[str]) -> None:
+        self.prompts = list(prompts)
+        groups = self.groups or [[trigger] for trigger in self._triggers(pipe)]
+        self.indices = [[(pos, label) for label, words in enumerate(groups) for word in words
+                         for pos in token_positions(pipe.tokenizer, prompt, word)] for prompt in self.prompts]
+        self.masks, self.mask_history, self.losses = {}, [], []
+
+    def _triggers(self, pipe) -> list[str]:
+        """Default concept groups: each adapter's first trigger word (its name when it has none)."""
+        known = getattr(pipe, "_studio_triggers", {})
+        return [(known.get(name) or [name])[0] for name, _ in self.adapters]
+
+    def _alter_steps(self) -> tuple[int, set[int]]:
+        last = int(round(self.alter_fraction * self.num_steps))
+        return last, {int(round(f * self.num_steps)) for f in self.iterative_fractions}
+
+    # -- the contrastive latent update ---------------------------------------------------------------------------
+    def _routes(self) -> list[tuple[str, str, int]]:
+        """(key, adapter or BASE, prompt index): the base prompt without adapters, then each adapter."""
+        return [(BASE_KEY, BASE, 0)] + [(name, name, i + 1) for i, (name, _) in enumerate(self.adapters)]
+
+    def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
+        last, iterative = self._alter_steps()
+        if step >= last or not any(self.indices):
+            return latents
+        rounds = 1 + (self.extra_rounds if step in iterative else 0)
+        routes = self._routes()
+        batch = len(latents)
+        hidden = torch.cat([conditions[prompt][1] for _, _, prompt in routes])
+        names = [adapter for _, adapter, _ in routes for _ in range(batch)]
+        for _ in range(rounds):
+            with torch.enable_grad():
+                z = latents.detach().requires_grad_(True)
+                model_input = pipe.scheduler.scale_model_input(z, timestep).repeat(len(routes), 1, 1, 1)
+                with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
+                    predict_noise(pipe.unet, model_input, timestep, hidden, names)
+                maps = store.mean()
+                loss = self._loss([maps[i * batch : (i + 1) * batch] for i in range(len(routes))])
+                if loss.requires_grad and float(loss) > 0:
+                    gradient = torch.autograd.grad(loss, z)[0]
+                    latents = (z - self.step_size * gradient).detach()
+            self.losses.append(float(loss.detach()))
+        return latents
+
+    def _loss(self, route_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        maps, labels = [], []
+        for prompt_maps, indices in zip(route_maps, self.indices):
+            for position, label in indices:
+                maps.append(prompt_maps[:, :, position].mean(0))
+                labels.append(label)
+        return contrastive_loss(maps, labels, self.temperature)
+
+    # -- evaluation, masks and fusion ---------------------------------------------------------------------------
+    def plan(self, step: int) -> list[Route]:
+        return [Route(BASE_KEY, prompt=0)] + [Route(name, adapter=name, prompt=i + 1)
+                                                for i, (name, _) in enumerate(self.adapters)]
+
+    def observe(self, step: int, maps: Mapping[str, torch.Tensor]) -> None:
+        side = self.capture_resolution
+        masks = {}
+        for key, _, prompt in self._routes():
+            if key == BASE_KEY:
+                continue
+            positions = [pos for pos, _ in self.indices[prompt]]
+            route_maps = maps[key]  # [batch, queries, tokens]
+            if step < self.apply_mask_after:
+                masks[key] = torch.ones(route_maps.shape[0], side, side, device=route_maps.device)
+                continue
+            mask = torch.zeros(route_maps.shape[0], side * side, device=route_maps.device)
+            for position in positions:
+                token = route_maps[:, :, position]
+                mask = torch.maximum(mask, (token > self.mask_threshold * token.amax(1, keepdim=True)).float())
+            masks[key] = mask.view(-1, side, side)
+        covered = torch.stack(list(masks.values())).amax(0) if masks else None
+        masks[BASE_KEY] = (1 - covered) if covered is not None else None
+        self.masks = masks
+        self.mask_history.append({k: v.detach().cpu() for k, v in masks.items() if v is not None})
+
+    def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
+        keys = [key for key, _, _ in self._routes()]
+        latent_size = predictions[keys[0]].uncond.shape[-1]
+        masks = [F.interpolate(self.masks[k][:, None], size=(latent_size,) * 2, mode="nearest")[:, 0]
+                 for k in keys]
+        return Prediction(tuple(masked_fusion([predictions[k].conditions[c] for k in keys], masks)
+                                for c in range(len(predictions[keys[0]].conditions))))
+
+    def describe(self) -> dict:
+        return {"groups": self.groups, "step_size": self.step_size, "temperature": self.temperature,
+                "mask_threshold": self.mask_threshold, "alter_fraction": self.alter_fraction,
+                "extra_rounds": self.extra_rounds}

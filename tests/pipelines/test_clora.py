@@ -1,0 +1,53 @@
+import torch
+
+from pipelines.methods.clora import CLoRA, contrastive_loss, token_positions
+from studio.adapters.file import save_adapter
+from studio.text import build_clip_tokenizer
+from tests.pipelines.test_composition import setup, unet_only_adapter  # noqa: F401 (fixture)
+
+PROMPT = "a red solid sks and a blue solid xyz on a white background"
+
+
+def test_token_positions_follow_the_tokenizer():
+    tokenizer = build_clip_tokenizer()
+    assert token_positions(tokenizer, PROMPT, "sks") == [4]
+    assert token_positions(tokenizer, PROMPT, "xyz") == [9, 10]  # "xyz" is two CLIP tokens
+    assert token_positions(tokenizer, PROMPT, "missing") == []
+
+
+def test_contrastive_loss_prefers_grouped_maps():
+    a = torch.zeros(16)
+    a[:8] = 1
+    b = torch.zeros(16)
+    b[8:] = 1
+    separated = contrastive_loss([a, a + 0.01, b, b + 0.01], [0, 0, 1, 1], 0.5)
+    mixed = contrastive_loss([a, b + 0.01, b, a + 0.01], [0, 0, 1, 1], 0.5)
+    assert separated < mixed
+
+
+def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, tmp_path):  # noqa: F811
+    pipe, _ = setup
+    base = pipe.studio_base()
+    first, second = unet_only_adapter(base, 11), unet_only_adapter(base, 12)
+    first.metadata["studio.trigger_words"], second.metadata["studio.trigger_words"] = '["sks"]', '["xyz"]'
+    paths = [save_adapter(first, tmp_path / "sks.safetensors"), save_adapter(second, tmp_path / "xyz.safetensors")]
+    common = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    clora = pipe(PROMPT, generator=torch.Generator().manual_seed(0), adapters=[(p, 1.0) for p in paths],
+                 method="clora", method_options={"extra_rounds": 1}, **common).images
+    masks = pipe.last_masks
+    names = [name for name, _ in pipe.last_recipe["adapters"]]
+    assert set(masks) == {*names, "__clora_base__"} and len(names) == 2
+    assert masks[names[0]].shape == (1, 16, 16) and set(masks[names[0]].unique().tolist()) <= {0.0, 1.0}
+    coverage = masks[names[0]] + masks[names[1]] + masks["__clora_base__"]
+    assert (coverage >= 1).all()  # every pixel belongs to some prediction
+    composite = pipe(PROMPT, generator=torch.Generator().manual_seed(0), adapters=[(p, 1.0) for p in paths],
+                     method="composite", **common).images
+    assert abs(clora - composite).mean() > 1e-4
+
+
+def test_clora_groups_are_configurable(setup, tmp_path):  # noqa: F811
+    pipe, paths = setup
+    method = CLoRA(groups=[["red"], ["blue"]], extra_rounds=0)
+    method.prepare([("a", 1.0)], 4, {})
+    method.bind(pipe, [PROMPT, PROMPT])
+    assert method.indices[0] == [(2, 0), (7, 1)]
