@@ -45,7 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
                                 method_options=dict(parse_option(o) for o in args.method_option),
                                 perp_neg=[parse_weighted_text(t) for t in args.perp_neg],
                                 decor_remove=[w.strip() for w in ",".join(args.decor_remove).split(",") if w.strip()],
-                                decor_alpha=args.decor_alpha)
+                                decor_alpha=args.decor_alpha, adapter_prompts=args.adapter_prompt)
     out = Path(args.out)
     for index, result in enumerate(generate(base, request)):
         path = out if request.num_images == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix}")
@@ -303,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=1)
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="an adapter file or library name, repeatable")
-    gen.add_argument("--method", default="merge", help="merge, switch, composite or cmlora")
+    gen.add_argument("--method", default="merge", help="merge, switch, composite, cmlora or clora")
     gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
+    gen.add_argument("--adapter-prompt", dest="adapter_prompt", action="append", default=[],
+                     help="CLoRA: the prompt of each --adapter, in order")
     gen.add_argument("--perp-neg", dest="perp_neg", action="append", default=[], metavar="TEXT[:WEIGHT]",
                      help="a Perp-Neg negative (weight 1.5 by default), repeatable")
     gen.add_argument("--decor-remove", dest="decor_remove", action="append", default=[], metavar="WORDS",

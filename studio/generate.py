@@ -33,6 +33,7 @@ class GenerationRequest:
     perp_neg: list[tuple[str, float]] = field(default_factory=list)  # Perp-Neg negatives (text, weight)
     decor_remove: list[str] = field(default_factory=list)  # DECOR: concepts projected out of the prompt
     decor_alpha: float = 1.0
+    adapter_prompts: list[str] = field(default_factory=list)  # CLoRA: each adapter's own prompt
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
@@ -52,6 +53,7 @@ class GenerationRequest:
             perp_neg=list(self.perp_neg),
             decor_remove=list(self.decor_remove),
             decor_alpha=self.decor_alpha,
+            adapter_prompts=list(self.adapter_prompts),
             extra=dict(self.extra),
         )
 
@@ -98,6 +100,7 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
         "perp_neg": [[t, w] for t, w in request.perp_neg],
         "decor_remove": request.decor_remove,
         "decor_alpha": request.decor_alpha,
+        "adapter_prompts": request.adapter_prompts,
         **(recipe_extra or {}),
         **request.extra,
     }
@@ -131,7 +134,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
                               "(SD 1.x/2.x only)")
         composing = {"adapters": request.adapters, "method": request.method,
                      "method_options": request.method_options, "perp_neg": request.perp_neg or None,
-                     "decor_remove": request.decor_remove or None, "decor_alpha": request.decor_alpha}
+                     "decor_remove": request.decor_remove or None, "decor_alpha": request.decor_alpha,
+                     "adapter_prompts": request.adapter_prompts or None}
     results = []
     for index in range(request.num_images):
         seed = request.seed + index
