@@ -4,76 +4,451 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+import queue
+import random
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
+from studio.adapters.library import (
+    AdapterSummary,
+    delete_adapter,
+    export_kohya,
+    import_adapter,
+    list_adapters,
+    resolve_adapter,
+)
+from studio.errors import StudioError
 from studio.generate import GenerationRequest, generate
 from studio.models import BaseModel, load_base
-from studio.png import save_png
+from studio.png import read_recipe, save_png
 
 OUTPUTS = Path(os.environ.get("STUDIO_OUTPUTS", "outputs"))
+ROWS = 4  # adapter stack rows, as in Fooocus
+METHODS = ["merge", "switch", "composite", "cmlora", "clora"]
+TRAIN_METHODS = ["lora", "b4m", "sara", "colora"]
+LIBRARY_COLUMNS = ["name", "kind", "method", "trigger words", "rank", "frequency", "base", "file"]
 
 
 class Studio:
-    """Holds the loaded base model between requests; reloads only when the user picks another one."""
+    """Server-side state: the loaded base (reloaded only when the user picks another) and the training stop flag."""
 
     def __init__(self, model: str | None = None) -> None:
         self.model_spec = model
         self._base: BaseModel | None = None
+        self.stop_training = threading.Event()
+        self.lock = threading.Lock()
 
-    def base(self, spec: str | None) -> BaseModel:
-        spec = spec or None
+    def base(self, spec: str | None = None) -> BaseModel:
+        spec = (spec or "").strip() or None
         if self._base is None or spec != self.model_spec:
             self._base = load_base(spec)
             self.model_spec = spec
         return self._base
 
-    def generate(self, model: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,
-                 batch: float, progress: gr.Progress = gr.Progress()) -> list[tuple[str, str]]:  # noqa: B008
+    # -- compose ---------------------------------------------------------------------------------------------
+    def request(self, rows: Sequence[Any], prompt: str, negative: str, method: str, switch_interval: float,
+                cache_interval: float, perp_neg: bool, perp_neg_weight: float, decor_words: str,
+                decor_alpha: float, seed: float, randomize: bool, steps: float, guidance: float, size: float,
+                batch: float) -> GenerationRequest:
         if not prompt.strip():
             raise gr.Error("Write a prompt first.")
+        adapters, adapter_prompts = [], []
+        for index in range(ROWS):
+            enabled, name, weight, own_prompt = rows[4 * index : 4 * index + 4]
+            if not enabled or not name:
+                continue
+            try:
+                value = float(weight)
+            except (TypeError, ValueError):
+                raise gr.Error(f"Adapter row {index + 1}: weight {weight!r} is not a number.") from None
+            adapters.append((str(name), value))
+            adapter_prompts.append(own_prompt or prompt)
+        options: dict[str, Any] = {}
+        if method == "switch":
+            options["interval"] = int(switch_interval)
+        elif method == "cmlora":
+            options["cache_interval"] = int(cache_interval)
+        if perp_neg and not negative.strip():
+            raise gr.Error("Perp-Neg needs a negative prompt.")
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=negative if not perp_neg else "", seed=random.randrange(2**31)
+            if randomize else int(seed), steps=int(steps), guidance_scale=float(guidance), width=int(size),
+            height=int(size), num_images=int(batch), adapters=adapters, method=method if adapters else "merge",
+            method_options=options, perp_neg=[(negative, float(perp_neg_weight))] if perp_neg else [],
+            decor_remove=[w.strip() for w in decor_words.split(",") if w.strip()], decor_alpha=float(decor_alpha),
+            adapter_prompts=adapter_prompts if method == "clora" else [],
+        )
+
+    def generate(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
+        rows, rest = values[: 4 * ROWS], values[4 * ROWS :]
+        request = self.request(rows, *rest)
         progress(0, desc="loading model")
-        base = self.base(model.strip())
-        request = GenerationRequest(prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
-                                    guidance_scale=float(guidance), num_images=int(batch))
-        gallery = []
-        for result in progress.tqdm(generate(base, request), desc="generating"):
-            path = OUTPUTS / f"{result.recipe['seed']:010d}-{len(list(OUTPUTS.glob('*.png'))):05d}.png"
-            save_png(result.image, path, result.parameters, result.recipe)
-            gallery.append((str(path), result.parameters))
+        try:
+            base = self.base(model)
+            gallery, masks = [], []
+            for index in progress.tqdm(range(request.num_images), desc="generating"):
+                single = GenerationRequest(**{**request.__dict__, "seed": request.seed + index, "num_images": 1})
+                result = generate(base, single)[0]
+                path = save_png(result.image, _output_path(result.recipe["seed"]), result.parameters, result.recipe)
+                gallery.append((str(path), result.parameters))
+                masks += _mask_images(base)
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
+        return gallery, masks, f"seed {request.seed}"
+
+    def compare(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
+        from studio.eval.compare import COMPOSITION_METHODS, compare_methods
+        from studio.eval.domain import DomainEvaluator
+
+        rows, rest = values[: 4 * ROWS], values[4 * ROWS :]
+        request = self.request(rows, *rest)
+        if not request.adapters:
+            raise gr.Error("Enable at least one adapter to compare composition methods.")
+        try:
+            base = self.base(model)
+            evaluator = DomainEvaluator.load() if base.family == "tiny" else None
+            gallery = []
+            for item in compare_methods(base, request, COMPOSITION_METHODS, evaluator):
+                path = save_png(item.result.image, _output_path(request.seed), item.result.parameters,
+                                item.result.recipe)
+                scores = ", ".join(f"{k}: {v or 'rejected'}" for k, v in item.scores.items())
+                gallery.append((str(path), f"{item.method} — {scores}" if scores else item.method))
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
         return gallery
+
+    # -- train -------------------------------------------------------------------------------------------------
+    def train(self, model: str, files: list[Any] | None, captions: Any, style_files: list[Any] | None,
+              method: str, kind: str, trigger: str, steps: float, rank: float, learning_rate: float,
+              threshold: float, decor_words: str) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
+        if not files:
+            raise gr.Error("Upload a handful of images (3–20) first.")
+        if method == "b4m" and not style_files:
+            raise gr.Error("Break-for-Make needs style images too.")
+        if not trigger.strip():
+            raise gr.Error("Give the adapter a trigger word, e.g. sks.")
+        self.stop_training.clear()
+        folder = _staged_images(files, captions, trigger)
+        name = f"{trigger.strip()}-{method}-{kind}"
+        events: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def progress(event: str, step: int, total: int, logs: dict) -> None:
+            events.put((event, step, total, logs))
+
+        def work() -> None:
+            try:
+                outcome["paths"] = run_training(self.base(model), method, folder, style_files, kind, trigger,
+                                                int(steps), int(rank), float(learning_rate), float(threshold),
+                                                decor_words, name, progress, self.stop_training.is_set)
+            except Exception as error:  # reported in the page; the app keeps serving
+                outcome["error"] = error
+
+        with self.lock:
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            previews: list[tuple[str, str]] = []
+            status = "starting"
+            while worker.is_alive() or not events.empty():
+                try:
+                    event, step, total, logs = events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if event == "step":
+                    status = f"step {step}/{total} — loss {logs.get('loss', float('nan')):.4f}"
+                elif event == "validation":
+                    previews += [(p, f"step {step}") for p in logs["images"]]
+                yield status, previews, gr.update()
+            worker.join()
+        if "error" in outcome:
+            raise gr.Error(f"Training failed: {outcome['error']}")
+        stopped = " (stopped early)" if self.stop_training.is_set() else ""
+        written = ", ".join(Path(p).name for p in outcome["paths"])
+        yield f"done{stopped}: {written}", previews, gr.update(choices=adapter_choices())
+
+    # -- library -----------------------------------------------------------------------------------------------
+    def import_file(self, model: str, file: Any):
+        if file is None:
+            raise gr.Error("Choose a .safetensors adapter file.")
+        try:
+            path = import_adapter(_file_path(file), self.base(model))
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
+        return library_table(), f"imported {path.name}"
+
+    @staticmethod
+    def export_file(name: str):
+        if not name:
+            raise gr.Error("Pick an adapter.")
+        try:
+            path = export_kohya(name)
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
+        return library_table(), f"wrote {path}"
+
+    @staticmethod
+    def delete_file(name: str):
+        if not name:
+            raise gr.Error("Pick an adapter.")
+        try:
+            path = delete_adapter(name)
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
+        return library_table(), f"deleted {path.name}"
+
+
+def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: str, trigger: str, steps: int,
+                 rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
+                 should_stop) -> list[Path]:
+    """The Train tab's job: one of the studio's trainers on the staged images."""
+    from trainers import TrainConfig, get_method, train
+
+    decor = [w.strip() for w in decor_words.split(",") if w.strip()]
+    config = TrainConfig(images=folder, instance_prompt=f"a {trigger} shape" if kind == "content" else
+                         f"a shape in {trigger} style", trigger_words=[trigger], kind=kind, output=name,
+                         max_train_steps=steps, rank=rank, learning_rate=learning_rate, decor_remove=decor,
+                         validation_prompt=f"a red solid {trigger} on a white background" if kind == "content"
+                         else f"a red {trigger} circle on a white background", validation_steps=max(1, steps // 4),
+                         num_validation_images=1)
+    if method == "b4m":
+        from trainers.b4m import B4MConfig, train_b4m
+
+        style = _staged_images(style_files, None, trigger)
+        b4m = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
+                        rank=rank, break_steps=steps, make_steps=steps)
+        return train_b4m(b4m, config, base=base, progress=progress)
+    if method == "sara":
+        from trainers.sara import SaraConfig, SaraMethod
+
+        trainer = SaraMethod(SaraConfig(threshold=threshold))
+    else:
+        trainer = get_method(method)
+    return train(config, trainer, progress=progress, base=base, should_stop=should_stop).outputs
+
+
+# -- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _file_path(item: Any) -> Path:
+    return Path(item if isinstance(item, str | Path) else getattr(item, "name", item["path"]))
+
+
+def _staged_images(files: Sequence[Any], captions: Any, trigger: str) -> Path:
+    """Copy uploads into a fresh folder with .txt captions from the caption table (where filled in)."""
+    folder = Path(tempfile.mkdtemp(prefix="studio-train-"))
+    table = {}
+    if captions is not None and hasattr(captions, "values"):
+        table = {str(row[0]): str(row[1]) for row in captions.values.tolist() if len(row) > 1 and row[1]}
+    for item in files:
+        source = _file_path(item)
+        shutil.copyfile(source, folder / source.name)
+        if table.get(source.name):
+            (folder / source.with_suffix(".txt").name).write_text(table[source.name])
+    return folder
+
+
+def _output_path(seed: int) -> Path:
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    return OUTPUTS / f"{len(list(OUTPUTS.glob('*.png'))):05d}-{seed}.png"
+
+
+def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
+    """CLoRA's masks of the last image, as grey PNGs beside it."""
+    from PIL import Image
+
+    masks = getattr(base.pipe, "last_masks", {}) or {}
+    shown = []
+    for name, mask in masks.items():
+        array = (mask[0].numpy() * 255).astype("uint8")
+        path = OUTPUTS / f"mask-{name}-{len(list(OUTPUTS.glob('mask-*.png'))):05d}.png"
+        Image.fromarray(array).resize((128, 128), Image.Resampling.NEAREST).save(path)
+        shown.append((str(path), "base prompt" if name.startswith("__") else name))
+    return shown
+
+
+def adapter_choices() -> list[str]:
+    return [row.name for row in list_adapters()]
+
+
+def library_table() -> list[list[str]]:
+    def row(a: AdapterSummary) -> list[str]:
+        return [a.name, a.kind or "", a.method, ", ".join(a.trigger_words), "/".join(map(str, a.ranks)),
+                a.frequency_class or "", f"{a.base_family or ''} {a.base_fingerprint or ''}".strip(), str(a.path)]
+
+    return [row(a) for a in list_adapters()]
+
+
+def triggers_for(prompt: str, *rows: Any) -> str:
+    """Append the trigger words of the enabled adapters to the prompt (from their metadata)."""
+    from studio.adapters.file import read_adapter
+
+    words = []
+    for index in range(ROWS):
+        enabled, name = rows[2 * index], rows[2 * index + 1]
+        if enabled and name:
+            words += [w for w in read_adapter(resolve_adapter(name)).trigger_words if w not in prompt]
+    return " ".join([prompt.strip(), *words]).strip()
+
+
+def move_row(index: int, delta: int, *values: Any) -> list[Any]:
+    """Swap adapter row ``index`` with its neighbour; returns every row value."""
+    rows = [list(values[4 * i : 4 * i + 4]) for i in range(ROWS)]
+    other = index + delta
+    if 0 <= other < ROWS:
+        rows[index], rows[other] = rows[other], rows[index]
+    return [v for r in rows for v in r]
+
+
+def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
+    """Send a gallery image back to the form (prompt, seed, settings, adapters) from its PNG recipe."""
+    item = gallery[event.index]
+    image = item[0] if isinstance(item, list | tuple) else item
+    path = image.get("image", {}).get("path") if isinstance(image, dict) else image
+    _, recipe = read_recipe(path)
+    if not recipe:
+        raise gr.Error("This image carries no studio recipe.")
+    rows = []
+    adapters = recipe.get("adapters", [])
+    for index in range(ROWS):
+        if index < len(adapters):
+            rows += [True, Path(str(adapters[index][0])).stem, adapters[index][1], ""]
+        else:
+            rows += [False, None, 1.0, ""]
+    return rows + [recipe["prompt"], recipe.get("negative_prompt", ""), recipe.get("method", "merge"),
+                   recipe["seed"], False, recipe["steps"], recipe["guidance_scale"], recipe["width"]]
+
+
+# -- layout ----------------------------------------------------------------------------------------------------
 
 
 def build_app(model: str | None = None) -> gr.Blocks:
     studio = Studio(model)
+    choices = adapter_choices()
     with gr.Blocks(title="Adapter Studio") as demo:
         gr.Markdown("# Adapter Studio")
+        model_box = gr.Textbox(label="Base model (empty = the embedded tiny-sd; or a folder / .safetensors file)",
+                               value=model or "")
         with gr.Tab("Compose"):
             with gr.Row():
-                with gr.Column():
-                    model_box = gr.Textbox(label="Base model (empty = embedded tiny-sd)", value=model or "")
-                    prompt = gr.Textbox(label="Prompt", value="a red striped star on a white background")
+                with gr.Column(scale=3):
+                    rows: list[gr.components.Component] = []
+                    movers = []
+                    for index in range(ROWS):
+                        with gr.Row():
+                            enabled = gr.Checkbox(label="on", value=False, scale=0, elem_id=f"row{index}-on")
+                            name = gr.Dropdown(choices, label=f"Adapter {index + 1}", allow_custom_value=True,
+                                               scale=3, elem_id=f"row{index}-adapter")
+                            weight = gr.Textbox(label="Weight (−2…2)", value="1.0", scale=1,
+                                                elem_id=f"row{index}-weight")
+                            own = gr.Textbox(label="Own prompt (CLoRA)", scale=3)
+                            up, down = gr.Button("↑", scale=0, min_width=40), gr.Button("↓", scale=0, min_width=40)
+                        rows += [enabled, name, weight, own]
+                        movers.append((index, up, down))
+                    prompt = gr.Textbox(label="Prompt", value="a red solid sks on a white background",
+                                        elem_id="prompt")
+                    triggers = gr.Button("Insert trigger words of the enabled adapters", size="sm")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0)
+                        perp_neg = gr.Checkbox(label="Perp-Neg (negative keeps what it shares with the prompt)")
+                        perp_weight = gr.Slider(0, 4, value=1.5, step=0.1, label="Perp-Neg weight")
+                    with gr.Row():
+                        method = gr.Radio(METHODS, value="merge", label="Composition method", elem_id="method")
+                        switch_interval = gr.Slider(1, 20, value=5, step=1, label="Switch interval τ")
+                        cache_interval = gr.Slider(0, 5, value=0, step=1, label="CMLoRA cache interval (0 = paper)")
+                    with gr.Row():
+                        decor_words = gr.Textbox(label="DECOR: remove concepts (comma-separated)")
+                        decor_alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="DECOR α")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=1, precision=0)
+                        randomize = gr.Checkbox(label="Random seed", value=False)
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale")
-                        batch = gr.Slider(1, 16, value=4, step=1, label="Batch count")
-                    run = gr.Button("Generate", variant="primary")
-                gallery = gr.Gallery(label="Images", columns=4, height=420)
-            run.click(studio.generate, [model_box, prompt, negative, seed, steps, guidance, batch], gallery,
-                      concurrency_id="gpu")
+                        size = gr.Slider(64, 1024, value=64, step=64, label="Size")
+                        batch = gr.Slider(1, 16, value=2, step=1, label="Batch count")
+                    with gr.Row():
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop = gr.Button("Stop")
+                        compare = gr.Button("Compare methods", elem_id="compare")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Images", columns=2, height=360, elem_id="gallery")
+                    masks = gr.Gallery(label="CLoRA masks", columns=3, height=160)
+                    info = gr.Markdown()
+                    comparison = gr.Gallery(label="Methods side by side", columns=3, height=300,
+                                            elem_id="comparison")
+            form = [*rows, prompt, negative, method, switch_interval, cache_interval, perp_neg, perp_weight,
+                    decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch]
+            event = run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
+            stop.click(None, None, None, cancels=[event])
+            compare.click(studio.compare, [model_box, *form], comparison, concurrency_id="gpu")
+            triggers.click(triggers_for, [prompt, *[c for i in range(ROWS) for c in rows[4 * i : 4 * i + 2]]],
+                           prompt)
+            for index, up, down in movers:
+                up.click(lambda *v, i=index: move_row(i, -1, *v), rows, rows)
+                down.click(lambda *v, i=index: move_row(i, 1, *v), rows, rows)
+            gallery.select(recipe_to_form, gallery, [*rows, prompt, negative, method, seed, randomize, steps,
+                                                      guidance, size])
+        with gr.Tab("Train"):
+            with gr.Row():
+                with gr.Column():
+                    files = gr.File(label="Training images (3–20)", file_count="multiple", file_types=["image"],
+                                    elem_id="train-files")
+                    captions = gr.Dataframe(headers=["file", "caption"], label="Captions (optional)",
+                                            interactive=True, column_count=(2, "fixed"))
+                    style_files = gr.File(label="Style images (Break-for-Make only)", file_count="multiple",
+                                          file_types=["image"])
+                    train_method = gr.Radio(TRAIN_METHODS, value="lora", label="Method", elem_id="train-method")
+                    kind = gr.Radio(["content", "style"], value="content", label="Kind")
+                    trigger = gr.Textbox(label="Trigger word", value="sks", elem_id="trigger")
+                    with gr.Row():
+                        train_steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
+                        rank = gr.Slider(1, 64, value=4, step=1, label="Rank")
+                        learning_rate = gr.Number(label="Learning rate", value=1e-3)
+                        threshold = gr.Number(label="SaRA threshold θ", value=2e-3)
+                    train_decor = gr.Textbox(label="DECOR during training: remove concepts (comma-separated)")
+                    with gr.Row():
+                        start = gr.Button("Train", variant="primary", elem_id="train")
+                        stop_train = gr.Button("Stop")
+                with gr.Column():
+                    status = gr.Markdown(elem_id="train-status")
+                    previews = gr.Gallery(label="Previews", columns=4, height=300)
+            files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
+            start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
+                                       train_steps, rank, learning_rate, threshold, train_decor],
+                        [status, previews, rows[1]], concurrency_id="gpu")
+            stop_train.click(lambda: studio.stop_training.set(), None, None)
+        with gr.Tab("Library"):
+            library = gr.Dataframe(value=library_table(), headers=LIBRARY_COLUMNS, interactive=False,
+                                   elem_id="library")
+            with gr.Row():
+                upload = gr.File(label="Import adapter (.safetensors)", file_types=[".safetensors"])
+                selected = gr.Dropdown(choices, label="Adapter", allow_custom_value=True)
+            with gr.Row():
+                do_import = gr.Button("Import")
+                do_export = gr.Button("Export to kohya (A1111/ComfyUI)")
+                do_delete = gr.Button("Delete", variant="stop")
+                refresh = gr.Button("Refresh")
+            library_info = gr.Markdown()
+            do_import.click(studio.import_file, [model_box, upload], [library, library_info])
+            do_export.click(studio.export_file, selected, [library, library_info])
+            do_delete.click(studio.delete_file, selected, [library, library_info])
+            refresh.click(library_table, None, library)
+            refresh.click(lambda: [gr.update(choices=adapter_choices())] * (ROWS + 1), None,
+                          [*[rows[4 * i + 1] for i in range(ROWS)], selected])
     demo.queue(default_concurrency_limit=1)
     return demo
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Adapter Studio web app")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
     parser.add_argument("--auth", default=None, help="user:password")
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
     return parser.parse_args(argv)

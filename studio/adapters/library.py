@@ -92,3 +92,41 @@ def describe(adapter: AdapterFile) -> dict:
         "ranks": ranks if len(set(ranks.values())) > 1 else None,
         "metadata": metadata,
     }
+
+
+def import_adapter(source: str | os.PathLike, base=None) -> Path:
+    """Copy a user's adapter file into the library after reading it (and validating it against ``base``)."""
+    import shutil
+
+    from studio.files import atomic_path
+
+    source = Path(source)
+    if source.suffix.lower() != ".safetensors":
+        raise AdapterError(f"{source.name}: only .safetensors adapters can be imported (pickle formats can run "
+                           "code when loaded)")
+    adapter = read_adapter(source)
+    if base is not None:
+        from studio.adapters.validate import validate_adapter
+
+        validate_adapter(adapter, base)
+    destination = library_dir() / source.name
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)
+    return destination
+
+
+def delete_adapter(name_or_path: str | os.PathLike) -> Path:
+    """Remove an adapter from the library folder (shipped demo adapters are not deleted)."""
+    path = resolve_adapter(name_or_path)
+    if path.resolve().parent != library_dir().resolve():
+        raise AdapterError(f"{path.name} is not in the library folder {library_dir()}; it was not deleted")
+    path.unlink()
+    return path
+
+
+def export_kohya(name_or_path: str | os.PathLike) -> Path:
+    """Write ``<name>.kohya.safetensors`` beside the adapter, for A1111/ComfyUI."""
+    from studio.adapters.file import save_adapter
+
+    path = resolve_adapter(name_or_path)
+    return save_adapter(read_adapter(path), path.with_name(f"{path.stem}.kohya.safetensors"), layout="kohya")
