@@ -141,7 +141,7 @@ class CompositionPipeline(StableDiffusionPipeline):
 
         for route in [r for r in routes if r.adapter is None]:
             if route.merged:
-                set_adapter_weights(self.studio_base(), route.merged)
+                set_adapter_weights(self.studio_base(), route.merged, set(self._loaded().values()))
             output, _ = run([route], None if route.merged else [BASE] * width)
             results[route.key] = split(output, 0)
         for mode in ("full", "read"):
@@ -228,7 +228,8 @@ class CompositionPipeline(StableDiffusionPipeline):
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
         from studio.adapters.inject import set_adapter_weights
 
-        set_adapter_weights(self.studio_base(), dict(resolved))  # text is encoded with every adapter active
+        managed = set(self._loaded().values())
+        set_adapter_weights(self.studio_base(), dict(resolved), managed)  # text encoded with every adapter active
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])

@@ -280,6 +280,15 @@ def _adapters_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_demo_adapters(args: argparse.Namespace) -> int:
+    from studio.build.demo_adapters import DEMO_DIR, build_demo_adapters
+
+    _single_thread_on_cpu()
+    for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -291,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     build.add_argument("--output", type=Path, default=None, help="model folder (default: assets/tiny-sd)")
     build.set_defaults(handler=_build_tiny)
+
+    demo = commands.add_parser("build-demo-adapters", help="train the demo content and style adapters")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max_train_steps", type=int, default=400)
+    demo.add_argument("--output", type=Path, default=None, help="folder (default: assets/adapters)")
+    demo.set_defaults(handler=_build_demo_adapters)
 
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
     gen.add_argument("--prompt", required=True)

@@ -42,22 +42,23 @@ def evaluator():
 
 def make_random_base(seed: int = 0, family: str = "tiny"):
     """The embedded architecture with random weights, built in code (fast, independent of the build)."""
-    from diffusers import StableDiffusionPipeline
-
+    from pipelines import CompositionPipeline
     from studio.build import components
     from studio.models import BaseModel, fingerprint
     from studio.text import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(
+    pipe = CompositionPipeline(
         vae=components.make_vae(), text_encoder=components.make_text_encoder(), tokenizer=build_clip_tokenizer(),
         unet=components.make_unet(), scheduler=components.make_sampling_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     domain = {"trigger_words": ["sks", "xyz"], "default_steps": 4, "default_guidance_scale": 5.0}
-    return BaseModel(pipe=pipe, family=family, source="random-tiny", device=torch.device("cpu"), dtype=torch.float32,
+    base = BaseModel(pipe=pipe, family=family, source="random-tiny", device=torch.device("cpu"), dtype=torch.float32,
                      domain=domain, fingerprint=fingerprint(pipe))
+    pipe._studio_base = base
+    return base
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ the active set and a weight per adapter (ΔW_i scaled by weight_i · alpha_i / r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -74,18 +74,22 @@ def _escape(path: str) -> str:
     return path.replace(".", r"\.")
 
 
-def set_adapter_weights(base, weights: Mapping[str, float]) -> None:
-    """Activate exactly the adapters in ``weights`` with their weights; all others are switched off."""
+def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[str] | None = None) -> None:
+    """Activate exactly the adapters in ``weights`` with their weights among the ``managed`` ones (default: every
+    attached adapter); adapters outside ``managed`` (e.g. one being trained) keep their state."""
     unknown = set(weights) - set(attached_adapters(base))
     if unknown:
         raise AdapterError(f"no attached adapter named {', '.join(sorted(unknown))}")
+    controlled = set(weights) | (set(managed) if managed is not None else set(attached_adapters(base)))
     for _, _, layer in lora_layers(base):
-        active = [n for n in weights if n in layer.lora_A]
-        layer.set_adapter(active)
-        for name in active:
-            layer.set_scale(name, float(weights[name]))
-        for parameter in layer.parameters():
-            parameter.requires_grad_(False)
+        kept = [n for n in layer.active_adapters if n not in controlled and n in layer.lora_A]
+        layer.set_adapter(kept + [n for n in weights if n in layer.lora_A])
+        for name in weights:
+            if name in layer.lora_A:
+                layer.set_scale(name, float(weights[name]))
+        for name in controlled & set(layer.lora_A):  # inference adapters stay frozen (set_adapter unfreezes)
+            layer.lora_A[name].requires_grad_(False)
+            layer.lora_B[name].requires_grad_(False)
 
 
 def detach_adapter(base, name: str) -> None:
