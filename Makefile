@@ -11,13 +11,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install app test lint
+.PHONY: install app test lint browser
 install: $(BIN)/.installed
+
+# the browser tests drive Debian's Chromium (no browser download); installed when missing and apt-get is usable
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser tests will be skipped"
 
 app: install
 	$(BIN)/studio app
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install

@@ -100,7 +100,7 @@ class Studio:
                 masks += _mask_images(base)
         except StudioError as error:
             raise gr.Error(str(error)) from error
-        return gallery, masks, f"seed {request.seed}"
+        return gallery, masks, f"{len(gallery)} image(s) · seed {request.seed} · {request.method}"
 
     def compare(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
         from studio.eval.compare import COMPOSITION_METHODS, compare_methods

@@ -14,7 +14,7 @@ def test_generate_writes_pngs_with_parameters(studio_env):
     studio, _ = studio_env
     gallery, masks, info = studio.generate("", *form(rows=["one", "two"], method="composite", batch=2),
                                            progress=NoProgress())
-    assert len(gallery) == 2 and masks == [] and info == "seed 3"
+    assert len(gallery) == 2 and masks == [] and info == "2 image(s) · seed 3 · composite"
     parameters, recipe = read_recipe(gallery[0][0])
     assert "<lora:one:1> <lora:two:1>" in parameters and "Composition: composite" in parameters
     assert recipe["seed"] == 3 and recipe["method"] == "composite"
