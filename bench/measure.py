@@ -1,0 +1,57 @@
+"""Measuring helpers shared by the benchmarks: wall time and peak memory of a block."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def measured(device: torch.device) -> Iterator[Measurement]:
+    """Wall time and peak memory above the starting point: CUDA's allocator peak, or sampled RSS on the CPU."""
+    result = Measurement()
+    stop = threading.Event()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_bytes = torch.cuda.memory_allocated()
+    else:
+        start_bytes = _rss()
+        peak = [start_bytes]
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            result.peak_bytes = torch.cuda.max_memory_allocated() - start_bytes
+        else:
+            stop.set()
+            sampler.join()
+            result.peak_bytes = max(peak[0], _rss()) - start_bytes
+        result.seconds = time.perf_counter() - start
