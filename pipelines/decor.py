@@ -17,9 +17,12 @@ import torch
 def unwanted_basis(word_embeddings: Sequence[torch.Tensor], rank: int | None = None,
                    relative_cutoff: float = 1e-3) -> torch.Tensor:
     """V (d × k): orthonormal directions spanning the stacked word-token rows (each tensor m_i × d)."""
-    stacked = torch.cat([e.float() for e in word_embeddings if len(e)], dim=0)
-    if stacked.numel() == 0:
-        raise ValueError("no word tokens to remove")
+    rows = [e.float() for e in word_embeddings if len(e)]
+    if not rows:
+        from studio.errors import ConfigError
+
+        raise ConfigError("DECOR: the words to remove tokenize to nothing")
+    stacked = torch.cat(rows, dim=0)
     _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
     keep = int((singular > relative_cutoff * singular[0]).sum())
     if rank is not None:
@@ -29,6 +32,10 @@ def unwanted_basis(word_embeddings: Sequence[torch.Tensor], rank: int | None = N
 
 def project_out(embeddings: torch.Tensor, basis: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """X − α·X·V·Vᵀ over every row (token) of ``embeddings`` (… × d); α = 1 is an exact projection."""
+    if not 0.0 <= alpha <= 1.0:
+        from studio.errors import ConfigError
+
+        raise ConfigError(f"DECOR α must be between 0 and 1, not {alpha}")
     basis = basis.to(embeddings.device, torch.float32)
     projected = embeddings.float() @ basis @ basis.T
     return (embeddings.float() - alpha * projected).to(embeddings.dtype)
@@ -50,8 +57,10 @@ def word_token_embeddings(tokenizer, text_encoder, words: Sequence[str], device:
 
 def decor_basis(pipe, words: Sequence[str], rank: int | None = None) -> torch.Tensor:
     """The unwanted-concept basis for the pipeline's (first) text encoder."""
+    from studio.errors import ConfigError
+
     cleaned = [w.strip() for w in words if w.strip()]
     if not cleaned:
-        raise ValueError("decor_remove needs at least one word")
+        raise ConfigError("DECOR needs at least one word to remove")
     rows = word_token_embeddings(pipe.tokenizer, pipe.text_encoder, cleaned, pipe.text_encoder.device)
     return unwanted_basis(rows, rank)

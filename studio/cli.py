@@ -136,7 +136,12 @@ def _adapters_inspect(args: argparse.Namespace) -> int:
     from studio.adapters.file import read_adapter
     from studio.adapters.library import describe, resolve_adapter
 
-    print(json.dumps(describe(read_adapter(resolve_adapter(args.file))), indent=2))
+    adapter = read_adapter(resolve_adapter(args.file))
+    print(json.dumps(describe(adapter), indent=2))
+    if args.plot:
+        from studio.adapters.library import plot_ranks
+
+        print(plot_ranks(adapter, args.plot), file=sys.stderr)
     return 0
 
 
@@ -384,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands.add_parser("list", help="adapters in the library").set_defaults(handler=_adapters_list)
     inspect = adapter_commands.add_parser("inspect", help="structure, ranks and metadata of one adapter")
     inspect.add_argument("file")
+    inspect.add_argument("--plot", nargs="?", const="ranks.png", default=None,
+                         help="draw the per-module ranks as a bar chart PNG (default ranks.png)")
     inspect.set_defaults(handler=_adapters_inspect)
     convert = adapter_commands.add_parser("convert", help="rewrite an adapter in another layout")
     convert.add_argument("file")

@@ -90,6 +90,9 @@ class CoLoRAMethod(LoraMethod):
         self.colora = config or CoLoRAConfig()
         if self.colora.score not in SCORES:
             raise ConfigError(f"unknown CoLoRA score {self.colora.score!r}; choose one of {', '.join(SCORES)}")
+        if self.colora.budget_rank < self.colora.min_rank:
+            raise ConfigError(f"CoLoRA budget rank {self.colora.budget_rank} is below the minimum rank "
+                              f"{self.colora.min_rank}: no module could get a rank")
         self.plan: dict[str, int] = {}
         self.scores: dict[str, float] = {}
 

@@ -18,6 +18,7 @@ from studio.adapters.file import AdapterFile, save_adapter
 from studio.adapters.inject import adapter_from_layers, detach_adapter, lora_layers, set_adapter_weights
 from studio.adapters.metadata import adapter_metadata
 from studio.data.folder import tag_frequency
+from studio.errors import ConfigError
 from trainers.loop import TrainingContext, TrainingMethod
 
 TRAINING_ADAPTER = "studio_training"  # not "training": that is an nn.Module attribute
@@ -63,7 +64,10 @@ class LoraMethod(TrainingMethod):
                 targets = [p for p in self.rank_pattern if self.rank_pattern[p] > 0]
             lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian",
                                      rank_pattern=patterns, alpha_pattern=patterns if self.scale_one else {})
-            inject_adapter_in_model(lora_config, model, adapter_name=self.adapter_name)
+            try:
+                inject_adapter_in_model(lora_config, model, adapter_name=self.adapter_name)
+            except ValueError as error:  # peft: "Target modules … not found in the base model"
+                raise ConfigError(f"cannot train a LoRA on this base's {component}: {error}") from error
             params = []
             for path, module in model.named_modules():
                 if hasattr(module, "lora_A") and self.adapter_name in module.lora_A:

@@ -130,3 +130,32 @@ def export_kohya(name_or_path: str | os.PathLike) -> Path:
 
     path = resolve_adapter(name_or_path)
     return save_adapter(read_adapter(path), path.with_name(f"{path.stem}.kohya.safetensors"), layout="kohya")
+
+
+def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:
+    """A bar chart PNG of the per-module ranks (CoLoRA's plan), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    from studio.files import atomic_path
+
+    ranks = adapter.ranks()
+    if not ranks:
+        raise AdapterError(f"adapter {adapter.name} has no modules to plot")
+    names, values = list(ranks), list(ranks.values())
+    bar, gap, left, height = 12, 4, 360, 220
+    width = left + len(values) * (bar + gap) + 20
+    image = Image.new("RGB", (max(width, 480), height + 40 + 12 * len(names)), "white")
+    draw = ImageDraw.Draw(image)
+    top = max(values)
+    for index, value in enumerate(values):
+        x = left + index * (bar + gap)
+        y = 20 + height - int(height * value / top)
+        draw.rectangle([x, y, x + bar, 20 + height], fill=(60, 110, 200))
+        draw.text((x, y - 12), str(value), fill="black")
+    for index, name in enumerate(names):
+        draw.text((10, 30 + height + 12 * index), f"{index}: {name} (r={values[index]})", fill="black")
+    draw.text((10, 4), f"{adapter.name}: rank per module", fill="black")
+    destination = Path(destination)
+    with atomic_path(destination) as tmp:
+        image.save(tmp, format="PNG")
+    return destination

@@ -190,6 +190,12 @@ def test_cli_inspect_and_convert(tmp_path, random_base, capsys):
     assert main(["adapters", "inspect", str(path)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["trigger_words"] == ["sks"] and shown["rank_min_max"] == [2, 4]
+    plot = tmp_path / "ranks.png"
+    assert main(["adapters", "inspect", str(path), "--plot", str(plot)]) == 0
+    from PIL import Image
+
+    assert Image.open(plot).size[0] >= 480
+    capsys.readouterr()
     out = tmp_path / "demo_kohya.safetensors"
     assert main(["adapters", "convert", str(path), "--to", "kohya", "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as handle:

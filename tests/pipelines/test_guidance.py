@@ -64,3 +64,15 @@ def test_perp_neg_without_adapters_works(setup):  # noqa: F811
     pipe, _ = setup
     image = run(pipe, perp_neg=[("a striped shape", 1.0), ("a blue shape", 0.5)])
     assert image.shape == (1, 64, 64, 3) and pipe.last_stats.samples == 6 * 4
+
+
+def test_decor_projection_identity_and_bad_input():
+    generator = torch.Generator().manual_seed(1)
+    basis = unwanted_basis([torch.randn(3, 16, generator=generator)])
+    x = torch.randn(5, 16, generator=generator)
+    for alpha in (0.0, 0.3, 1.0):
+        assert torch.allclose(project_out(x, basis, alpha) @ basis, (1 - alpha) * (x @ basis), atol=1e-5)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        project_out(x, basis, 1.5)
+    with pytest.raises(ConfigError, match="tokenize to nothing"):
+        unwanted_basis([torch.zeros(0, 16)])

@@ -49,3 +49,14 @@ def test_colora_plans_ranks_and_writes_a_file_diffusers_can_load(tmp_path, shape
 def test_unknown_score_is_refused():
     with pytest.raises(ConfigError, match="unknown CoLoRA score"):
         CoLoRAMethod(CoLoRAConfig(score="vibes"))
+
+
+def test_budget_below_minimum_rank_and_missing_targets(tmp_path, shape_images):
+    with pytest.raises(ConfigError, match="below the minimum rank"):
+        CoLoRAMethod(CoLoRAConfig(budget_rank=2, min_rank=4))
+    from trainers import get_method
+
+    config = TrainConfig(images=shape_images, output="x", output_dir=tmp_path, max_train_steps=1,
+                         target_modules=("no_such_projection",))
+    with pytest.raises(ConfigError, match="cannot train a LoRA"):
+        train(config, get_method("lora"), base=make_random_base())

@@ -99,3 +99,9 @@ def test_sparse_file_metadata(tmp_path, shape_images):
     with safe_open(str(result.outputs[0]), "pt") as handle:
         meta = handle.metadata()
     assert meta["studio.format"] == "sparse_delta" and "studio.base_fingerprint" in meta
+
+
+def test_threshold_that_selects_nothing_is_a_clear_error(tmp_path, shape_images):
+    with pytest.raises(ConfigError, match="raise --threshold"):
+        train(config(shape_images, tmp_path, max_train_steps=1), SaraMethod(SaraConfig(threshold=1e-30)),
+              base=make_random_base())
