@@ -103,5 +103,5 @@ def test_sparse_file_metadata(tmp_path, shape_images):
 
 def test_threshold_that_selects_nothing_is_a_clear_error(tmp_path, shape_images):
     with pytest.raises(ConfigError, match="raise --threshold"):
-        train(config(shape_images, tmp_path, max_train_steps=1), SaraMethod(SaraConfig(threshold=1e-30, scope="attention_only")),
-              base=make_random_base())
+        train(config(shape_images, tmp_path, max_train_steps=1),
+              SaraMethod(SaraConfig(threshold=1e-30, scope="attention_only")), base=make_random_base())
