@@ -102,7 +102,8 @@ def run_one(arch: str, method: str, size: int, batch: int, steps: int, budget: i
     state = sum(v.numel() for values in optimizer.state.values() for v in values.values()
                 if torch.is_tensor(v) and v.dim())
     return {"method": method, "trainable": count, "optimizer_state_values": state,
-            "peak_mib": memory.peak_bytes / 2**20, "seconds_per_step": sum(timings[1:]) / max(1, len(timings) - 1), "device": device.type}
+            "peak_mib": memory.peak_bytes / 2**20, "device": device.type,
+            "seconds_per_step": sum(timings[1:]) / max(1, len(timings) - 1)}
 
 
 def main() -> None:
