@@ -294,6 +294,15 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_clip(args: argparse.Namespace) -> int:
+    from studio.eval.clip import DOMAIN_CLIP, train_domain_clip
+
+    _single_thread_on_cpu()
+    report = train_domain_clip(args.output or DOMAIN_CLIP, steps=args.max_train_steps, seed=args.seed)
+    print(" ".join(f"{k}={v:.3f}" for k, v in report.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -305,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     build.add_argument("--output", type=Path, default=None, help="model folder (default: assets/tiny-sd)")
     build.set_defaults(handler=_build_tiny)
+
+    clip = commands.add_parser("build-clip", help="train the embedded domain's small CLIP")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--max_train_steps", type=int, default=2000)
+    clip.add_argument("--output", type=Path, default=None, help="folder (default: assets/clip)")
+    clip.set_defaults(handler=_build_clip)
 
     demo = commands.add_parser("build-demo-adapters", help="train the demo content and style adapters")
     demo.add_argument("--seed", type=int, default=0)
