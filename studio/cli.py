@@ -303,6 +303,22 @@ def _build_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from studio.eval.report import evaluate_folder, format_table
+    from studio.files import atomic_write
+
+    _single_thread_on_cpu()
+    report = evaluate_folder(args.images, args.prompts, args.reference, tuple(args.metrics.split(",")),
+                             args.clip_model, args.clip_weights)
+    print(format_table(report))
+    out = args.out or Path(args.images) / "eval.json"
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    print(out, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -422,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--class", dest="frequency_class", choices=["H", "L"], default=None,
                          help="override the measured class")
     profile.set_defaults(handler=_adapters_profile)
+
+    evaluate = commands.add_parser("eval", help="CLIP-T, CLIP-I and domain attributes of a folder of images")
+    evaluate.add_argument("--images", type=Path, required=True)
+    evaluate.add_argument("--prompts", type=Path, default=None, help="one line per image, or JSON {file: prompt}")
+    evaluate.add_argument("--reference", type=Path, default=None, help="reference images for CLIP-I")
+    evaluate.add_argument("--metrics", default="clip_t,clip_i,attributes")
+    evaluate.add_argument("--clip-model", "--clip_model", dest="clip_model", default=None)
+    evaluate.add_argument("--clip-weights", "--clip_weights", dest="clip_weights", type=Path, default=None)
+    evaluate.add_argument("--out", type=Path, default=None, help="JSON report (default: IMAGES/eval.json)")
+    evaluate.set_defaults(handler=_eval)
 
     app = commands.add_parser("app", help="launch the Gradio app (flags: --host --port --share --auth --model)")
     app.add_argument("app_args", nargs=argparse.REMAINDER)
