@@ -1,0 +1,65 @@
+"""``studio build-demo-adapters``: the two demo adapters shipped in ``assets/adapters``.
+
+* ``sks-moon``: a content adapter for the reserved shape "moon", trigger ``sks``, from 6 renders in varied
+  colors, textures and backgrounds ("a {color} {texture} sks on a {background} background").
+* ``zwx-zigzag``: a style adapter for the reserved texture "zigzag", trigger ``zwx``, from 6 renders of varied
+  shapes ("a {color} zwx {shape} on a {background} background").
+
+Both are plain LoRAs from the shared trainer with prior preservation (ordinary domain prompts), so prompts
+without the trigger keep the base's behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from studio.data import procedural
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "adapters"
+CONTENT = ("sks-moon", "sks", "moon")
+STYLE = ("zwx-zigzag", "zwx", "zigzag")
+
+
+def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0) -> Path:
+    """Training images with captions: the reserved shape (content) or texture (style) under its trigger."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
+    for index in range(count):
+        color, background = colors[index % len(colors)], backgrounds[index % len(backgrounds)]
+        if kind == "content":
+            texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
+            scene = procedural.jittered_scene(rng, color, texture, "moon", background)
+            caption = procedural.caption(color, texture, CONTENT[1], background)
+        else:
+            shape = procedural.BASE_SHAPES[index % len(procedural.BASE_SHAPES)]
+            scene = procedural.jittered_scene(rng, color, "zigzag", shape, background)
+            caption = procedural.caption(color, STYLE[1], shape, background)
+        Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(caption)
+    return folder
+
+
+def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int = 0, base=None) -> list[Path]:
+    """Train both demo adapters on the embedded model; returns the written files."""
+    import tempfile
+
+    from trainers import TrainConfig, get_method, train
+
+    written = []
+    work = Path(tempfile.mkdtemp(prefix="studio-demo-"))
+    for (name, trigger, _), kind in ((CONTENT, "content"), (STYLE, "style")):
+        images = render_demo_images(work / name, kind, seed=seed)
+        config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
+                             rank=8, learning_rate=2e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
+                             with_prior_preservation=True, prior_loss_weight=0.5, num_class_images=48,
+                             lr_scheduler="cosine", lr_warmup_steps=20)
+        [path] = train(config, get_method("lora"), base=base).outputs
+        output_dir.mkdir(parents=True, exist_ok=True)
+        target = output_dir / path.name
+        path.replace(target)
+        written.append(target)
+    return written

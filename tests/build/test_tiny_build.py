@@ -1,0 +1,40 @@
+"""The embedded model's build: seeded, resumable, exports a loadable diffusers folder."""
+
+import torch
+from safetensors.torch import load_file
+
+from studio.build.tiny import TinyBuildConfig, TinyBuilder
+from studio.models import load_base
+
+
+def small(**overrides):
+    values = dict(num_images=48, vae_steps=2, vae_batch_size=4, diffusion_steps=4, batch_size=4, warmup_steps=2,
+                  checkpoint_every=2, export_every=4)
+    values.update(overrides)
+    return TinyBuildConfig(**values)
+
+
+def test_interrupted_build_resumes_to_the_same_weights(tmp_path):
+    TinyBuilder(small(), tmp_path / "a", tmp_path / "a-model" / "tiny-sd").run()
+    interrupted = TinyBuilder(small(diffusion_steps=2, export_every=100), tmp_path / "b",
+                              tmp_path / "b-model" / "tiny-sd")
+    interrupted.run()
+    assert torch.load(tmp_path / "b" / "diffusion.pt", weights_only=True)["step"] == 2
+    TinyBuilder(small(), tmp_path / "b", tmp_path / "b-model" / "tiny-sd").run()  # resumes at step 2
+    for component in ("unet", "text_encoder"):
+        a = load_file(str(tmp_path / "a-model" / "tiny-sd" / component / _weights(component)))
+        b = load_file(str(tmp_path / "b-model" / "tiny-sd" / component / _weights(component)))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_exported_model_loads_and_generates(tmp_path):
+    folder = TinyBuilder(small(), tmp_path / "w", tmp_path / "m" / "tiny-sd").run()
+    base = load_base(folder, device="cpu")
+    assert base.family == "tiny" and base.domain["build_step"] == 4
+    image = base.pipe("a red solid circle on a white background", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    assert not list(folder.parent.glob("*.staging"))
+
+
+def _weights(component: str) -> str:
+    return "diffusion_pytorch_model.safetensors" if component == "unet" else "model.safetensors"
