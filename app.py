@@ -342,8 +342,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     for index in range(ROWS):
                         with gr.Row():
                             enabled = gr.Checkbox(label="on", value=False, scale=0, elem_id=f"row{index}-on")
-                            name = gr.Dropdown(choices, value=None, label=f"Adapter {index + 1}", allow_custom_value=True,
-                                               scale=3, elem_id=f"row{index}-adapter")
+                            name = gr.Dropdown(choices, value=None, label=f"Adapter {index + 1}",
+                                               allow_custom_value=True, scale=3, elem_id=f"row{index}-adapter")
                             weight = gr.Textbox(label="Weight (−2…2)", value="1.0", scale=1,
                                                 elem_id=f"row{index}-weight")
                             own = gr.Textbox(label="Own prompt (CLoRA)", scale=3)
