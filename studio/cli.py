@@ -319,29 +319,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_command(commands, name: str, description: str, handler, steps: int | None, output: str
+                   ) -> argparse.ArgumentParser:
+    """A ``build-*`` command: seeded, with a step count and an output folder under assets/."""
+    parser = commands.add_parser(name, help=description)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_train_steps", type=int, default=steps)
+    parser.add_argument("--output", type=Path, default=None, help=f"folder (default: {output})")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Adapter Studio: train and compose SD adapters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build-tiny", help="build (or resume building) the embedded base model")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--max_train_steps", type=int, default=None, help="text encoder + UNet steps")
+    build = _build_command(commands, "build-tiny", "build (or resume building) the embedded base model",
+                           _build_tiny, None, "assets/tiny-sd")
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
-    build.add_argument("--output", type=Path, default=None, help="model folder (default: assets/tiny-sd)")
-    build.set_defaults(handler=_build_tiny)
-
-    clip = commands.add_parser("build-clip", help="train the embedded domain's small CLIP")
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--max_train_steps", type=int, default=2000)
-    clip.add_argument("--output", type=Path, default=None, help="folder (default: assets/clip)")
-    clip.set_defaults(handler=_build_clip)
-
-    demo = commands.add_parser("build-demo-adapters", help="train the demo content and style adapters")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max_train_steps", type=int, default=400)
-    demo.add_argument("--output", type=Path, default=None, help="folder (default: assets/adapters)")
-    demo.set_defaults(handler=_build_demo_adapters)
+    _build_command(commands, "build-clip", "train the embedded domain's small CLIP", _build_clip, 2000, "assets/clip")
+    _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
+                   _build_demo_adapters, 400, "assets/adapters")
+    _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
+                   "assets/evaluator")
 
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
     gen.add_argument("--prompt", required=True)
@@ -453,11 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("app_args", nargs=argparse.REMAINDER)
     app.set_defaults(handler=_app)
 
-    evaluator = commands.add_parser("build-evaluator", help="train the embedded domain's evaluator")
-    evaluator.add_argument("--seed", type=int, default=0)
-    evaluator.add_argument("--max_train_steps", type=int, default=3000)
-    evaluator.add_argument("--output", type=Path, default=None, help="folder (default: assets/evaluator)")
-    evaluator.set_defaults(handler=_build_evaluator)
     return parser
 
 

@@ -283,9 +283,7 @@ class B4MBreak(_PLPMethod):
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         generator = ctx.generator(step)
         batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
-        noise = torch.randn(batch.latents.shape, generator=generator).to(ctx.device)
-        t = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (len(noise),),
-                          generator=generator).to(ctx.device)
+        noise, t = ctx.draw_noise(batch.latents, generator)
         isolate = self.b4m.mcp_isolation
         self.plp.isolate(self.main_side if isolate else None)
         main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
@@ -342,9 +340,7 @@ class B4MMake(_PLPMethod):
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         generator = ctx.generator(step)
         content = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
-        noise = torch.randn(content.latents.shape, generator=generator).to(ctx.device)
-        t = torch.randint(0, ctx.noise_scheduler.config.num_train_timesteps, (len(noise),),
-                          generator=generator).to(ctx.device)
+        noise, t = ctx.draw_noise(content.latents, generator)
         style = ctx.sample(self.style, len(noise), generator)
         loss_c = ctx.denoising_loss(content, generator, noise=noise, timesteps=t)
         loss_s = ctx.denoising_loss(style, generator, noise=noise, timesteps=t)

@@ -100,16 +100,20 @@ class TrainingContext:
         """Text conditioning with gradients (for methods that train the text encoder)."""
         return encode_captions(self.base, captions, self.decor)
 
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps for ``latents`` (methods that share them across several losses call this once)."""
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                  generator=generator).to(latents.device)
+        return noise, timesteps
+
     def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
                        timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
         """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given)."""
         unet = unet or self.base.pipe.unet
         latents = batch.latents
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                      generator=generator).to(latents.device)
+        if noise is None or timesteps is None:
+            noise, timesteps = self.draw_noise(latents, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":

@@ -77,27 +77,25 @@ def is_held_out(color: str, texture: str, shape: str) -> bool:
     return (color, shape) in HELD_OUT_COLOR_SHAPE or (texture, shape) in HELD_OUT_TEXTURE_SHAPE
 
 
-def base_training_combinations() -> list[tuple[str, str, str, str]]:
-    """(color, texture, shape, background) tuples the base model trains on: no reserved names, no held-out pairs."""
+def _combinations(held_out: bool) -> list[tuple[str, str, str, str]]:
     return [
         (c, t, s, b)
         for c in COLORS
         for t in BASE_TEXTURES
         for s in BASE_SHAPES
         for b in BACKGROUNDS
-        if not is_held_out(c, t, s)
+        if is_held_out(c, t, s) == held_out
     ]
+
+
+def base_training_combinations() -> list[tuple[str, str, str, str]]:
+    """(color, texture, shape, background) tuples the base model trains on: no reserved names, no held-out pairs."""
+    return _combinations(held_out=False)
 
 
 def held_out_combinations() -> list[tuple[str, str, str, str]]:
-    return [
-        (c, t, s, b)
-        for c in COLORS
-        for t in BASE_TEXTURES
-        for s in BASE_SHAPES
-        for b in BACKGROUNDS
-        if is_held_out(c, t, s)
-    ]
+    """Base-vocabulary combinations kept out of the base's training, to measure generalisation."""
+    return _combinations(held_out=True)
 
 
 def jittered_scene(rng: np.random.Generator, color: str, texture: str, shape: str, background: str) -> Scene:
