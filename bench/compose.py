@@ -1,8 +1,8 @@
 """Composition benchmark: speed and quality of Merge, Switch, Composite, CMLoRA and CLoRA for N = 1…4 adapters.
 
-    .venv/bin/python bench/compose.py speed   [--steps 20] [--repeats 3]
-    .venv/bin/python bench/compose.py quality [--seeds 100]
-    .venv/bin/python bench/compose.py loaded  [--loaded 20 --active 2]
+    .venv/bin/python -m bench.compose speed   [--steps 20] [--repeats 3]
+    .venv/bin/python -m bench.compose quality [--seeds 100]
+    .venv/bin/python -m bench.compose loaded  [--loaded 20 --active 2]
 
 speed: wall time of one image relative to a single-LoRA image (same seed and steps), UNet sample-evaluations per
 step and peak memory, measured side by side in one run. quality: the rate at which every concept of the

@@ -1,6 +1,6 @@
 """Prompt following of a base model on the embedded domain, read by the domain evaluator.
 
-    .venv/bin/python bench/prompt_following.py --n 300 [--model SPEC] [--steps 20] [--guidance 5]
+    .venv/bin/python -m bench.prompt_following --n 300 [--model SPEC] [--steps 20] [--guidance 5]
 
 Prints a table (seen vs held-out combinations) and writes it as JSON beside the model when --json is given.
 """

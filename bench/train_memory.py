@@ -1,7 +1,7 @@
 """Training memory and speed: full fine-tuning, LoRA, SaRA and CoLoRA at equal trainable-parameter budget.
 
-    .venv/bin/python bench/train_memory.py --arch tiny           # the embedded UNet, CPU
-    .venv/bin/python bench/train_memory.py --arch sd15 --size 256  # SD 1.5's UNet, random weights
+    .venv/bin/python -m bench.train_memory --arch tiny           # the embedded UNet, CPU
+    .venv/bin/python -m bench.train_memory --arch sd15 --size 256  # SD 1.5 UNet, random weights
 
 Each method runs in its own process (so peak memory is not polluted by the previous one): a few optimizer steps
 of the denoising loss on random latents, reporting peak memory above the process's start and time per step;

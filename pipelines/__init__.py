@@ -5,6 +5,7 @@
 """
 
 from pipelines.composition import CompositionPipeline
+from pipelines.composition_xl import CompositionXLPipeline
 
 
 class MergePipeline(CompositionPipeline):
@@ -27,5 +28,5 @@ class CLoRAPipeline(CompositionPipeline):
     default_method = "clora"
 
 
-__all__ = ["CLoRAPipeline", "CMLoRAPipeline", "CompositePipeline", "CompositionPipeline", "MergePipeline",
-           "SwitchPipeline"]
+__all__ = ["CLoRAPipeline", "CMLoRAPipeline", "CompositePipeline", "CompositionPipeline", "CompositionXLPipeline",
+           "MergePipeline", "SwitchPipeline"]

@@ -4,7 +4,7 @@ X′ = X − α·X·V·Vᵀ, where V spans the right singular vectors of the sta
 words (each encoded on its own, BOS/EOS/PAD rows dropped), keeping σ_i > 1e-3·σ_1 or the top ``rank``.
 No code accompanies the paper; the steps (which rows, conditional embedding only, per text encoder) are the
 project's decisions recorded in METHODS §5.1. Costs no UNet evaluation; used at inference by the composition
-pipeline and, optionally, on caption embeddings during training.
+pipelines and, optionally, on caption embeddings during training.
 """
 
 from __future__ import annotations
@@ -41,26 +41,33 @@ def project_out(embeddings: torch.Tensor, basis: torch.Tensor, alpha: float = 1.
     return (embeddings.float() - alpha * projected).to(embeddings.dtype)
 
 
+Block = tuple[int, int, torch.Tensor]  # (first column, end column, basis) of one text encoder's features
+
+
 @torch.no_grad()
-def word_token_embeddings(tokenizer, text_encoder, words: Sequence[str], device: torch.device) -> list[torch.Tensor]:
-    """Each word's encoder output rows for its own tokens only (no BOS, EOS or padding)."""
+def decor_blocks(pipe, words: Sequence[str], rank: int | None = None) -> list[Block]:
+    """Unwanted-concept bases per text encoder. Each word is encoded the way the pipeline encodes prompts
+    (``encode_texts``), and only its own token rows are kept (no BOS, EOS or padding)."""
+    from studio.errors import ConfigError
     from studio.text import clean_prompt
 
-    rows = []
-    for word in words:
-        ids = tokenizer(clean_prompt(word), truncation=True, max_length=tokenizer.model_max_length,
-                        return_tensors="pt").input_ids.to(device)
-        hidden = text_encoder(ids)[0][0]
-        rows.append(hidden[1 : ids.shape[1] - 1])
-    return rows
-
-
-def decor_basis(pipe, words: Sequence[str], rank: int | None = None) -> torch.Tensor:
-    """The unwanted-concept basis for the pipeline's (first) text encoder."""
-    from studio.errors import ConfigError
-
-    cleaned = [w.strip() for w in words if w.strip()]
+    cleaned = [clean_prompt(w) for w in words if w.strip()]
     if not cleaned:
         raise ConfigError("DECOR needs at least one word to remove")
-    rows = word_token_embeddings(pipe.tokenizer, pipe.text_encoder, cleaned, pipe.text_encoder.device)
-    return unwanted_basis(rows, rank)
+    rows = []
+    for word in cleaned:
+        count = len(pipe.tokenizer(word, add_special_tokens=False).input_ids)
+        hidden, _ = pipe.encode_texts([word])
+        rows.append(hidden[0, 1 : 1 + count].float())
+    width = rows[0].shape[-1]
+    edges = [0, width]
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: CLIP-L and OpenCLIP-G features, side by side
+        edges = [0, pipe.text_encoder.config.hidden_size, width]
+    return [(start, end, unwanted_basis([r[:, start:end] for r in rows], rank))
+            for start, end in zip(edges[:-1], edges[1:])]
+
+
+def project_blocks(hidden: torch.Tensor, blocks: Sequence[Block], alpha: float = 1.0) -> torch.Tensor:
+    """Project each encoder's columns of ``hidden`` with its own basis."""
+    parts = [project_out(hidden[..., start:end], basis, alpha) for start, end, basis in blocks]
+    return torch.cat(parts, dim=-1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -150,10 +149,3 @@ def predict_noise(unet, latents: torch.Tensor, timestep, hidden: torch.Tensor, a
         else:
             stats.shallow_passes += 1
     return prediction, feature
-
-
-def added_conditions(added_cond: dict[str, Any] | None, repeats: int) -> dict[str, Any] | None:
-    """Repeat SDXL's added conditions along the batch for ``repeats`` routed copies."""
-    if not added_cond:
-        return None
-    return {key: value.repeat(repeats, *([1] * (value.dim() - 1))) for key, value in added_cond.items()}

@@ -130,8 +130,7 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
     composing: dict[str, Any] = {}
     if request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
         if not hasattr(pipe, "attach_adapters"):
-            raise ConfigError(f"composition, Perp-Neg and DECOR on a {base.family} base are not supported yet "
-                              "(SD 1.x/2.x only)")
+            raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
         composing = {"adapters": request.adapters, "method": request.method,
                      "method_options": request.method_options, "perp_neg": request.perp_neg or None,
                      "decor_remove": request.decor_remove or None, "decor_alpha": request.decor_alpha,

@@ -144,14 +144,10 @@ def _configure(pipe: Any, device: torch.device) -> None:
 
 
 def _pipeline_class(family: str):
-    """SD 1.x/2.x and the embedded model get the composition pipeline (a StableDiffusionPipeline subclass)."""
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+    """The composition pipelines: subclasses of diffusers' StableDiffusion(XL)Pipeline."""
+    from pipelines import CompositionPipeline, CompositionXLPipeline
 
-        return StableDiffusionXLPipeline
-    from pipelines import CompositionPipeline
-
-    return CompositionPipeline
+    return CompositionXLPipeline if family == "sdxl" else CompositionPipeline
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any] | None]:

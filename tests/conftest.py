@@ -86,9 +86,10 @@ def shape_images(tmp_path):
 
 def make_random_sdxl_base(seed: int = 0):
     """A tiny SDXL-architecture pipeline (two text encoders, added time ids), random weights, built in code."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from pipelines import CompositionXLPipeline
     from studio.models import BaseModel, fingerprint
     from studio.text import build_clip_tokenizer
 
@@ -106,11 +107,13 @@ def make_random_sdxl_base(seed: int = 0):
     text_config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    pipe = StableDiffusionXLPipeline(
+    pipe = CompositionXLPipeline(
         vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(), tokenizer=build_clip_tokenizer(),
         tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
     )
     pipe.set_progress_bar_config(disable=True)
-    return BaseModel(pipe=pipe, family="sdxl", source="random-sdxl", device=torch.device("cpu"),
+    base = BaseModel(pipe=pipe, family="sdxl", source="random-sdxl", device=torch.device("cpu"),
                      dtype=torch.float32, domain=None, fingerprint=fingerprint(pipe))
+    pipe._studio_base = base
+    return base

@@ -74,7 +74,7 @@ class TrainingContext:
     images: list[TrainingImage]
     logs: dict[str, float] = field(default_factory=dict)
     optimizer: Any = None  # set by the loop once the method's parameters exist
-    decor: tuple[torch.Tensor, float] | None = None  # DECOR basis and α applied to every caption embedding
+    decor: tuple[list, float] | None = None  # DECOR bases (per text encoder) and α applied to caption embeddings
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +125,7 @@ class TrainingContext:
         dtype = next(unet.parameters()).dtype
         kwargs = {}
         if batch.pooled is not None:
-            kwargs["added_cond_kwargs"] = sdxl_conditioning(batch.pooled, latents, self.base)
+            kwargs["added_cond_kwargs"] = self.base.pipe.added_conditions(batch.pooled, latents)
         prediction = unet(noisy.to(dtype), timesteps, batch.hidden.to(dtype), **kwargs).sample.float()
         per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.snr_gamma is not None:
@@ -190,32 +190,18 @@ def _scaling(base) -> float:
     return float(base.pipe.vae.config.scaling_factor)
 
 
-def encode_captions(base, captions: Sequence[str], decor: tuple[torch.Tensor, float] | None = None
+def encode_captions(base, captions: Sequence[str], decor: tuple[list, float] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled embedding or None) as the base's pipeline conditions the UNet; with ``decor``
     (basis, α) the hidden states are projected away from the unwanted concepts (DECOR during training)."""
     from studio.text import clean_prompt
 
-    cleaned = [clean_prompt(c) for c in captions]
-    pooled = None
-    if base.family == "sdxl":
-        hidden, _, pooled, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
-    else:
-        hidden, _ = base.pipe.encode_prompt(cleaned, device=base.device, num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)
+    hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions])
     if decor is not None:
-        from pipelines.decor import project_out
+        from pipelines.decor import project_blocks
 
-        hidden = project_out(hidden, *decor)
+        hidden = project_blocks(hidden, *decor)
     return hidden, pooled
-
-
-def sdxl_conditioning(pooled: torch.Tensor, latents: torch.Tensor, base) -> dict[str, torch.Tensor]:
-    """SDXL's added conditioning: pooled text embedding and (original size, crop, target size) time ids."""
-    size = latents.shape[-1] * base.pipe.vae_scale_factor
-    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
-    return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -230,7 +216,7 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 @torch.no_grad()
 def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float],
-               decor: tuple[torch.Tensor, float] | None = None) -> EncodedSet:
+               decor: tuple[list, float] | None = None) -> EncodedSet:
     """Encode images once (VAE posterior mean and std) and captions once (text encoder)."""
     vae = base.pipe.vae
     means, stds = [], []
@@ -411,9 +397,9 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
-        from pipelines.decor import decor_basis
+        from pipelines.decor import decor_blocks
 
-        decor = (decor_basis(base.pipe, config.decor_remove), config.decor_alpha)
+        decor = (decor_blocks(base.pipe, config.decor_remove), config.decor_alpha)
     instance = encode_set(base, pixels, captions, weights, decor)
     prior = None
     if config.with_prior_preservation:

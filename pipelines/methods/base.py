@@ -72,8 +72,7 @@ class CompositionMethod(ABC):
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         """The pipeline and the prompts (main first, then one per adapter), before :meth:`prepare`."""
 
-    def refine(self, pipe, step: int, timestep, latents: torch.Tensor,
-               conditions: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions: Sequence) -> torch.Tensor:
         """Return the latents this step denoises (default: unchanged)."""
         return latents
 

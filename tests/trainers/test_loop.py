@@ -141,7 +141,7 @@ def test_validation_previews_are_written_with_parameters(tmp_path, random_base, 
 
 
 def test_decor_during_training_projects_captions_and_records_the_words(tmp_path, random_base, shape_images):
-    from pipelines.decor import decor_basis
+    from pipelines.decor import decor_blocks
 
     result = train(config(shape_images, tmp_path / "out", decor_remove=["red", "white"], decor_alpha=1.0,
                           max_train_steps=1), get_method("lora"), base=random_base)
@@ -149,6 +149,6 @@ def test_decor_during_training_projects_captions_and_records_the_words(tmp_path,
     assert json.loads(meta["studio.decor_remove"]) == ["red", "white"]
     from trainers.loop import encode_captions
 
-    basis = decor_basis(random_base.pipe, ["red", "white"])
-    hidden, _ = encode_captions(random_base, [CAPTION], (basis, 1.0))
+    [(_, _, basis)] = decor_blocks(random_base.pipe, ["red", "white"])
+    hidden, _ = encode_captions(random_base, [CAPTION], ([(0, basis.shape[0], basis)], 1.0))
     assert (hidden[0] @ basis).abs().max() < 1e-4

@@ -31,3 +31,29 @@ def test_lora_trains_saves_and_reloads_on_sdxl(tmp_path, shape_images):
                       generator=torch.Generator().manual_seed(0), output_type="np").images
     detach_adapter(base, "xl")
     assert abs(after - before).max() > 0
+
+
+def test_sdxl_composition_methods_and_decor(tmp_path, shape_images):
+    import numpy as np
+
+    from studio.adapters.file import read_adapter as read
+
+    base = make_random_sdxl_base()
+    config = TrainConfig(images=shape_images, output="xl", output_dir=tmp_path, max_train_steps=1,
+                         train_batch_size=2, rank=2, resolution=32, trigger_words=["sks"])
+    [path] = train(config, get_method("lora"), base=base).outputs
+    second = read(path)
+    for module in second.modules["unet"].values():
+        module.up.normal_()
+    other = save_adapter(second, tmp_path / "xl2.safetensors")
+    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    images = {}
+    for method in ("merge", "composite", "cmlora", "clora"):
+        images[method] = base.pipe("a sks", generator=torch.Generator().manual_seed(0), adapters=[(path, 1.0),
+                                   (other, 1.0)], method=method, method_options={"capture_resolution": 8}
+                                   if method == "clora" else None, **common).images
+    assert all(image.shape == (1, 32, 32, 3) for image in images.values())
+    assert np.abs(images["merge"] - images["composite"]).mean() > 0
+    decor = base.pipe("a sks", generator=torch.Generator().manual_seed(0), decor_remove=["sks"], **common).images
+    plain = base.pipe("a sks", generator=torch.Generator().manual_seed(0), **common).images
+    assert np.abs(decor - plain).mean() > 0
