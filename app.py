@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class Studio:
             base = self.base(model)
             gallery, masks = [], []
             for index in progress.tqdm(range(request.num_images), desc="generating"):
-                single = GenerationRequest(**{**request.__dict__, "seed": request.seed + index, "num_images": 1})
+                single = replace(request, seed=request.seed + index, num_images=1)
                 result = generate(base, single)[0]
                 path = save_png(result.image, _output_path(result.recipe["seed"]), result.parameters, result.recipe)
                 gallery.append((str(path), result.parameters))
