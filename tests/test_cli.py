@@ -1,0 +1,50 @@
+"""The studio command line end to end on the embedded model."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from studio.cli import main, parse_adapter_spec, parse_option, parse_weighted_text
+from studio.errors import ConfigError
+from studio.png import read_recipe
+
+
+def test_train_then_generate_with_the_adapter(tmp_path, shape_images, monkeypatch, capsys):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    assert main(["train", "lora", "--images", str(shape_images), "--output", "cli-moon", "--max_train_steps", "2",
+                 "--rank", "2", "--seed", "1", "--save_as", "kohya"]) == 0
+    path = tmp_path / "home" / "adapters" / "cli-moon.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        assert all(k.startswith("lora_unet_") for k in handle.keys())
+        assert handle.metadata()["ss_steps"] == "2"
+    out = tmp_path / "image.png"
+    assert main(["generate", "--prompt", "a red solid sks on a white background", "--adapter", "cli-moon:0.7",
+                 "--adapter", str(path), "--method", "composite", "--steps", "3", "--out", str(out)]) == 0
+    parameters, recipe = read_recipe(out)
+    assert "<lora:cli-moon:0.7>" in parameters and "Lora hashes: " in parameters
+    assert recipe["method"] == "composite" and recipe["adapters"][0] == ["cli-moon", 0.7]
+    capsys.readouterr()
+    assert main(["adapters", "list"]) == 0
+    assert "cli-moon" in capsys.readouterr().out
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    assert main(["generate", "--prompt", "x", "--adapter", "missing-adapter", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no adapter 'missing-adapter'" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--method", "blend", "--adapter", "sks-moon",
+                 "--out", str(tmp_path / "y.png")]) == 2
+    assert "unknown composition method 'blend'" in capsys.readouterr().err
+    assert main(["train", "lora", "--images", str(tmp_path / "none"), "--output", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_argument_parsers():
+    assert parse_adapter_spec("a/b/sks-moon.safetensors:0.5") == ("a/b/sks-moon.safetensors", 0.5)
+    assert parse_adapter_spec("sks-moon") == ("sks-moon", 1.0)
+    with pytest.raises(ConfigError, match="is not a number"):
+        parse_adapter_spec("sks-moon:strong")
+    assert parse_option("interval=3") == ("interval", 3) and parse_option("use_cache=false") == ("use_cache", False)
+    assert parse_weighted_text("a striped shape:2") == ("a striped shape", 2.0)
+    assert parse_weighted_text("a striped shape") == ("a striped shape", 1.5)
+    assert json.dumps(parse_option("mode=paper")) == '["mode", "paper"]'
