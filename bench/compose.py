@@ -52,7 +52,7 @@ def speed(args) -> None:
     for n in (1, 2, 3, 4):  # warm-up: load every adapter once
         run(pipe, prompt, adapters_by_n[n], "merge", 2, 0)
     print(f"{args.steps} steps, {args.repeats} alternating repeats, {base.device}")
-    print("| N | method | time ÷ single LoRA | UNet evaluations / step | block evaluations / step | peak RSS growth MiB |")
+    print("| N | method | time ÷ single LoRA | UNet evaluations / step | block evaluations / step | RSS growth MiB |")
     print("|---|---|---|---|---|---|")
     for n, method in itertools.product((1, 2, 3, 4), METHODS):
         if method == "clora" and n < 2:
