@@ -54,7 +54,8 @@ def main() -> None:
           f"right > wrong on {np.mean(right > wrong):.1%}")
     for k in range(5):
         if (correct == k).any():
-            print(f"  {k} attributes right: n={int((correct == k).sum())}, mean CLIP-T {right[correct == k].mean():.2f}")
+            mean = right[correct == k].mean()
+            print(f"  {k} attributes right: n={int((correct == k).sum())}, mean CLIP-T {mean:.2f}")
 
 
 if __name__ == "__main__":
