@@ -120,7 +120,7 @@ def train_domain_clip(out_dir: Path = DOMAIN_CLIP, steps: int = 2000, batch_size
         optimizer.step()
         schedule.step()
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, str(tmp)))
     scorer = ClipScorer(model.eval(), preprocess, tokenizer, DOMAIN_CLIP_NAME)
     report = caption_separation(scorer, n=500, seed=seed + 1)
