@@ -81,3 +81,15 @@ def test_eval_folder_reports_attributes_and_clip(tmp_path, small_clip):
     (tmp_path / "bad.txt").write_text("one line")
     with pytest.raises(DataError, match="1 prompts for 3 images"):
         evaluate_folder(tmp_path, tmp_path / "bad.txt", metrics=("attributes",))
+
+
+def test_shipped_domain_clip_gives_pinned_scores_and_separates_captions():
+    from studio.eval.clip import caption_separation
+
+    scorer = load_clip()
+    image = Image.fromarray(procedural.render(procedural.Scene("star", "red", "striped", "white")))
+    right, wrong = scorer.clip_t([image, image], ["a red striped star on a white background",
+                                                  "a blue dotted circle on a black background"])
+    assert right == pytest.approx(93.34, abs=0.5) and wrong == pytest.approx(-48.76, abs=0.5)
+    report = caption_separation(scorer, n=60, seed=9)
+    assert report["right_caption_first"] >= 0.75 and report["matching_above_mismatched"] >= 0.95
