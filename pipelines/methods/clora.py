@@ -9,8 +9,9 @@ covers; the per-adapter noise predictions are fused under the masks, then guided
 
 Deviations from the official code (METHODS §8.3): maps come from the conditional half only (the official code
 mixes in the negative prompt), and token indices are derived from the concept words with the tokenizer instead
-of being typed by hand. The schedule is given as fractions of T so it scales with the step count; the default
-number of extra rounds (10, the paper's 20) keeps the cost near 2.5–3× Composite; all of it is configurable.
+of being typed by hand. The schedule scales with the step count: update steps and iterative steps are fractions
+of T, and extra rounds are given per 100 steps (the paper's T); the default 10 (the paper's 20) keeps the cost
+near 2.5–3× Composite on the embedded model. All of it is configurable.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class CLoRA(CompositionMethod):
         last = int(round(self.alter_fraction * self.num_steps))
         return last, {int(round(f * self.num_steps)) for f in self.iterative_fractions}
 
+    def _extra_rounds(self) -> int:
+        """Extra rounds at an iterative step, given per 100 steps (the paper's T) and scaled to this run's T."""
+        return int(round(self.extra_rounds * self.num_steps / 100))
+
     # -- the contrastive latent update ---------------------------------------------------------------------------
     def _routes(self) -> list[tuple[str, str, int]]:
         """(key, adapter or BASE, prompt index): the base prompt without adapters, then each adapter."""
@@ -110,7 +115,7 @@ class CLoRA(CompositionMethod):
         last, iterative = self._alter_steps()
         if step >= last or not any(self.indices):
             return latents
-        rounds = 1 + (self.extra_rounds if step in iterative else 0)
+        rounds = 1 + (self._extra_rounds() if step in iterative else 0)
         from pipelines.engine import Conditioning
 
         routes = self._routes()

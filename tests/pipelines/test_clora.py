@@ -33,7 +33,7 @@ def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, t
     paths = [save_adapter(first, tmp_path / "sks.safetensors"), save_adapter(second, tmp_path / "xyz.safetensors")]
     common = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
     clora = pipe(PROMPT, generator=torch.Generator().manual_seed(0), adapters=[(p, 1.0) for p in paths],
-                 method="clora", method_options={"extra_rounds": 1}, **common).images
+                 method="clora", method_options={"extra_rounds": 50}, **common).images
     masks = pipe.last_masks
     names = [name for name, _ in pipe.last_recipe["adapters"]]
     assert set(masks) == {*names, "__clora_base__"} and len(names) == 2
