@@ -20,7 +20,7 @@ class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
     """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, None]:
-        hidden, _ = self.encode_prompt(texts, self._execution_device, 1, False)
+        hidden, _ = self.encode_prompt(texts, self.text_encoder.device, 1, False)
         return hidden, None
 
     def make_output(self, images) -> StableDiffusionPipelineOutput:

@@ -18,7 +18,7 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
     """StableDiffusionXLPipeline plus ``adapters`` and ``method``."""
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, _, pooled, _ = self.encode_prompt(texts, device=self._execution_device, num_images_per_prompt=1,
+        hidden, _, pooled, _ = self.encode_prompt(texts, device=self.text_encoder_2.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         if self.config.get("force_zeros_for_empty_prompt", False):
             empty = torch.tensor([not t for t in texts], device=hidden.device)

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -55,8 +54,9 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
-               for module in unet.modules() if isinstance(module, LoraLayer)]
+    from studio.adapters.inject import lora_modules
+
+    handles = [module.register_forward_pre_hook(inject, with_kwargs=True) for _, module in lora_modules(unet)]
     try:
         yield
     finally:

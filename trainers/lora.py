@@ -15,7 +15,13 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from studio.adapters.file import AdapterFile, save_adapter
-from studio.adapters.inject import adapter_from_layers, detach_adapter, lora_layers, set_adapter_weights
+from studio.adapters.inject import (
+    adapter_from_layers,
+    detach_adapter,
+    forget_lora_modules,
+    lora_layers,
+    set_adapter_weights,
+)
 from studio.adapters.metadata import adapter_metadata
 from studio.data.folder import tag_frequency
 from studio.errors import ConfigError
@@ -68,6 +74,7 @@ class LoraMethod(TrainingMethod):
                 inject_adapter_in_model(lora_config, model, adapter_name=self.adapter_name)
             except ValueError as error:  # peft: "Target modules … not found in the base model"
                 raise ConfigError(f"cannot train a LoRA on this base's {component}: {error}") from error
+            forget_lora_modules(model)
             params = []
             for path, module in model.named_modules():
                 if hasattr(module, "lora_A") and self.adapter_name in module.lora_A:

@@ -20,15 +20,29 @@ from studio.adapters.validate import validate_adapter
 from studio.errors import AdapterError
 
 
+def lora_modules(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
+    """The peft LoRA layers of ``model``, found once and cached: walking the module tree on every forward grew
+    with the number of attached adapters (their ModuleDict entries are modules too)."""
+    cached = model.__dict__.get("_studio_lora_layers")
+    if cached is None:
+        cached = [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLayer)]
+        model.__dict__["_studio_lora_layers"] = cached
+    return cached
+
+
+def forget_lora_modules(model: torch.nn.Module) -> None:
+    """Call after injecting LoRA layers into ``model`` so the cache is rebuilt."""
+    model.__dict__.pop("_studio_lora_layers", None)
+
+
 def lora_layers(base) -> Iterator[tuple[str, str, LoraLayer]]:
     """(component, module path, layer) for every peft LoRA layer in the base's UNet and text encoders."""
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(base.pipe, component, None)
         if model is None:
             continue
-        for path, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                yield component, path, module
+        for path, module in lora_modules(model):
+            yield component, path, module
 
 
 def attached_adapters(base) -> list[str]:
@@ -57,6 +71,7 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
             alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
         )
         inject_adapter_in_model(lora_config, model, adapter_name=name)
+        forget_lora_modules(model)
         dtype = next(model.parameters()).dtype
         with torch.no_grad():
             for path, module in located.items():
