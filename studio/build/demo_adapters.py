@@ -54,8 +54,8 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int
     for (name, trigger, _), kind in ((CONTENT, "content"), (STYLE, "style")):
         images = render_demo_images(work / name, kind, seed=seed)
         config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
-                             rank=8, learning_rate=2e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
-                             with_prior_preservation=True, prior_loss_weight=0.5, num_class_images=48,
+                             rank=8, learning_rate=1e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
+                             with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
                              lr_scheduler="cosine", lr_warmup_steps=20)
         [path] = train(config, get_method("lora"), base=base).outputs
         output_dir.mkdir(parents=True, exist_ok=True)
