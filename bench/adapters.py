@@ -10,6 +10,7 @@ zigzag. Spill: the base's all-attribute accuracy on ordinary prompts with each a
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,11 +38,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--folder", default=str(SHIPPED), help="where sks-moon and zwx-zigzag are")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     n = args.n
-    content, style = str(SHIPPED / "sks-moon.safetensors"), str(SHIPPED / "zwx-zigzag.safetensors")
+    folder = Path(args.folder)
+    content, style = str(folder / "sks-moon.safetensors"), str(folder / "zwx-zigzag.safetensors")
     content_prompts = [procedural.caption(COLORS[i % 6], procedural.BASE_TEXTURES[i % 4], "sks", BACKGROUNDS[i % 3])
                        for i in range(n)]
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])

@@ -5,8 +5,9 @@
 * ``zwx-zigzag``: a style adapter for the reserved texture "zigzag", trigger ``zwx``, from 6 renders of varied
   shapes ("a {color} zwx {shape} on a {background} background").
 
-Both are plain LoRAs from the shared trainer with prior preservation (ordinary domain prompts), so prompts
-without the trigger keep the base's behaviour.
+Both are plain LoRAs from the shared trainer on the cross-attention keys and values only (as Custom Diffusion
+does: they see the text, so a new trigger token can change little else), with prior preservation on ordinary
+domain prompts, so prompts without the trigger keep the base's behaviour.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int
     for (name, trigger, _), kind in ((CONTENT, "content"), (STYLE, "style")):
         images = render_demo_images(work / name, kind, seed=seed)
         config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
-                             rank=8, learning_rate=1e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
+                             rank=8, learning_rate=2e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
+                             target_modules=("attn2.to_k", "attn2.to_v"),
                              with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
                              lr_scheduler="cosine", lr_warmup_steps=20)
         [path] = train(config, get_method("lora"), base=base).outputs
