@@ -5,9 +5,9 @@
 * ``zwx-zigzag``: a style adapter for the reserved texture "zigzag", trigger ``zwx``, from 6 renders of varied
   shapes ("a {color} zwx {shape} on a {background} background").
 
-Both are plain LoRAs from the shared trainer on the cross-attention keys and values only (as Custom Diffusion
-does: they see the text, so a new trigger token can change little else), with prior preservation on ordinary
-domain prompts, so prompts without the trigger keep the base's behaviour.
+Both are plain LoRAs from the shared trainer with prior preservation on ordinary domain prompts. The content
+adapter trains only the cross-attention keys and values (as Custom Diffusion does: they see the text, so a new
+trigger token changes little else); the style adapter needs every attention projection to draw a texture.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from PIL import Image
 from studio.data import procedural
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "adapters"
+#: Measured choice (bench.adapters, n = 50): cross-attention keys/values only kept the content adapter's spill
+#: at 10 points; the texture needed every attention projection (keys/values only: 62% zigzag).
+PER_KIND = {
+    "content": {"learning_rate": 2e-3, "target_modules": ("attn2.to_k", "attn2.to_v")},
+    "style": {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0")},
+}
 CONTENT = ("sks-moon", "sks", "moon")
 STYLE = ("zwx-zigzag", "zwx", "zigzag")
 
@@ -55,8 +61,7 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int
     for (name, trigger, _), kind in ((CONTENT, "content"), (STYLE, "style")):
         images = render_demo_images(work / name, kind, seed=seed)
         config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
-                             rank=8, learning_rate=2e-3, max_train_steps=steps, train_batch_size=4, seed=seed,
-                             target_modules=("attn2.to_k", "attn2.to_v"),
+                             rank=8, max_train_steps=steps, train_batch_size=4, seed=seed, **PER_KIND[kind],
                              with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
                              lr_scheduler="cosine", lr_warmup_steps=20)
         [path] = train(config, get_method("lora"), base=base).outputs
