@@ -177,31 +177,30 @@ class Studio:
     def import_file(self, model: str, file: Any):
         if file is None:
             raise gr.Error("Choose a .safetensors adapter file.")
-        try:
-            path = import_adapter(_file_path(file), self.base(model))
-        except StudioError as error:
-            raise gr.Error(str(error)) from error
-        return library_table(), f"imported {path.name}"
+        return _library_action(lambda: import_adapter(_file_path(file), self.base(model)), "imported")
 
     @staticmethod
     def export_file(name: str):
-        if not name:
-            raise gr.Error("Pick an adapter.")
-        try:
-            path = export_kohya(name)
-        except StudioError as error:
-            raise gr.Error(str(error)) from error
-        return library_table(), f"wrote {path}"
+        return _library_action(lambda: export_kohya(_picked(name)), "wrote")
 
     @staticmethod
     def delete_file(name: str):
-        if not name:
-            raise gr.Error("Pick an adapter.")
-        try:
-            path = delete_adapter(name)
-        except StudioError as error:
-            raise gr.Error(str(error)) from error
-        return library_table(), f"deleted {path.name}"
+        return _library_action(lambda: delete_adapter(_picked(name)), "deleted")
+
+
+def _picked(name: str) -> str:
+    if not name:
+        raise gr.Error("Pick an adapter.")
+    return name
+
+
+def _library_action(action, verb: str):
+    """Run a library operation; studio errors become messages in the page."""
+    try:
+        path = action()
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
+    return library_table(), f"{verb} {Path(path).name}"
 
 
 def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: str, trigger: str, steps: int,
