@@ -132,7 +132,7 @@ class CLoRA(CompositionMethod):
                     predict_noise(pipe.unet, model_input, timestep, hidden, names, added)
                 maps = store.mean()
                 loss = self._loss([maps[i * batch : (i + 1) * batch] for i in range(len(routes))])
-                if loss.requires_grad and float(loss) > 0:
+                if loss.requires_grad and float(loss.detach()) > 0:
                     gradient = torch.autograd.grad(loss, z)[0]
                     latents = (z - self.step_size * gradient).detach()
             self.losses.append(float(loss.detach()))
