@@ -27,9 +27,6 @@ class MapStore:
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
 
-    def reset(self) -> None:
-        self.total, self.count = None, 0
-
     def mean(self) -> torch.Tensor:
         if self.total is None:
             raise RuntimeError(f"no cross-attention layer has {self.target_tokens} queries to capture")

@@ -28,9 +28,6 @@ class UNetStats:
     block_evaluations: int = 0
     samples: int = 0
 
-    def reset(self) -> None:
-        self.full_passes = self.shallow_passes = self.block_evaluations = self.samples = 0
-
 
 @dataclass
 class FeatureCache:

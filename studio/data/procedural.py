@@ -9,7 +9,7 @@ texture-shape combinations are held out of the base training to measure generali
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -109,17 +109,6 @@ def jittered_scene(rng: np.random.Generator, color: str, texture: str, shape: st
         radius=float(rng.uniform(20.0, 24.5)),
         phase=(float(rng.uniform(0, 12)), float(rng.uniform(0, 12))),
     )
-
-
-def random_scenes(
-    rng: np.random.Generator,
-    n: int,
-    combinations: Sequence[tuple[str, str, str, str]] | None = None,
-) -> Iterator[Scene]:
-    """n jittered scenes drawn uniformly from ``combinations`` (default: the base training set)."""
-    combos = list(combinations) if combinations is not None else base_training_combinations()
-    for index in rng.integers(0, len(combos), size=n):
-        yield jittered_scene(rng, *combos[index])
 
 
 # --- geometry -------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from torch import nn
 from studio.data import procedural
 from studio.errors import ModelLoadError
 
-REJECT = "reject"
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": procedural.SHAPES,
     "color": tuple(procedural.COLORS),
@@ -61,9 +60,6 @@ class Reading:
     texture: str | None
     background: str | None
     confidence: dict[str, float]
-
-    def matches(self, **expected: str) -> bool:
-        return all(getattr(self, key) == value for key, value in expected.items())
 
 
 class DomainEvaluator:
