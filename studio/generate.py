@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +115,19 @@ def _with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
 
 
 def adapter_hash(spec: str) -> str:
-    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256."""
-    import hashlib
-
+    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256 (hashed once per file version)."""
     from studio.adapters.library import resolve_adapter
 
-    digest = hashlib.sha256(resolve_adapter(spec).read_bytes()).hexdigest()
-    return digest[:12]
+    path = resolve_adapter(spec).resolve()
+    return _file_hash(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_hash(path: str, mtime_ns: int) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
 
 
 def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage]:
