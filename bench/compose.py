@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.compose speed   [--steps 20] [--repeats 3]
     .venv/bin/python -m bench.compose quality [--seeds 100]
     .venv/bin/python -m bench.compose loaded  [--loaded 20 --active 2]
+    python -m bench.compose speed --arch sd15   # SD 1.5 architecture, random weights and LoRAs, 512 px (GPU)
 
 speed: wall time of one image relative to a single-LoRA image (same seed and steps), UNet sample-evaluations per
 step and peak memory, measured side by side in one run. quality: the rate at which every concept of the
@@ -35,24 +36,40 @@ def demo_adapters() -> list[str]:
     return found
 
 
+def setup(args) -> tuple:
+    """(base, adapter files, prompt): the embedded model and its demo adapters, or SD 1.5 with random LoRAs."""
+    if args.arch == "tiny":
+        return load_base(args.model), demo_adapters(), "a red zwx sks on a white background"
+    import tempfile
+    from pathlib import Path
+
+    from bench.random_sd import random_loras, sd15_folder
+
+    work = Path(tempfile.mkdtemp(prefix="studio-bench-sd15-"))
+    base = load_base(sd15_folder(work / "model"))
+    return base, random_loras(base, max(4, args.active), work), "a photo of a red moon in zigzag style"
+
+
 def run(pipe, prompt: str, adapters, method: str, steps: int, seed: int, **options):
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                adapters=adapters, method=method, output_type="np", **options).images
+                adapters=adapters, method=method, output_type="np", **SIZE, **options).images
+
+
+SIZE: dict[str, int] = {}  # height/width when --size is given
 
 
 def speed(args) -> None:
     """Each method timed alternately with the single-LoRA reference (same seed and steps); ratio of medians."""
     import statistics
 
-    base = load_base(args.model)
+    base, files, prompt = setup(args)
     pipe = base.pipe
-    files = demo_adapters()
     adapters_by_n = {n: [(files[i % len(files)], 1.0) for i in range(n)] for n in (1, 2, 3, 4)}
-    prompt = "a red zwx sks on a white background"
     for n in (1, 2, 3, 4):  # warm-up: load every adapter once
         run(pipe, prompt, adapters_by_n[n], "merge", 2, 0)
-    print(f"{args.steps} steps, {args.repeats} alternating repeats, {base.device}")
-    print("| N | method | time ÷ single LoRA | UNet evaluations / step | block evaluations / step | RSS growth MiB |")
+    print(f"{base.family} model, {args.size or base.default_size} px, {args.steps} steps, {args.repeats} alternating "
+          f"repeats, {base.device} ({torch.cuda.get_device_name() if base.device.type == 'cuda' else 'CPU'})")
+    print("| N | method | time ÷ single LoRA | UNet evaluations / step | block evaluations / step | peak MiB |")
     print("|---|---|---|---|---|---|")
     for n, method in itertools.product((1, 2, 3, 4), METHODS):
         if method == "clora" and n < 2:
@@ -96,39 +113,49 @@ def quality(args) -> None:
 
 
 def loaded(args) -> None:
-    """Time per step with ``--loaded`` adapters attached and ``--active`` of them composed (diffusers #11816)."""
-    base = load_base(args.model)
-    files = demo_adapters()
-    active = [(files[i % len(files)], 1.0) for i in range(args.active)]
-    prompt = "a red zwx sks on a white background"
-    run(base.pipe, prompt, active, "merge", 2, 0)
-    timings = {}
-    for count in (args.active, args.loaded):
-        base.pipe.max_loaded_adapters = max(count, args.active)
-        from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, attached_adapters
+    """Time per step with ``--loaded`` adapters attached and ``--active`` of them composed (diffusers #11816);
+    the two conditions alternate, extras attached and detached between runs, so drift hits both alike."""
+    import statistics
 
-        while len(attached_adapters(base)) < count:
-            attach_adapter(base, read_adapter(files[0]), f"extra{len(attached_adapters(base))}")
-        start = time.perf_counter()
-        for r in range(args.repeats):
+    from studio.adapters.file import read_adapter
+    from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
+
+    base, files, prompt = setup(args)
+    active = [(files[i % len(files)], 1.0) for i in range(args.active)]
+    run(base.pipe, prompt, active, "composite", 2, 0)
+    base.pipe.max_loaded_adapters = max(args.loaded, args.active)
+    extra = read_adapter(files[0])
+    timings: dict[int, list[float]] = {args.active: [], args.loaded: []}
+    for r in range(args.repeats):
+        for count in (args.active, args.loaded):
+            extras = [name for name in attached_adapters(base) if name.startswith("extra")]
+            for name in extras[count - args.active:]:
+                detach_adapter(base, name)
+            while len(attached_adapters(base)) < count:
+                attach_adapter(base, extra, f"extra{len(attached_adapters(base))}")
+            start = time.perf_counter()
             run(base.pipe, prompt, active, "composite", args.steps, r)
-        timings[count] = (time.perf_counter() - start) / (args.repeats * args.steps)
-    print(f"time per step with {args.active} loaded: {timings[args.active] * 1000:.1f} ms; with {args.loaded} "
-          f"loaded, {args.active} active: {timings[args.loaded] * 1000:.1f} ms "
-          f"({timings[args.loaded] / timings[args.active]:.3f}×)")
+            timings[count].append((time.perf_counter() - start) / args.steps)
+    few, many = statistics.median(timings[args.active]), statistics.median(timings[args.loaded])
+    print(f"{base.device}: time per step with {args.active} loaded: {few * 1000:.1f} ms; with {args.loaded} loaded, "
+          f"{args.active} active: {many * 1000:.1f} ms ({many / few:.3f}×; medians of {args.repeats} alternations)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["speed", "quality", "loaded"])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
+                        help="sd15: SD 1.5 architecture with random weights and random LoRAs (speed, loaded)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--loaded", type=int, default=20)
     parser.add_argument("--active", type=int, default=2)
+    parser.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     args = parser.parse_args()
+    if args.size:
+        SIZE.update(height=args.size, width=args.size)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     {"speed": speed, "quality": quality, "loaded": loaded}[args.part](args)

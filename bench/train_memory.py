@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,15 +27,13 @@ METHODS = ("full", "lora", "sara", "colora")
 
 
 def make_unet(arch: str):
-    from diffusers import UNet2DConditionModel
-
     if arch == "tiny":
         from studio.build.components import make_unet as tiny
 
         return tiny()
-    config = json.loads((ROOT / "assets" / "configs" / "sd1" / "unet" / "config.json").read_text())
-    config.pop("_class_name", None)
-    return UNet2DConditionModel(**config)
+    from bench.random_sd import sd15_unet
+
+    return sd15_unet()
 
 
 def trainable(unet, method: str, budget: int) -> list[torch.nn.Parameter]:
@@ -128,10 +127,12 @@ def main() -> None:
         output = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--size", str(size), "--batch",
                                  str(batch), "--steps", str(args.steps), "--budget", str(budget), "--one", method],
                                 capture_output=True, text=True, check=True, cwd=ROOT,
-                                env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         rows[method] = json.loads(output.stdout.strip().splitlines()[-1])
     device = rows["full"]["device"]
-    print(f"{args.arch} UNet, {size} px, batch {batch}, {device}, budget {budget:,} trainable values")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{args.arch} UNet, {size} px, batch {batch}, fp32, {device} ({name}), budget {budget:,} trainable values")
     print("| method | trainable | optimizer state values | peak MiB | ÷ full | ÷ LoRA | s/step | ÷ full |")
     print("|---|---|---|---|---|---|---|---|")
     for method, row in rows.items():

@@ -90,8 +90,13 @@ def load_clip(model_name: str | None = None, weights: str | Path | None = None) 
 
 
 def train_domain_clip(out_dir: Path = DOMAIN_CLIP, steps: int = 2000, batch_size: int = 128, seed: int = 0,
-                      learning_rate: float = 1e-3) -> dict[str, float]:
-    """Contrastive training on fresh renders over every attribute (reserved ones included) and their captions."""
+                      learning_rate: float = 1e-3, hard_negatives: bool = True) -> dict[str, float]:
+    """Contrastive training on fresh renders over every attribute (reserved ones included) and their captions.
+
+    With ``hard_negatives`` each image's caption also competes against one caption that differs from it in a
+    single attribute (as NegCLIP does): in-batch negatives alone almost always differ in several attributes, so
+    they never teach the fine distinctions the caption-ranking check asks for.
+    """
     import open_clip
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -110,11 +115,13 @@ def train_domain_clip(out_dir: Path = DOMAIN_CLIP, steps: int = 2000, batch_size
     for _ in tqdm(range(steps), desc="domain clip", mininterval=2):
         scenes = [random_scene(rng) for _ in range(batch_size)]
         images = torch.stack([preprocess(Image.fromarray(procedural.render(s))) for s in scenes])
-        texts = tokenizer([s.caption for s in scenes])
-        image_features, text_features, scale = model(images, texts)
+        captions = [s.caption for s in scenes]
+        if hard_negatives:
+            captions += [str(rng.choice(one_attribute_variants(s))) for s in scenes]
+        image_features, text_features, scale = model(images, tokenizer(captions))
         logits = scale * image_features @ text_features.T
         labels = torch.arange(batch_size)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch_size].T, labels)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -124,7 +131,8 @@ def train_domain_clip(out_dir: Path = DOMAIN_CLIP, steps: int = 2000, batch_size
     atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, str(tmp)))
     scorer = ClipScorer(model.eval(), preprocess, tokenizer, DOMAIN_CLIP_NAME)
     report = caption_separation(scorer, n=500, seed=seed + 1)
-    record = {"config": DOMAIN_CLIP_CONFIG, "steps": steps, "batch_size": batch_size, "seed": seed, **report}
+    record = {"config": DOMAIN_CLIP_CONFIG, "steps": steps, "batch_size": batch_size, "seed": seed,
+              "hard_negatives": hard_negatives, **report}
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     return report
 

@@ -84,9 +84,10 @@ def test_progressive_reselection_shrinks_the_trained_set(tmp_path, shape_images)
 
 def test_target_params_mode_and_learning_rate_rule(tmp_path, shape_images):
     base = make_random_base()
-    method = SaraMethod(SaraConfig(target_params=5000, progressive=False))
-    train(config(shape_images, tmp_path, max_train_steps=1), method, base=base)
-    assert method.selected_total == 5000
+    method = SaraMethod(SaraConfig(target_params=20000, progressive=False))
+    result = train(config(shape_images, tmp_path, max_train_steps=1), method, base=base)
+    assert method.selected_total == 20000
+    assert [p.suffixes for p in result.outputs] == [[".sara", ".safetensors"], [".safetensors"]]
     assert sara_learning_rate(2e-3) == pytest.approx(4.966e-4, rel=1e-3)
     with pytest.raises(ConfigError, match="target_params"):
         train(config(shape_images, tmp_path, max_train_steps=1), SaraMethod(SaraConfig(target_params=-1)),
