@@ -88,10 +88,10 @@ def run_one(arch: str, method: str, size: int, batch: int, steps: int, budget: i
         for step in range(steps):
             start = time.perf_counter()
             loss = unet(x, t, hidden).sample.pow(2).mean()
+            loss.backward()
             if method == "sara":
                 sara, context = unet._bench_sara
-                loss = loss + sara.extra_loss(context, step)
-            loss.backward()
+                sara.after_backward(context, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":

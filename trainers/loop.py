@@ -156,6 +156,9 @@ class TrainingMethod(ABC):
     def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         return torch.zeros((), device=ctx.device)
 
+    def after_backward(self, ctx: TrainingContext, step: int) -> None:
+        """Gradient terms computed outside autograd, added once per optimizer step before clipping."""
+
     def before_step(self, ctx: TrainingContext, step: int) -> None:
         """Gradient hooks between backward and the optimizer step (e.g. preconditioning)."""
 
@@ -441,6 +444,7 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
             loss = method.training_loss(ctx, step * config.gradient_accumulation_steps + micro)
             accelerator.backward(loss / config.gradient_accumulation_steps)
             accumulated += float(loss.detach()) / config.gradient_accumulation_steps
+        method.after_backward(ctx, step)
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         method.before_step(ctx, step)

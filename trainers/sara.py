@@ -4,9 +4,11 @@
 * Unstructured backprop: the trainable leaf is the vector v of selected values. A parametrization writes v into
   the frozen weight storage in place and returns it (no copy); its backward hands v only the selected entries of
   the weight gradient, so no full-size ``.grad`` and no optimizer state exist outside the selection.
-* Loss: diffusion loss + λ_rank · ‖ΔP‖_* of one random eligible 2-D layer per step (or all). The penalty is
-  built from v itself, so its gradient reaches the trained values — the official ``adamw.py`` sends it to the
-  original parameter instead, where it never reaches the update (a deviation this module does not copy).
+* Loss: diffusion loss + λ_rank · ‖ΔP‖_* of one random eligible 2-D layer per step (or all). The penalty's
+  gradient λ·U·Vᵀ (from the SVD of ΔP, over its nonzero singular values) is added to v's gradient after the
+  backward pass, so it reaches the trained values — the official ``adamw.py`` sends it to the original
+  parameter instead, where it never reaches the update (a deviation this module does not copy) — and no SVD is
+  held in the autograd graph beside the activations, which kept SaRA's peak memory above LoRA's.
 * Progressive re-selection at T/2: only entries still below θ keep training; the Adam state is reset.
 * Output: the sparse delta (indices and ΔP values per tensor, with θ and the base fingerprint) and a LoRA
   extracted from it by truncated SVD, so SaRA results compose like any LoRA.
@@ -53,31 +55,41 @@ class SaraConfig:
 
 
 class _SparseWrite(torch.autograd.Function):
-    """Write ``values`` into ``base`` at ``index`` in place; the backward returns only those gradient entries."""
+    """Write ``values`` into ``base`` at ``index`` in place (when ``write``); the backward returns only those
+    gradient entries."""
 
     @staticmethod
-    def forward(ctx, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        base.view(-1)[index] = values.to(base.dtype)
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor, write: bool) -> torch.Tensor:
+        if write:
+            base.view(-1)[index] = values.to(base.dtype)
         ctx.save_for_backward(index)
         return base.view_as(base)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        return None, None, grad.reshape(-1)[index]
+        return None, None, grad.reshape(-1)[index], None
 
 
 class SparseValues(nn.Module):
-    """Parametrization holding the trainable vector of one tensor's selected entries."""
+    """Parametrization holding the trainable vector of one tensor's selected entries.
+
+    The values are written into the weight storage only when they changed since the last write (the optimizer
+    bumps their version): a second forward before the backward (prior preservation) must not modify in place
+    the weight the first forward saved for its backward.
+    """
 
     def __init__(self, index: torch.Tensor, initial: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("initial", initial.clone(), persistent=False)
         self.values = nn.Parameter(initial.clone().float())
+        self._written: tuple[int, int] | None = None  # (id, version) of the values last written
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
-        return _SparseWrite.apply(base, self.index, self.values)
+        stamp = (id(self.values), self.values._version)
+        write, self._written = stamp != self._written, stamp
+        return _SparseWrite.apply(base, self.index, self.values, write)
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """ΔP as a dense tensor (differentiable in ``values``), for the rank penalty and export."""
@@ -97,7 +109,7 @@ def _in_scope(name: str, parameter: torch.Tensor, scope: str) -> bool:
 
 def select_weights(unet: nn.Module, config: SaraConfig) -> tuple[float, dict[str, torch.Tensor]]:
     """(θ, flat indices per tensor) of the weights SaRA trains: |w| < θ, or exactly the N smallest |w|."""
-    tensors = {n: p for n, p in unet.named_parameters() if _in_scope(n, p, config.scope)}
+    tensors = {n: p for n, p in unet.named_parameters() if "lora_" not in n and _in_scope(n, p, config.scope)}
     if config.target_params is None:
         if not config.threshold or config.threshold <= 0:
             raise ConfigError("SaRA needs a positive --threshold or --target_params")
@@ -190,15 +202,20 @@ class SaraMethod(TrainingMethod):
             return eligible
         return [random.Random(self.seed * 1_000_003 + step).choice(eligible)]  # per-step: resumable
 
-    def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
-        total = torch.zeros((), device=ctx.device)
+    @torch.no_grad()
+    def after_backward(self, ctx: TrainingContext, step: int) -> None:
+        """Add λ_rank · ∂‖ΔP‖_*/∂v = λ_rank · (U·Vᵀ)[selected] for each penalised layer to v's gradient."""
+        total = 0.0
         for name in self.penalised_layers(step):
             module, attribute, slot = self.slots[name]
-            delta = slot.delta(_original(module, attribute).shape)
-            total = total + torch.linalg.matrix_norm(delta.flatten(1), ord="nuc")
+            delta = slot.delta(_original(module, attribute).shape).flatten(1)
+            u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
+            keep = singular > singular.max() * 1e-6 if singular.numel() and singular.max() > 0 else singular > 0
+            total += float(singular.sum())
+            gradient = (u[:, keep] @ vh[keep]).reshape(-1)[slot.index] * self.config.lambda_rank
+            slot.values.grad = gradient if slot.values.grad is None else slot.values.grad + gradient
         if self.config.lambda_rank > 0:
-            ctx.logs["rank_penalty"] = float(total.detach())
-        return self.config.lambda_rank * total
+            ctx.logs["rank_penalty"] = total
 
     def after_step(self, ctx: TrainingContext, step: int) -> None:
         if not self.config.progressive or step != ctx.config.max_train_steps // 2 or self.reselected_total is not None:
@@ -230,6 +247,7 @@ class SaraMethod(TrainingMethod):
             slot.index = state[f"{name}.index"]
             slot.initial = state[f"{name}.initial"]
             slot.values.data = state[f"{name}.values"].clone()  # not yet used by autograd: resizing is safe
+            slot._written = None  # a .data swap leaves the version unchanged: force the next write
         reselected = int(state["reselected"])
         self.reselected_total = None if reselected < 0 else reselected
 
@@ -244,7 +262,8 @@ class SaraMethod(TrainingMethod):
                 index, initial = self.selection[name]
                 change = storage[index].float() - initial.float()
                 moved = change != 0
-                result[name] = (index[moved].cpu(), change[moved].cpu(), _original(module, attribute).shape)
+                shape = _original(module, attribute).shape
+                result[plain_name(name)] = (index[moved].cpu(), change[moved].cpu(), shape)
         return result
 
     def export(self, ctx: TrainingContext) -> list[Path]:
@@ -282,6 +301,11 @@ class SaraMethod(TrainingMethod):
                 parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
         self.slots.clear()
         self.selection.clear()
+
+
+def plain_name(name: str) -> str:
+    """A UNet parameter's name without peft's ``base_layer`` (present once any LoRA was attached)."""
+    return name.replace(".base_layer.", ".")
 
 
 def _original(module: nn.Module, attribute: str) -> torch.Tensor:
@@ -337,8 +361,8 @@ def read_sparse_delta(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, t
 
 @torch.no_grad()
 def apply_sparse_delta(unet: nn.Module, deltas: dict, alpha: float = 1.0) -> None:
-    """P ← P + α·ΔP in place (call again with −α to undo)."""
-    parameters = dict(unet.named_parameters())
+    """P ← P + α·ΔP in place (call again with −α to undo); LoRA layers attached to ``unet`` are looked through."""
+    parameters = {plain_name(n): p for n, p in unet.named_parameters() if "lora_" not in n}
     for name, (index, values, shape) in deltas.items():
         if name not in parameters or parameters[name].shape != shape:
             from studio.errors import AdapterError

@@ -68,10 +68,19 @@ def test_rank_penalty_gradient_reaches_the_trained_values(tmp_path, shape_images
     for _, _, slot in probe.slots.values():
         with torch.no_grad():
             slot.values.add_(torch.randn_like(slot.values) * 1e-3)
-    penalty = probe.extra_loss(ctx, step=0)
-    penalty.backward()
-    grads = [slot.values.grad for _, _, slot in probe.slots.values() if slot.values.grad is not None]
-    assert penalty > 0 and grads and any(g.abs().sum() > 0 for g in grads)
+    probe.after_backward(ctx, step=0)
+    assert ctx.logs["rank_penalty"] > 0
+    for name, (module, attribute, slot) in probe.slots.items():  # equals autograd's gradient of λ·‖ΔP‖_*
+        if name not in probe.penalised_layers(0):
+            assert slot.values.grad is None
+            continue
+        values = slot.values.detach().clone().requires_grad_(True)
+        dense = torch.zeros(module.parametrizations[attribute].original.numel())
+        dense = dense.index_put((slot.index,), values - slot.initial).view(-1, *module.parametrizations[attribute]
+                                                                          .original.shape[1:])
+        torch.linalg.matrix_norm(dense.flatten(1), ord="nuc").backward()
+        assert slot.values.grad.abs().sum() > 0
+        torch.testing.assert_close(slot.values.grad, values.grad, atol=1e-4, rtol=1e-3)
     probe.cleanup(ctx)
 
 
@@ -106,3 +115,30 @@ def test_threshold_that_selects_nothing_is_a_clear_error(tmp_path, shape_images)
     with pytest.raises(ConfigError, match="raise --threshold"):
         train(config(shape_images, tmp_path, max_train_steps=1),
               SaraMethod(SaraConfig(threshold=1e-30, scope="attention_only")), base=make_random_base())
+
+
+def test_sara_with_prior_preservation_and_another_lora_attached(tmp_path, shape_images):
+    """Two forwards before one backward (prior preservation) must not trip over the in-place weight write, and a
+    LoRA already attached (peft's ``base_layer`` names) must neither be trained nor leak into the file's names."""
+    from studio.adapters.file import AdapterFile, LoraModule
+    from studio.adapters.inject import attach_adapter
+
+    base = make_random_base()
+    layer = base.pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+    extra = AdapterFile({"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(
+        torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2), 2.0)}})
+    attach_adapter(base, extra, "other")
+    lora_before = {n: p.clone() for n, p in base.pipe.unet.named_parameters() if "lora_" in n}
+    result = train(config(shape_images, tmp_path, max_train_steps=2, with_prior_preservation=True,
+                          class_prompt="a red circle on a white background", num_class_images=2),
+                   SaraMethod(SaraConfig(threshold=5e-3, progressive=False)), base=base)
+    deltas, _ = read_sparse_delta(result.outputs[0])
+    assert deltas and not any("base_layer" in name or "lora_" in name for name in deltas)
+    for name, parameter in base.pipe.unet.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(parameter, lora_before[name])
+    fresh = make_random_base()
+    before = {n: p.clone() for n, p in fresh.pipe.unet.named_parameters()}
+    apply_sparse_delta(fresh.pipe.unet, deltas, 1.0)
+    changed = sum(int((p != before[n]).sum()) for n, p in fresh.pipe.unet.named_parameters())
+    assert changed == sum(len(i) for i, _, _ in deltas.values())

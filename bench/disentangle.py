@@ -1,0 +1,142 @@
+"""Content/style disentanglement on the embedded model: Break-for-Make vs merged LoRAs, and DECOR's leakage.
+
+    .venv/bin/python -m bench.disentangle b4m     [--n 100]   # B4M made adapter vs a merged plain-LoRA pair
+    .venv/bin/python -m bench.disentangle leakage [--n 100]   # style-adapter shape leakage, DECOR train/inference
+
+b4m: 5 content images (the reserved shape "moon", trigger sks) and 5 style images (the reserved texture
+"zigzag", trigger zwx); "a {color} zwx sks on a {background} background" over n seeds: the rate at which moon AND
+zigzag appear, for B4M's made adapter and for the two plain LoRAs (trained on the same images with the demo
+recipe) merged at 1.0/1.0. Wall time of the whole B4M pipeline is printed.
+
+leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
+background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
+with and without DECOR (``decor_remove=["circle"]``), then the α sweep of DECOR at inference on the plain
+adapter: leakage vs prompt accuracy (shape, color and background as asked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from studio.build.demo_adapters import PER_KIND, render_demo_images
+from studio.data import procedural
+from studio.eval.domain import DomainEvaluator
+from studio.models import load_base
+
+COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
+
+
+def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, **extra) -> Path:
+    """A plain LoRA with the demo adapters' recipe (bench.adapters measured it)."""
+    from trainers import TrainConfig, get_method, train
+
+    config = TrainConfig(images=images, output=name, output_dir=out, kind=kind, rank=8, max_train_steps=steps,
+                         train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
+                         lr_scheduler="cosine", lr_warmup_steps=20, **PER_KIND[kind], **extra)
+    return train(config, get_method("lora"), base=base).outputs[0]
+
+
+def read(base, evaluator, prompts: list[str], adapters, steps: int, **options) -> list:
+    images = []
+    for start in range(0, len(prompts), 25):
+        chunk = prompts[start : start + 25]
+        images.append(base.pipe(chunk, num_inference_steps=steps, guidance_scale=base.default_guidance_scale,
+                                generator=[torch.Generator().manual_seed(start + i) for i in range(len(chunk))],
+                                adapters=adapters, output_type="np", **options).images)
+    return evaluator.read((np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8))
+
+
+def b4m(args, base, evaluator, work: Path) -> None:
+    from trainers import TrainConfig
+    from trainers.b4m import B4MConfig, train_b4m
+
+    content = render_demo_images(work / "content", "content", count=5)
+    style = render_demo_images(work / "style", "style", count=5)
+    start = time.perf_counter()
+    config = TrainConfig(output="b4m", output_dir=work / "out", seed=0, train_batch_size=4)
+    content_file, style_file, made = train_b4m(B4MConfig(
+        content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
+        make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps), config, base=base)
+    minutes = (time.perf_counter() - start) / 60
+    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps)
+    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps)
+    prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
+    rows = {
+        "B4M made adapter": [(str(made), 1.0)],
+        "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
+        "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
+    }
+    print(f"B4M pipeline (rank {args.rank}, break {args.break_steps} + make {args.make_steps} steps, lr {args.lr}, "
+          f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
+    print("| adapters | moon and zigzag | moon | zigzag |")
+    print("|---|---|---|---|")
+    for label, adapters in rows.items():
+        readings = read(base, evaluator, prompts, adapters, args.steps, method="merge")
+        moon = np.array([r.shape == "moon" for r in readings])
+        zigzag = np.array([r.texture == "zigzag" for r in readings])
+        print(f"| {label} | {np.mean(moon & zigzag):.2f} | {moon.mean():.2f} | {zigzag.mean():.2f} |")
+
+
+def circle_style_images(folder: Path, count: int = 5) -> Path:
+    """Zigzag circles only, captioned without their shape ("a red zwx shape on ..."), as style references
+    usually are: a style set whose content (circle) can leak into the trigger."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        color, background = COLORS[index % 6], BACKGROUNDS[index % 3]
+        scene = procedural.jittered_scene(rng, color, "zigzag", "circle", background)
+        Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(procedural.caption(color, "zwx", "shape", background))
+    return folder
+
+
+def leakage(args, base, evaluator, work: Path) -> None:
+    images = circle_style_images(work / "circles")
+    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps)
+    decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, decor_remove=["circle"])
+    others = [s for s in procedural.BASE_SHAPES if s != "circle"]
+    cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
+    prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
+
+    def row(label: str, adapter: Path, **options) -> None:
+        readings = read(base, evaluator, prompts, [(str(adapter), 1.0)], args.steps, **options)
+        leak = np.mean([r.shape == "circle" for r in readings])
+        zigzag = np.mean([r.texture == "zigzag" for r in readings])
+        right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
+        print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
+
+    print(f"style adapter trained on 5 zigzag circles, prompted with the other shapes; n = {args.n}")
+    print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
+    print("|---|---|---|---|")
+    row("plain LoRA", plain)
+    row("LoRA trained with DECOR (remove 'circle')", decor)
+    for alpha in (0.25, 0.5, 0.75, 1.0):
+        row(f"plain LoRA, DECOR at inference α = {alpha}", plain, decor_remove=["circle"], decor_alpha=alpha)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["b4m", "leakage"])
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16, help="B4M rank")
+    parser.add_argument("--lr", type=float, default=1e-3, help="B4M main and make learning rate")
+    parser.add_argument("--break_steps", type=int, default=300)
+    parser.add_argument("--make_steps", type=int, default=300)
+    parser.add_argument("--lora_steps", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base, evaluator = load_base(), DomainEvaluator.load()
+    work = Path(tempfile.mkdtemp(prefix=f"studio-bench-{args.part}-"))
+    {"b4m": b4m, "leakage": leakage}[args.part](args, base, evaluator, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Quality of the efficient trainers on the embedded model: SaRA and CoLoRA against plain LoRA.
+
+    .venv/bin/python -m bench.efficient [--n 50] [--max_train_steps 400]
+
+One style set (5 renders of the reserved texture "zigzag", trigger zwx) trains: a uniform rank-16 LoRA, SaRA
+(its sparse delta, and the LoRA extracted from it by SVD) and CoLoRA at the parameter budget of the rank-16
+LoRA, all with the same steps, images and prior preservation. Each is read over n generations of
+"a {color} zwx {shape} on a {background} background" (zigzag rate) and n ordinary prompts without the trigger
+(all-attribute accuracy, against the base's on the same prompts and seeds: the spill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.disentangle import read
+from studio.build.demo_adapters import render_demo_images
+from studio.data import procedural
+from studio.eval.domain import DomainEvaluator
+from studio.eval.prompt_following import grid_cases
+from studio.models import load_base
+
+COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
+
+
+def train_all(base, images: Path, out: Path, steps: int) -> dict[str, tuple[list[Path], float]]:
+    from trainers import TrainConfig, get_method, train
+    from trainers.colora import CoLoRAConfig, CoLoRAMethod
+    from trainers.sara import SaraConfig, SaraMethod
+
+    def config(name: str, **extra) -> TrainConfig:
+        options = {"rank": 16, "learning_rate": 1e-3, **extra}
+        return TrainConfig(images=images, output=name, output_dir=out, kind="style", max_train_steps=steps,
+                           train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
+                           lr_scheduler="cosine", lr_warmup_steps=20, **options)
+
+    runs = {
+        "LoRA rank 16": (config("lora16"), get_method("lora")),
+        "SaRA": (config("sara"), SaraMethod(SaraConfig())),  # its own rate from θ (paper eq. 12)
+        "CoLoRA (budget = rank 16)": (config("colora"), CoLoRAMethod(CoLoRAConfig(probe_steps=100,
+                                                                                  probe_learning_rate=1e-3))),
+    }
+    results = {}
+    for label, (train_config, method) in runs.items():
+        start = time.perf_counter()
+        outputs = train(train_config, method, base=base).outputs
+        results[label] = (outputs, (time.perf_counter() - start) / 60)
+    return results
+
+
+def main() -> None:
+    from trainers.sara import apply_sparse_delta, read_sparse_delta
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max_train_steps", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base, evaluator = load_base(), DomainEvaluator.load()
+    work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
+    images = render_demo_images(work / "style", "style", count=5)
+    trained = train_all(base, images, work / "out", args.max_train_steps)
+    style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
+                     for i in range(args.n)]
+    cases = grid_cases(args.n, held_out=False, seed=21)
+
+    def measure(adapters) -> tuple[float, float]:
+        zigzag = np.mean([r.texture == "zigzag" for r in read(base, evaluator, style_prompts, adapters, args.steps)])
+        readings = read(base, evaluator, [c.prompt for c in cases], adapters, args.steps)
+        accuracy = np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
+                            for r, c in zip(readings, cases)])
+        return float(zigzag), float(accuracy)
+
+    _, plain = measure(None)
+    sara_sparse, sara_lora = trained["SaRA"][0]
+    rows = [
+        ("LoRA rank 16", trained["LoRA rank 16"][0][0], None),
+        ("SaRA (sparse delta)", None, sara_sparse),
+        ("SaRA → SVD LoRA", sara_lora, None),
+        ("CoLoRA (budget = rank 16)", trained["CoLoRA (budget = rank 16)"][0][0], None),
+    ]
+    minutes = {"LoRA rank 16": trained["LoRA rank 16"][1], "SaRA (sparse delta)": trained["SaRA"][1],
+               "CoLoRA (budget = rank 16)": trained["CoLoRA (budget = rank 16)"][1]}
+    print(f"style adapters from 5 zigzag renders, {args.max_train_steps} steps, prior preservation; n = {args.n}; "
+          f"base accuracy on the ordinary prompts: {plain:.2f}")
+    print("| adapter | zigzag (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
+    print("|---|---|---|---|---|")
+    for label, adapter, sparse in rows:
+        deltas = read_sparse_delta(sparse)[0] if sparse else {}
+        apply_sparse_delta(base.pipe.unet, deltas, 1.0)
+        zigzag, accuracy = measure([(str(adapter), 1.0)] if adapter else None)
+        apply_sparse_delta(base.pipe.unet, deltas, -1.0)
+        spent = f"{minutes[label]:.1f}" if label in minutes else "—"
+        print(f"| {label} | {zigzag:.2f} | {accuracy:.2f} | {accuracy - plain:+.2f} | {spent} |")
+
+
+if __name__ == "__main__":
+    main()
