@@ -289,7 +289,8 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     from studio.build.demo_adapters import DEMO_DIR, build_demo_adapters
 
     _single_thread_on_cpu()
-    for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed):
+    for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed,
+                                    only=args.only):
         print(path)
     return 0
 
@@ -339,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                            _build_tiny, None, "assets/tiny-sd")
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     _build_command(commands, "build-clip", "train the embedded domain's small CLIP", _build_clip, 2000, "assets/clip")
-    _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
-                   _build_demo_adapters, 400, "assets/adapters")
+    demos = _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
+                           _build_demo_adapters, 400, "assets/adapters")
+    demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 

@@ -4,6 +4,8 @@
   colors, textures and backgrounds ("a {color} {texture} sks on a {background} background").
 * ``zwx-zigzag``: a style adapter for the reserved texture "zigzag", trigger ``zwx``, from 6 renders of varied
   shapes ("a {color} zwx {shape} on a {background} background").
+* ``xyz-cross``: a second content adapter, for the other reserved shape "cross" (trigger ``xyz``), so that two
+  subjects can be composed in one image (CLoRA) and three adapters at once.
 
 Both are plain LoRAs from the shared trainer with prior preservation on ordinary domain prompts. The content
 adapter trains only the cross-attention keys and values (as Custom Diffusion does: they see the text, so a new
@@ -26,12 +28,17 @@ PER_KIND = {
     "content": {"learning_rate": 2e-3, "target_modules": ("attn2.to_k", "attn2.to_v")},
     "style": {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0")},
 }
-CONTENT = ("sks-moon", "sks", "moon")
-STYLE = ("zwx-zigzag", "zwx", "zigzag")
+#: (name, trigger, reserved concept, kind) of each demo adapter.
+DEMOS = (("sks-moon", "sks", "moon", "content"), ("zwx-zigzag", "zwx", "zigzag", "style"),
+         ("xyz-cross", "xyz", "cross", "content"))
 
 
-def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0) -> Path:
-    """Training images with captions: the reserved shape (content) or texture (style) under its trigger."""
+def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, trigger: str | None = None,
+                       concept: str | None = None) -> Path:
+    """Training images with captions: a reserved shape (content) or texture (style) under its trigger
+    (by default the first demo adapter of that kind)."""
+    default = next(d for d in DEMOS if d[3] == kind)
+    trigger, concept = trigger or default[1], concept or default[2]
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
@@ -39,27 +46,30 @@ def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0) -
         color, background = colors[index % len(colors)], backgrounds[index % len(backgrounds)]
         if kind == "content":
             texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
-            scene = procedural.jittered_scene(rng, color, texture, "moon", background)
-            caption = procedural.caption(color, texture, CONTENT[1], background)
+            scene = procedural.jittered_scene(rng, color, texture, concept, background)
+            caption = procedural.caption(color, texture, trigger, background)
         else:
             shape = procedural.BASE_SHAPES[index % len(procedural.BASE_SHAPES)]
-            scene = procedural.jittered_scene(rng, color, "zigzag", shape, background)
-            caption = procedural.caption(color, STYLE[1], shape, background)
+            scene = procedural.jittered_scene(rng, color, concept, shape, background)
+            caption = procedural.caption(color, trigger, shape, background)
         Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_text(caption)
     return folder
 
 
-def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int = 0, base=None) -> list[Path]:
-    """Train both demo adapters on the embedded model; returns the written files."""
+def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int = 0, base=None,
+                        only: list[str] | None = None) -> list[Path]:
+    """Train the demo adapters (``only`` those named) on the embedded model; returns the written files."""
     import tempfile
 
     from trainers import TrainConfig, get_method, train
 
     written = []
     work = Path(tempfile.mkdtemp(prefix="studio-demo-"))
-    for (name, trigger, _), kind in ((CONTENT, "content"), (STYLE, "style")):
-        images = render_demo_images(work / name, kind, seed=seed)
+    for name, trigger, concept, kind in DEMOS:
+        if only and name not in only:
+            continue
+        images = render_demo_images(work / name, kind, seed=seed, trigger=trigger, concept=concept)
         config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
                              rank=8, max_train_steps=steps, train_batch_size=4, seed=seed, **PER_KIND[kind],
                              with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
