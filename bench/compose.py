@@ -8,7 +8,8 @@
 speed: wall time of one image relative to a single-LoRA image (same seed and steps), UNet sample-evaluations per
 step and peak memory, measured side by side in one run. quality: the rate at which every concept of the
 composed adapters appears (domain evaluator), over seeds × colors/backgrounds, with the demo content and style
-adapters (and a third, a second style). loaded: time per step with many adapters attached but few active.
+adapters, and for N = 3 the second content adapter (xyz-cross) as a second subject. loaded: time per step with
+many adapters attached but few active.
 """
 
 from __future__ import annotations
@@ -90,26 +91,44 @@ def speed(args) -> None:
 
 
 def quality(args) -> None:
+    """N = 2: sks-moon + zwx-zigzag on "a {color} zwx sks on a {background} background" (moon and zigzag).
+    N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (bench.two_subjects):
+    the c1 region a zigzag moon and the c2 region a cross."""
+    from bench.two_subjects import MIN_PIXELS, PAIRS, color_regions, isolate
+
     base = load_base(args.model)
     evaluator = DomainEvaluator.load()
-    content, style = demo_adapters()[:2]
-    sets = {2: [(content, 1.0), (style, 1.0)]}
+    content, cross, style = (str(SHIPPED / f"{name}.safetensors") for name in ("sks-moon", "xyz-cross", "zwx-zigzag"))
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
-    print("| N | method | all concepts present | shape | texture | n |")
+    print(f"{args.seeds} seeds × colors × backgrounds, {args.steps} steps")
+    print("| N | method | all concepts present | moon | zigzag | cross (N = 3) |")
     print("|---|---|---|---|---|---|")
-    for n, adapters in sets.items():
+    for n in (2, 3):
+        adapters = [(content, 1.0), (style, 1.0)] + ([(cross, 1.0)] if n == 3 else [])
         for method in METHODS:
-            hits, shapes, textures = [], [], []
+            rows = []
             for seed in range(args.seeds):
-                color, background = colors[seed % len(colors)], backgrounds[(seed // len(colors)) % 3]
-                prompt = f"a {color} zwx sks on a {background} background"
-                image = run(base.pipe, prompt, adapters, method, args.steps, seed)
-                reading = evaluator.read((np.clip(image, 0, 1) * 255).astype(np.uint8))[0]
-                shapes.append(reading.shape == "moon")
-                textures.append(reading.texture == "zigzag")
-                hits.append(shapes[-1] and textures[-1])
-            print(f"| {n} | {method} | {np.mean(hits):.2f} | {np.mean(shapes):.2f} | {np.mean(textures):.2f} | "
-                  f"{args.seeds} |")
+                background = backgrounds[(seed // len(colors)) % 3]
+                if n == 2:
+                    color = colors[seed % len(colors)]
+                    image = run(base.pipe, f"a {color} zwx sks on a {background} background", adapters, method,
+                                args.steps, seed)
+                    reading = evaluator.read((np.clip(image, 0, 1) * 255).round().astype(np.uint8))[0]
+                    rows.append((reading.shape == "moon", reading.texture == "zigzag", True))
+                    continue
+                c1, c2 = PAIRS[seed % len(PAIRS)]
+                image = run(base.pipe, f"a {c1} zwx sks and a {c2} xyz on a {background} background", adapters,
+                            method, args.steps, seed)
+                pixels = (np.clip(image[0], 0, 1) * 255).round().astype(np.uint8)
+                regions = color_regions(pixels, (c1, c2), background)
+                first, second = evaluator.read(np.stack([isolate(pixels, r, background) for r in regions]))
+                big = [r.sum() >= MIN_PIXELS for r in regions]
+                rows.append((big[0] and first.shape == "moon", big[0] and first.texture == "zigzag",
+                             big[1] and second.shape == "cross"))
+            hits = np.array(rows)
+            cross_rate = f"{hits[:, 2].mean():.2f}" if n == 3 else "—"
+            print(f"| {n} | {method} | {hits.all(1).mean():.2f} | {hits[:, 0].mean():.2f} | {hits[:, 1].mean():.2f} | "
+                  f"{cross_rate} |")
 
 
 def loaded(args) -> None:
