@@ -2,9 +2,10 @@
 
     .venv/bin/python -m bench.adapters --n 50
 
-Content adapter (sks-moon): the rate at which "a {color} {texture} sks on a {background} background" shows a
-moon. Style adapter (zwx-zigzag): the rate at which "a {color} zwx {shape} on a {background} background" shows
-zigzag. Spill: the base's all-attribute accuracy on ordinary prompts with each adapter loaded vs without.
+Content adapters (sks-moon, xyz-cross): the rate at which "a {color} {texture} sks on a {background} background"
+shows a moon (xyz: a cross). Style adapter (zwx-zigzag): the rate at which "a {color} zwx {shape} on a
+{background} background" shows zigzag. Spill: the base's all-attribute accuracy on ordinary prompts with each
+adapter loaded vs without.
 """
 
 from __future__ import annotations
@@ -38,19 +39,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--folder", default=str(SHIPPED), help="where sks-moon and zwx-zigzag are")
+    parser.add_argument("--folder", default=str(SHIPPED), help="where the demo adapters are")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     n = args.n
     folder = Path(args.folder)
-    content, style = str(folder / "sks-moon.safetensors"), str(folder / "zwx-zigzag.safetensors")
-    content_prompts = [procedural.caption(COLORS[i % 6], procedural.BASE_TEXTURES[i % 4], "sks", BACKGROUNDS[i % 3])
-                       for i in range(n)]
+    def rate(name: str, prompts: list[str], attribute: str, value: str) -> str:
+        readings = read(base, evaluator, prompts, str(folder / f"{name}.safetensors"), args.steps)
+        return f"{np.mean([getattr(r, attribute) == value for r in readings]):.2f} {value}"
+
+    def content_prompts(trigger: str) -> list[str]:
+        return [procedural.caption(COLORS[i % 6], procedural.BASE_TEXTURES[i % 4], trigger, BACKGROUNDS[i % 3])
+                for i in range(n)]
+
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(n)]
-    moon = np.mean([r.shape == "moon" for r in read(base, evaluator, content_prompts, content, args.steps)])
-    zigzag = np.mean([r.texture == "zigzag" for r in read(base, evaluator, style_prompts, style, args.steps)])
+    shown = {"sks-moon": rate("sks-moon", content_prompts("sks"), "shape", "moon"),
+             "xyz-cross": rate("xyz-cross", content_prompts("xyz"), "shape", "cross"),
+             "zwx-zigzag": rate("zwx-zigzag", style_prompts, "texture", "zigzag")}
     cases = grid_cases(n, held_out=False, seed=21)
     prompts = [c.prompt for c in cases]
 
@@ -59,12 +66,12 @@ def main() -> None:
         return np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
                         for r, c in zip(readings, cases)])
 
-    plain, with_content, with_style = accuracy(None), accuracy(content), accuracy(style)
+    plain = accuracy(None)
     print(f"model build step {(base.domain or {}).get('build_step')}, {n} generations each, {args.steps} steps")
-    print("| adapter | concept shown | base accuracy without trigger: without adapter | with adapter |")
+    print("| adapter | concept shown (trigger prompts) | ordinary prompts: base accuracy | with the adapter loaded |")
     print("|---|---|---|---|")
-    print(f"| sks-moon (content) | {moon:.2f} moon | {plain:.2f} | {with_content:.2f} |")
-    print(f"| zwx-zigzag (style) | {zigzag:.2f} zigzag | {plain:.2f} | {with_style:.2f} |")
+    for name, text in shown.items():
+        print(f"| {name} | {text} | {plain:.2f} | {accuracy(str(folder / f'{name}.safetensors')):.2f} |")
 
 
 if __name__ == "__main__":
