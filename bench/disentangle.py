@@ -33,12 +33,12 @@ from studio.models import load_base
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, **extra) -> Path:
+def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True, **extra) -> Path:
     """A plain LoRA with the demo adapters' recipe (bench.adapters measured it)."""
     from trainers import TrainConfig, get_method, train
 
     config = TrainConfig(images=images, output=name, output_dir=out, kind=kind, rank=8, max_train_steps=steps,
-                         train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
+                         train_batch_size=4, seed=0, with_prior_preservation=prior, num_class_images=96,
                          lr_scheduler="cosine", lr_warmup_steps=20, **PER_KIND[kind], **extra)
     return train(config, get_method("lora"), base=base).outputs[0]
 
@@ -99,8 +99,9 @@ def circle_style_images(folder: Path, count: int = 5) -> Path:
 
 def leakage(args, base, evaluator, work: Path) -> None:
     images = circle_style_images(work / "circles")
-    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps)
-    decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, decor_remove=["circle"])
+    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior)
+    decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
+                 decor_remove=["circle"])
     others = [s for s in procedural.BASE_SHAPES if s != "circle"]
     cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
@@ -112,7 +113,8 @@ def leakage(args, base, evaluator, work: Path) -> None:
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
         print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
 
-    print(f"style adapter trained on 5 zigzag circles, prompted with the other shapes; n = {args.n}")
+    print(f"style adapter trained on 5 zigzag circles ({'with' if args.prior else 'without'} prior preservation), "
+          f"prompted with the other shapes; n = {args.n}")
     print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
     print("|---|---|---|---|")
     row("plain LoRA", plain)
@@ -131,6 +133,8 @@ def main() -> None:
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)
     parser.add_argument("--lora_steps", type=int, default=400)
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
+                        help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
