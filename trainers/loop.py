@@ -81,8 +81,11 @@ class TrainingContext:
         return self.base.device
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        """Per-step randomness: depends only on (seed, step, stream)."""
-        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863)
+        """Per-step randomness: depends only on (seed, step, stream) and, under ``accelerate launch``, the process
+        (so that each GPU draws its own batch)."""
+        rank = self.accelerator.process_index if self.accelerator is not None else 0
+        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863
+                                                  + rank * 32_452_843)
 
     def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.multinomial(data.weights, batch_size, replacement=True, generator=generator)
@@ -393,6 +396,9 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     base = base or load_base(config.model, device=config.device)
     accelerator = Accelerator(mixed_precision=config.mixed_precision if base.device.type == "cuda" else "no",
                               cpu=base.device.type == "cpu")
+    if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
+        base.pipe.to(accelerator.device)
+        base.device = accelerator.device
     resolution = config.resolution or base.default_size
     output_dir = Path(config.output_dir) if config.output_dir else library_dir()
     work_dir = output_dir / f"{config.output}-work"
@@ -431,7 +437,6 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
         logger.info("resumed from %s at step %d", checkpoint, step)
     total = config.max_train_steps
     _emit(progress, "start", step, total, {"images": len(images)})
-    params = [p for group in groups for p in group["params"]]
     samples: list[Path] = []
     bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=progress is not None)
     loss_value = math.nan
@@ -445,6 +450,11 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
             accelerator.backward(loss / config.gradient_accumulation_steps)
             accumulated += float(loss.detach()) / config.gradient_accumulation_steps
         method.after_backward(ctx, step)
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # methods may swap parameters
+        if accelerator.num_processes > 1:  # the UNet is not DDP-wrapped: average the trainable gradients here
+            for parameter in params:
+                if parameter.grad is not None:
+                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         method.before_step(ctx, step)
