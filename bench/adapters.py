@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.measure import read_generations
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
@@ -23,16 +24,6 @@ from studio.eval.prompt_following import grid_cases
 from studio.models import load_base
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
-
-
-def read(base, evaluator, prompts, adapter, steps):
-    images = []
-    for start in range(0, len(prompts), 25):
-        chunk = prompts[start : start + 25]
-        images.append(base.pipe(chunk, num_inference_steps=steps, guidance_scale=base.default_guidance_scale,
-                                generator=[torch.Generator().manual_seed(start + i) for i in range(len(chunk))],
-                                adapters=[(adapter, 1.0)] if adapter else None, output_type="np").images)
-    return evaluator.read((np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8))
 
 
 def main() -> None:
@@ -46,7 +37,8 @@ def main() -> None:
     n = args.n
     folder = Path(args.folder)
     def rate(name: str, prompts: list[str], attribute: str, value: str) -> str:
-        readings = read(base, evaluator, prompts, str(folder / f"{name}.safetensors"), args.steps)
+        readings = read_generations(base, evaluator, prompts, args.steps,
+                                    adapters=[(str(folder / f"{name}.safetensors"), 1.0)])
         return f"{np.mean([getattr(r, attribute) == value for r in readings]):.2f} {value}"
 
     def content_prompts(trigger: str) -> list[str]:
@@ -61,8 +53,8 @@ def main() -> None:
     cases = grid_cases(n, held_out=False, seed=21)
     prompts = [c.prompt for c in cases]
 
-    def accuracy(adapter):
-        readings = read(base, evaluator, prompts, adapter, args.steps)
+    def accuracy(adapters):
+        readings = read_generations(base, evaluator, prompts, args.steps, adapters=adapters)
         return np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
                         for r, c in zip(readings, cases)])
 
@@ -71,7 +63,7 @@ def main() -> None:
     print("| adapter | concept shown (trigger prompts) | ordinary prompts: base accuracy | with the adapter loaded |")
     print("|---|---|---|---|")
     for name, text in shown.items():
-        print(f"| {name} | {text} | {plain:.2f} | {accuracy(str(folder / f'{name}.safetensors')):.2f} |")
+        print(f"| {name} | {text} | {plain:.2f} | {accuracy([(str(folder / f'{name}.safetensors'), 1.0)]):.2f} |")
 
 
 if __name__ == "__main__":

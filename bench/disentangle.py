@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.measure import read_generations
 from studio.build.demo_adapters import PER_KIND, render_demo_images
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
@@ -41,16 +42,6 @@ def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior:
                          train_batch_size=4, seed=0, with_prior_preservation=prior, num_class_images=96,
                          lr_scheduler="cosine", lr_warmup_steps=20, **PER_KIND[kind], **extra)
     return train(config, get_method("lora"), base=base).outputs[0]
-
-
-def read(base, evaluator, prompts: list[str], adapters, steps: int, **options) -> list:
-    images = []
-    for start in range(0, len(prompts), 25):
-        chunk = prompts[start : start + 25]
-        images.append(base.pipe(chunk, num_inference_steps=steps, guidance_scale=base.default_guidance_scale,
-                                generator=[torch.Generator().manual_seed(start + i) for i in range(len(chunk))],
-                                adapters=adapters, output_type="np", **options).images)
-    return evaluator.read((np.clip(np.concatenate(images), 0, 1) * 255).round().astype(np.uint8))
 
 
 def b4m(args, base, evaluator, work: Path) -> None:
@@ -78,7 +69,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
     for label, adapters in rows.items():
-        readings = read(base, evaluator, prompts, adapters, args.steps, method="merge")
+        readings = read_generations(base, evaluator, prompts, args.steps, adapters=adapters, method="merge")
         moon = np.array([r.shape == "moon" for r in readings])
         zigzag = np.array([r.texture == "zigzag" for r in readings])
         print(f"| {label} | {np.mean(moon & zigzag):.2f} | {moon.mean():.2f} | {zigzag.mean():.2f} |")
@@ -107,7 +98,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
 
     def row(label: str, adapter: Path, **options) -> None:
-        readings = read(base, evaluator, prompts, [(str(adapter), 1.0)], args.steps, **options)
+        readings = read_generations(base, evaluator, prompts, args.steps, adapters=[(str(adapter), 1.0)], **options)
         leak = np.mean([r.shape == "circle" for r in readings])
         zigzag = np.mean([r.texture == "zigzag" for r in readings])
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.disentangle import read
+from bench.measure import read_generations
 from studio.build.demo_adapters import render_demo_images
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
@@ -76,8 +76,9 @@ def main() -> None:
     cases = grid_cases(args.n, held_out=False, seed=21)
 
     def measure(adapters) -> tuple[float, float]:
-        zigzag = np.mean([r.texture == "zigzag" for r in read(base, evaluator, style_prompts, adapters, args.steps)])
-        readings = read(base, evaluator, [c.prompt for c in cases], adapters, args.steps)
+        styled = read_generations(base, evaluator, style_prompts, args.steps, adapters=adapters)
+        zigzag = np.mean([r.texture == "zigzag" for r in styled])
+        readings = read_generations(base, evaluator, [c.prompt for c in cases], args.steps, adapters=adapters)
         accuracy = np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
                             for r, c in zip(readings, cases)])
         return float(zigzag), float(accuracy)

@@ -1,4 +1,5 @@
-"""Measuring helpers shared by the benchmarks: wall time and peak memory of a block."""
+"""Measuring helpers shared by the benchmarks: wall time and peak memory of a block, and evaluator readings of
+generated images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -55,3 +58,13 @@ def measured(device: torch.device) -> Iterator[Measurement]:
             sampler.join()
             result.peak_bytes = max(peak[0], _rss()) - start_bytes
         result.seconds = time.perf_counter() - start
+
+
+def read_generations(base, evaluator, prompts: list[str], steps: int, **options: Any) -> list:
+    """The domain evaluator's readings of one image per prompt (seed = its index), 25 per pipeline call;
+    ``options`` go to the pipeline (adapters, method, negative prompt, DECOR, Perp-Neg)."""
+    from studio.eval.prompt_following import generate_batch
+
+    images = [generate_batch(base, prompts[start : start + 25], range(start, min(start + 25, len(prompts))), steps,
+                             **options) for start in range(0, len(prompts), 25)]
+    return evaluator.read(np.concatenate(images))

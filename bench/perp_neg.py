@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.disentangle import read
+from bench.measure import read_generations
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.models import load_base
@@ -39,8 +39,8 @@ def main() -> None:
         readings = []
         for (texture, shape), group in groups.items():  # Perp-Neg's negatives apply to the whole batch
             extra = {"negative_prompt": f"a {texture} {shape}"} if negative else {}
-            readings += read(base, evaluator, [procedural.caption(*c) for c in group], None, args.steps,
-                             **extra, **options)
+            readings += read_generations(base, evaluator, [procedural.caption(*c) for c in group], args.steps,
+                                         **extra, **options)
         removed = np.mean([r.texture != t for r, (_, t, _, _) in zip(readings, cases)])
         kept = np.mean([(r.shape, r.color) == (s, c) for r, (c, _, s, _) in zip(readings, cases)])
         print(f"| {label} | {removed:.2f} | {kept:.2f} |")

@@ -118,7 +118,7 @@ def select_weights(unet: nn.Module, config: SaraConfig) -> tuple[float, dict[str
     total = sum(p.numel() for p in tensors.values())
     if not 0 < config.target_params < total:
         raise ConfigError(f"--target_params must be between 1 and {total - 1}")
-    ceiling = _ceiling_for_count(tensors, config.target_params)
+    ceiling = _ceiling_for_count(tensors, config.target_params, total)
     # Only the candidates below the ceiling (a few percent more than N) are gathered and ranked, so the selection
     # never holds a copy of every UNet magnitude (3.4 GB for SD 1.5: more than LoRA's whole training peak).
     names, candidates, magnitudes = [], [], []
@@ -134,13 +134,12 @@ def select_weights(unet: nn.Module, config: SaraConfig) -> tuple[float, dict[str
     return float(ranked.values.max()), selection
 
 
-def _ceiling_for_count(tensors: dict[str, torch.Tensor], count: int) -> float:
-    """A magnitude below which at least ``count`` (and not many more) weights lie: a strided sample's quantile,
-    raised until the exact count reaches ``count``."""
-    stride = max(1, sum(p.numel() for p in tensors.values()) // 2_000_000)
+def _ceiling_for_count(tensors: dict[str, torch.Tensor], count: int, total: int) -> float:
+    """A magnitude below which at least ``count`` (and not many more) of the ``total`` weights lie: a strided
+    sample's quantile, raised until the exact count reaches ``count``."""
+    stride = max(1, total // 2_000_000)
     sample = torch.cat([p.detach().flatten()[::stride].abs().float() for p in tensors.values()])  # no full copies
-    share = count / sum(p.numel() for p in tensors.values())
-    ceiling = float(torch.quantile(sample[:16_000_000], min(1.0, share * 1.05 + 1e-4)))
+    ceiling = float(torch.quantile(sample[:16_000_000], min(1.0, count / total * 1.05 + 1e-4)))
     while sum(int((p.detach().abs() < ceiling).sum()) for p in tensors.values()) < count:
         ceiling = ceiling * 1.5 + 1e-12
     return ceiling
@@ -210,7 +209,7 @@ class SaraMethod(TrainingMethod):
             module, attribute, slot = self.slots[name]
             delta = slot.delta(_original(module, attribute).shape).flatten(1)
             u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
-            keep = singular > singular.max() * 1e-6 if singular.numel() and singular.max() > 0 else singular > 0
+            keep = singular > (float(singular.max()) * 1e-6 if singular.numel() else 0.0)
             total += float(singular.sum())
             gradient = (u[:, keep] @ vh[keep]).reshape(-1)[slot.index] * self.config.lambda_rank
             slot.values.grad = gradient if slot.values.grad is None else slot.values.grad + gradient

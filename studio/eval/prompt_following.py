@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,16 +46,17 @@ def grid_cases(n: int, held_out: bool, seed: int = 0) -> list[PromptCase]:
 
 @torch.no_grad()
 def generate_batch(base: BaseModel, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                   guidance_scale: float | None = None, negative_prompt: str | None = None) -> np.ndarray:
-    """N×H×W×3 uint8 images, one per (prompt, seed), generated in one pipeline call."""
+                   guidance_scale: float | None = None, **options: Any) -> np.ndarray:
+    """N×H×W×3 uint8 images, one per (prompt, seed), generated in one pipeline call; ``options`` go to the
+    pipeline (``negative_prompt``, ``adapters``, ``method``, ``decor_remove``, ``perp_neg``, …)."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     output = base.pipe(
         prompt=[clean_prompt(p) for p in prompts],
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
         num_inference_steps=steps or base.default_steps,
         guidance_scale=base.default_guidance_scale if guidance_scale is None else guidance_scale,
         generator=generators,
         output_type="np",
+        **options,
     )
     return (np.clip(output.images, 0, 1) * 255).round().astype(np.uint8)
 
