@@ -1,6 +1,6 @@
 """Quality of the efficient trainers on the embedded model: SaRA and CoLoRA against plain LoRA.
 
-    .venv/bin/python -m bench.efficient [--n 50] [--max_train_steps 400]
+    .venv/bin/python -m bench.efficient [--n 50] [--max_train_steps 400] [--methods lora,sara,colora]
 
 One style set (5 renders of the reserved texture "zigzag", trigger zwx) trains: a uniform rank-16 LoRA, SaRA
 (its sparse delta, and the LoRA extracted from it by SVD) and CoLoRA at the parameter budget of the rank-16
@@ -29,7 +29,7 @@ from studio.models import load_base
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-def train_all(base, images: Path, out: Path, steps: int, sara_lr: float | None, colora_beta: float
+def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sara: dict, colora: dict
               ) -> dict[str, tuple[list[Path], float]]:
     from trainers import TrainConfig, get_method, train
     from trainers.colora import CoLoRAConfig, CoLoRAMethod
@@ -42,13 +42,13 @@ def train_all(base, images: Path, out: Path, steps: int, sara_lr: float | None, 
                            lr_scheduler="cosine", lr_warmup_steps=20, **options)
 
     runs = {
-        "LoRA rank 16": (config("lora16"), get_method("lora")),
-        "SaRA": (config("sara"), SaraMethod(SaraConfig(learning_rate=sara_lr))),
-        "CoLoRA (budget = rank 16)": (config("colora"), CoLoRAMethod(CoLoRAConfig(
-            probe_steps=100, probe_learning_rate=1e-3, beta=colora_beta))),
+        "lora": (config("lora16"), get_method("lora")),
+        "sara": (config("sara"), SaraMethod(SaraConfig(**sara))),
+        "colora": (config("colora"), CoLoRAMethod(CoLoRAConfig(probe_steps=100, probe_learning_rate=1e-3, **colora))),
     }
     results = {}
-    for label, (train_config, method) in runs.items():
+    for label in methods:
+        train_config, method = runs[label]
         start = time.perf_counter()
         outputs = train(train_config, method, base=base).outputs
         results[label] = (outputs, (time.perf_counter() - start) / 60)
@@ -64,13 +64,22 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--sara_lr", type=float, default=1e-2,
                         help="SaRA's rate (None: paper eq. 12, 5e-4 at θ = 2e-3, which barely moves this small model)")
+    parser.add_argument("--sara_threshold", type=float, default=2e-3, help="SaRA's θ")
     parser.add_argument("--colora_beta", type=float, default=1.0, help="CoLoRA's allocation exponent β")
+    parser.add_argument("--colora_score", default="faig", help="CoLoRA's contribution score")
+    parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - {"lora", "sara", "colora"}
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
     images = render_demo_images(work / "style", "style", count=5)
-    trained = train_all(base, images, work / "out", args.max_train_steps, args.sara_lr, args.colora_beta)
+    trained = train_all(base, images, work / "out", args.max_train_steps, methods,
+                        {"learning_rate": args.sara_lr, "threshold": args.sara_threshold},
+                        {"beta": args.colora_beta, "score": args.colora_score})
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(args.n)]
     cases = grid_cases(args.n, held_out=False, seed=21)
@@ -84,26 +93,26 @@ def main() -> None:
         return float(zigzag), float(accuracy)
 
     _, plain = measure(None)
-    sara_sparse, sara_lora = trained["SaRA"][0]
-    rows = [
-        ("LoRA rank 16", trained["LoRA rank 16"][0][0], None),
-        ("SaRA (sparse delta)", None, sara_sparse),
-        ("SaRA → SVD LoRA", sara_lora, None),
-        ("CoLoRA (budget = rank 16)", trained["CoLoRA (budget = rank 16)"][0][0], None),
-    ]
-    minutes = {"LoRA rank 16": trained["LoRA rank 16"][1], "SaRA (sparse delta)": trained["SaRA"][1],
-               "CoLoRA (budget = rank 16)": trained["CoLoRA (budget = rank 16)"][1]}
+    rows: list[tuple[str, Path | None, Path | None, float | None]] = []
+    if "lora" in trained:
+        rows.append(("LoRA rank 16", trained["lora"][0][0], None, trained["lora"][1]))
+    if "sara" in trained:
+        sara_sparse, sara_lora = trained["sara"][0]
+        rows += [("SaRA (sparse delta)", None, sara_sparse, trained["sara"][1]),
+                 ("SaRA → SVD LoRA", sara_lora, None, None)]
+    if "colora" in trained:
+        rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
     print(f"style adapters from 5 zigzag renders, {args.max_train_steps} steps, prior preservation, SaRA lr "
-          f"{args.sara_lr}, CoLoRA β {args.colora_beta}; n = {args.n}; "
-          f"base accuracy on the ordinary prompts: {plain:.2f}")
+          f"{args.sara_lr} θ {args.sara_threshold}, CoLoRA β {args.colora_beta} score {args.colora_score}; "
+          f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")
     print("| adapter | zigzag (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
     print("|---|---|---|---|---|")
-    for label, adapter, sparse in rows:
+    for label, adapter, sparse, minutes in rows:
         deltas = read_sparse_delta(sparse)[0] if sparse else {}
         apply_sparse_delta(base.pipe.unet, deltas, 1.0)
         zigzag, accuracy = measure([(str(adapter), 1.0)] if adapter else None)
         apply_sparse_delta(base.pipe.unet, deltas, -1.0)
-        spent = f"{minutes[label]:.1f}" if label in minutes else "—"
+        spent = f"{minutes:.1f}" if minutes is not None else "—"
         print(f"| {label} | {zigzag:.2f} | {accuracy:.2f} | {accuracy - plain:+.2f} | {spent} |")
 
 

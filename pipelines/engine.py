@@ -8,6 +8,7 @@ Perp-Neg) makes the final noise estimate. A pipeline class supplies only how tex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from pipelines.attention_capture import capture_cross_attention
+from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.methods import make_method
@@ -46,6 +48,7 @@ class CompositionEngine:
 
     default_method = "merge"
     max_loaded_adapters = 8  # least recently used adapters beyond this are detached (diffusers #11816, #8532)
+    cache_cross_kv = True  # compute cross-attention K/V once per generation (exact; see cross_kv_cache)
 
     def studio_base(self):
         """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
@@ -116,10 +119,12 @@ class CompositionEngine:
     # -- one denoising step -----------------------------------------------------------------------------------
     def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep,
                  conditions: Sequence[Conditioning], cache: FeatureCache, stats: UNetStats,
-                 capture_resolution: int | None = None) -> tuple[dict[str, Prediction], dict[str, torch.Tensor]]:
+                 capture_resolution: int | None = None, kv: CrossKVCache | None = None
+                 ) -> tuple[dict[str, Prediction], dict[str, torch.Tensor]]:
         """Run every planned evaluation on each conditioning of its prompt ([uncond, cond, negatives…]);
         single-adapter routes of one pass type share one batched UNet call. Returns the predictions and, with
-        ``capture_resolution``, each route's conditional cross-attention maps."""
+        ``capture_resolution``, each route's conditional cross-attention maps. ``kv`` caches the text-side
+        projections across steps: each call is keyed by its routing, its prompts and the active weights."""
         from studio.adapters.inject import set_adapter_weights
 
         batch, count = len(latents), len(conditions[0])
@@ -127,12 +132,17 @@ class CompositionEngine:
         results: dict[str, Prediction] = {}
         maps: dict[str, torch.Tensor] = {}
 
+        kv = kv or CrossKVCache()
+
         def run(group: Sequence[Route], names, deep=None):
             stacked = latents.repeat(count * len(group), 1, 1, 1)
             hidden, added = self.stack_conditions([conditions[r.prompt] for r in group], stacked)
+            key = (None if names is None else tuple(names), tuple(r.prompt for r in group),
+                   getattr(self, "_active_weights", None))
             if capture_resolution is None:
-                return predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats)
-            with capture_cross_attention(self.unet, capture_resolution) as store:
+                with kv.keyed(key):
+                    return predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats)
+            with capture_cross_attention(self.unet, capture_resolution) as store, kv.keyed(key):
                 output = predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats)
             captured = store.mean()
             for index, route in enumerate(group):
@@ -146,6 +156,7 @@ class CompositionEngine:
         for route in [r for r in routes if r.adapter is None]:
             if route.merged:
                 set_adapter_weights(self.studio_base(), route.merged, set(self._loaded().values()))
+                self._active_weights = tuple(sorted(route.merged.items()))
             output, _ = run([route], None if route.merged else [BASE] * width)
             results[route.key] = split(output, 0)
         for mode in ("full", "read"):
@@ -255,6 +266,7 @@ class CompositionEngine:
 
         managed = set(self._loaded().values())
         set_adapter_weights(self.studio_base(), dict(resolved), managed)  # text encoded with every adapter active
+        self._active_weights = tuple(sorted(resolved))
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
@@ -278,19 +290,21 @@ class CompositionEngine:
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, cond.dtype, device,
                                        generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, 0.0)
-        cache, stats = FeatureCache(), UNetStats()
-        for step, t in enumerate(timesteps):
-            latents = composer.refine(self, step, t, latents, conditions)
-            model_input = self.scheduler.scale_model_input(latents, t)
-            predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
-                                              composer.capture_resolution)
-            composer.observe(step, maps)
-            noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
-                                          [w for _, w in negatives])
-            latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
-                latents = callback_on_step_end(self, step, t, values).get("latents", latents)
+        cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
+        with cached_cross_kv(self.unet, kv) if self.cache_cross_kv else contextlib.nullcontext():
+            for step, t in enumerate(timesteps):
+                latents = composer.refine(self, step, t, latents, conditions)
+                model_input = self.scheduler.scale_model_input(latents, t)
+                predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
+                                                  composer.capture_resolution, kv)
+                composer.observe(step, maps)
+                noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
+                                              [w for _, w in negatives])
+                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, step, t, values).get("latents", latents)
+        stats.cached_text_projections = kv.hits
         self.last_stats = stats
         self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                            if mask is not None}

@@ -27,6 +27,7 @@ class UNetStats:
     shallow_passes: int = 0
     block_evaluations: int = 0
     samples: int = 0
+    cached_text_projections: int = 0  # cross-attention K/V served from the generation's cache
 
 
 @dataclass

@@ -48,7 +48,12 @@ class CoLoRAConfig:
 
 def allocate_ranks(scores: dict[str, float], dims: dict[str, tuple[int, int]], budget: int, beta: float = 1.0,
                    min_rank: int = 4, max_rank: int = 128, multiple: int = 4) -> dict[str, int]:
-    """Ranks proportional to score^β under a parameter budget Σ r_ℓ(d_in + d_out) ≈ ``budget``."""
+    """Ranks proportional to score^β under a parameter budget Σ r_ℓ(d_in + d_out) ≈ ``budget``.
+
+    A module's rank is also capped at min(d_in, d_out): a larger rank adds parameters but no expressiveness, so
+    the budget it would waste goes to the other modules.
+    """
+    caps = {m: min(max_rank, (min(dims[m]) // multiple) * multiple or min(dims[m])) for m in scores}
     weights = {m: max(float(s), 0.0) ** beta for m, s in scores.items()}
     if sum(weights.values()) <= 0:
         weights = {m: 1.0 for m in scores}
@@ -60,7 +65,7 @@ def allocate_ranks(scores: dict[str, float], dims: dict[str, tuple[int, int]], b
         if not free or total <= 0:
             break
         raw = {m: w / total * remaining / sum(dims[m]) for m, w in free.items()}
-        clipped = {m: max_rank for m, r in raw.items() if r > max_rank}  # the top first: it frees budget
+        clipped = {m: caps[m] for m, r in raw.items() if r > caps[m]}  # the top first: it frees budget
         if not clipped:
             clipped = {m: min_rank for m, r in raw.items() if r < min_rank}
         if not clipped:
@@ -76,7 +81,7 @@ def allocate_ranks(scores: dict[str, float], dims: dict[str, tuple[int, int]], b
     rounded = {}
     for module, rank in ranks.items():
         value = int(round(rank / multiple)) * multiple
-        rounded[module] = int(min(max(value, min_rank), max_rank))
+        rounded[module] = int(min(max(value, min_rank), caps[module]))
     return rounded
 
 

@@ -63,6 +63,21 @@ def test_batched_routing_equals_sequential_evaluation(setup):
         assert (batched[3] - pipe.unet(x, t, hidden).sample[0]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("method,options", [("merge", {}), ("switch", {"interval": 2}), ("composite", {}),
+                                            ("cmlora", {})])
+def test_cross_attention_kv_cache_is_exact_and_used(setup, method, options):
+    pipe, paths = setup
+    adapters = [(p, w) for p, w in zip(paths, (1.0, 0.7, 0.5))]
+    images = {}
+    for flag in (False, True):
+        pipe.cache_cross_kv = flag
+        images[flag] = run(pipe, adapters=adapters, method=method, method_options=options)
+        hits = pipe.last_stats.cached_text_projections
+        assert (hits > 0) == flag
+    pipe.cache_cross_kv = True
+    assert np.array_equal(images[False], images[True])
+
+
 def test_methods_differ_from_each_other_and_from_the_base(setup):
     pipe, paths = setup
     adapters = [(p, 1.0) for p in paths]

@@ -23,6 +23,14 @@ def test_allocation_follows_scores_and_respects_the_budget():
     assert clipped["a"] == 32 and clipped["b"] > 4  # slack from clipping goes to the others
 
 
+def test_no_module_gets_a_rank_above_its_smaller_dimension():
+    dims = {"narrow": (96, 24), "wide": (96, 96), "other": (96, 96)}
+    budget = 32 * sum(i + o for i, o in dims.values())
+    ranks = allocate_ranks({"narrow": 100.0, "wide": 1.0, "other": 1.0}, dims, budget, max_rank=128)
+    assert ranks["narrow"] == 24  # full rank already: more would add parameters, not expressiveness
+    assert ranks["wide"] == ranks["other"] > 32  # the rest of the budget goes to the others
+
+
 @pytest.mark.parametrize("score", ["faig", "taylor", "weight_change", "fisher"])
 def test_colora_plans_ranks_and_writes_a_file_diffusers_can_load(tmp_path, shape_images, score):
     base = make_random_base()
