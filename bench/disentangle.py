@@ -34,13 +34,20 @@ from studio.models import load_base
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True, **extra) -> Path:
-    """A plain LoRA with the demo adapters' recipe (bench.adapters measured it)."""
+#: LoRA recipes: the demo adapters' (bench.adapters measured it) and every attention projection at lr 1e-3.
+RECIPES = {"shipped": PER_KIND,
+           "all_attention": {kind: {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0")}
+                             for kind in PER_KIND}}
+
+
+def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True,
+         recipe: str = "shipped", **extra) -> Path:
+    """A plain rank-8 LoRA with one of the :data:`RECIPES`."""
     from trainers import TrainConfig, get_method, train
 
     config = TrainConfig(images=images, output=name, output_dir=out, kind=kind, rank=8, max_train_steps=steps,
                          train_batch_size=4, seed=0, with_prior_preservation=prior, num_class_images=96,
-                         lr_scheduler="cosine", lr_warmup_steps=20, **PER_KIND[kind], **extra)
+                         lr_scheduler="cosine", lr_warmup_steps=20, **RECIPES[recipe][kind], **extra)
     return train(config, get_method("lora"), base=base).outputs[0]
 
 
@@ -90,9 +97,10 @@ def circle_style_images(folder: Path, count: int = 5) -> Path:
 
 def leakage(args, base, evaluator, work: Path) -> None:
     images = circle_style_images(work / "circles")
-    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior)
+    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
+                 recipe=args.recipe)
     decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
-                 decor_remove=["circle"])
+                 recipe=args.recipe, decor_remove=["circle"])
     others = [s for s in procedural.BASE_SHAPES if s != "circle"]
     cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
@@ -104,8 +112,8 @@ def leakage(args, base, evaluator, work: Path) -> None:
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
         print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
 
-    print(f"style adapter trained on 5 zigzag circles ({'with' if args.prior else 'without'} prior preservation), "
-          f"prompted with the other shapes; n = {args.n}")
+    print(f"style adapter trained on 5 zigzag circles ({args.recipe} recipe, {args.lora_steps} steps, "
+          f"{'with' if args.prior else 'without'} prior preservation), prompted with the other shapes; n = {args.n}")
     print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
     print("|---|---|---|---|")
     row("plain LoRA", plain)
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--lora_steps", type=int, default=400)
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="shipped", help="the plain LoRAs' recipe")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()

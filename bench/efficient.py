@@ -65,8 +65,11 @@ def main() -> None:
     parser.add_argument("--sara_lr", type=float, default=1e-2,
                         help="SaRA's rate (None: paper eq. 12, 5e-4 at θ = 2e-3, which barely moves this small model)")
     parser.add_argument("--sara_threshold", type=float, default=2e-3, help="SaRA's θ")
+    parser.add_argument("--sara_target_params", type=int, default=None, help="SaRA: train the N smallest weights")
+    parser.add_argument("--sara_scope", default="all", help="SaRA's candidate weights: all | attention_only | …")
     parser.add_argument("--colora_beta", type=float, default=1.0, help="CoLoRA's allocation exponent β")
     parser.add_argument("--colora_score", default="faig", help="CoLoRA's contribution score")
+    parser.add_argument("--colora_min_rank", type=int, default=4, help="CoLoRA's smallest per-module rank")
     parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -78,8 +81,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
     images = render_demo_images(work / "style", "style", count=5)
     trained = train_all(base, images, work / "out", args.max_train_steps, methods,
-                        {"learning_rate": args.sara_lr, "threshold": args.sara_threshold},
-                        {"beta": args.colora_beta, "score": args.colora_score})
+                        {"learning_rate": args.sara_lr, "threshold": args.sara_threshold,
+                         "target_params": args.sara_target_params, "scope": args.sara_scope},
+                        {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank})
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(args.n)]
     cases = grid_cases(args.n, held_out=False, seed=21)
@@ -103,7 +107,8 @@ def main() -> None:
     if "colora" in trained:
         rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
     print(f"style adapters from 5 zigzag renders, {args.max_train_steps} steps, prior preservation, SaRA lr "
-          f"{args.sara_lr} θ {args.sara_threshold}, CoLoRA β {args.colora_beta} score {args.colora_score}; "
+          f"{args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} scope {args.sara_scope}, "
+          f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank}; "
           f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")
     print("| adapter | zigzag (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
     print("|---|---|---|---|---|")

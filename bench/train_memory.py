@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("full", "lora", "sara", "colora")
+METHODS = ("full", "lora", "sara", "sara_attention", "colora")  # sara_attention: SaRA on LoRA's modules only
 
 
 def make_unet(arch: str):
@@ -43,10 +43,11 @@ def trainable(unet, method: str, budget: int) -> list[torch.nn.Parameter]:
     unet.requires_grad_(method == "full")
     if method == "full":
         return list(unet.parameters())
-    if method == "sara":
+    if method.startswith("sara"):
         from trainers.sara import SaraConfig, SaraMethod
 
-        sara = SaraMethod(SaraConfig(target_params=budget, progressive=False, lambda_rank=5e-4))
+        scope = "attention_only" if method == "sara_attention" else "all"
+        sara = SaraMethod(SaraConfig(target_params=budget, progressive=False, lambda_rank=5e-4, scope=scope))
         context = SimpleNamespace(base=SimpleNamespace(pipe=SimpleNamespace(unet=unet)),
                                   config=SimpleNamespace(seed=0), logs={}, device=next(unet.parameters()).device)
         groups = sara.setup(context)
@@ -89,7 +90,7 @@ def run_one(arch: str, method: str, size: int, batch: int, steps: int, budget: i
             start = time.perf_counter()
             loss = unet(x, t, hidden).sample.pow(2).mean()
             loss.backward()
-            if method == "sara":
+            if method.startswith("sara"):
                 sara, context = unet._bench_sara
                 sara.after_backward(context, step)
             optimizer.step()
