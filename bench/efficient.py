@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--colora_beta", type=float, default=1.0, help="CoLoRA's allocation exponent β")
     parser.add_argument("--colora_score", default="faig", help="CoLoRA's contribution score")
     parser.add_argument("--colora_min_rank", type=int, default=4, help="CoLoRA's smallest per-module rank")
+    parser.add_argument("--colora_normalisation", default="none", help="CoLoRA: none | sqrt_params | delta_norm")
     parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -83,7 +84,8 @@ def main() -> None:
     trained = train_all(base, images, work / "out", args.max_train_steps, methods,
                         {"learning_rate": args.sara_lr, "threshold": args.sara_threshold,
                          "target_params": args.sara_target_params, "scope": args.sara_scope},
-                        {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank})
+                        {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank,
+                         "normalisation": args.colora_normalisation})
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(args.n)]
     cases = grid_cases(args.n, held_out=False, seed=21)
@@ -108,7 +110,8 @@ def main() -> None:
         rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
     print(f"style adapters from 5 zigzag renders, {args.max_train_steps} steps, prior preservation, SaRA lr "
           f"{args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} scope {args.sara_scope}, "
-          f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank}; "
+          f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank} "
+          f"normalisation {args.colora_normalisation}; "
           f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")
     print("| adapter | zigzag (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
     print("|---|---|---|---|---|")

@@ -46,7 +46,7 @@ def perpendicular_component(vector: torch.Tensor, reference: torch.Tensor) -> to
     """The part of ``vector`` orthogonal to ``reference``, per sample."""
     dims = tuple(range(1, vector.dim()))
     dot = (vector * reference).sum(dim=dims, keepdim=True)
-    norm = (reference * reference).sum(dim=dims, keepdim=True).clamp(min=1e-12)
+    norm = (reference * reference).sum(dim=dims, keepdim=True).clamp(min=1e-6)  # METHODS §9.3
     return vector - dot / norm * reference
 
 
