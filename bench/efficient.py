@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.efficient [--n 50] [--max_train_steps 400] [--methods lora,sara,colora]
 
-One style set (5 renders of the reserved texture "zigzag", trigger zwx) trains: a uniform rank-16 LoRA, SaRA
-(its sparse delta, and the LoRA extracted from it by SVD) and CoLoRA at the parameter budget of the rank-16
-LoRA, all with the same steps, images and prior preservation. Each is read over n generations of
-"a {color} zwx {shape} on a {background} background" (zigzag rate) and n ordinary prompts without the trigger
-(all-attribute accuracy, against the base's on the same prompts and seeds: the spill).
+One style set (5 renders of a reserved texture: "zigzag" with trigger zwx, or ``--texture waves --trigger qwe``)
+trains: a uniform rank-16 LoRA, SaRA (its sparse delta, and the LoRA extracted from it by SVD) and CoLoRA at the
+parameter budget of the rank-16 LoRA, all with the same steps, images and prior preservation. Each is read over
+n generations of "a {color} {trigger} {shape} on a {background} background" (texture rate) and n ordinary prompts
+without the trigger (all-attribute accuracy, against the base's on the same prompts and seeds: the spill).
 """
 
 from __future__ import annotations
@@ -66,11 +66,14 @@ def main() -> None:
                         help="SaRA's rate (None: paper eq. 12, 5e-4 at θ = 2e-3, which barely moves this small model)")
     parser.add_argument("--sara_threshold", type=float, default=2e-3, help="SaRA's θ")
     parser.add_argument("--sara_target_params", type=int, default=None, help="SaRA: train the N smallest weights")
+    parser.add_argument("--sara_lambda_rank", type=float, default=5e-4, help="SaRA's nuclear-norm weight λ")
     parser.add_argument("--sara_scope", default="all", help="SaRA's candidate weights: all | attention_only | …")
     parser.add_argument("--colora_beta", type=float, default=1.0, help="CoLoRA's allocation exponent β")
     parser.add_argument("--colora_score", default="faig", help="CoLoRA's contribution score")
     parser.add_argument("--colora_min_rank", type=int, default=4, help="CoLoRA's smallest per-module rank")
     parser.add_argument("--colora_normalisation", default="none", help="CoLoRA: none | sqrt_params | delta_norm")
+    parser.add_argument("--texture", default="zigzag", choices=["zigzag", "waves"], help="the reserved texture")
+    parser.add_argument("--trigger", default="zwx", help="its trigger word")
     parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -80,19 +83,20 @@ def main() -> None:
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
-    images = render_demo_images(work / "style", "style", count=5)
+    images = render_demo_images(work / "style", "style", count=5, trigger=args.trigger, concept=args.texture)
     trained = train_all(base, images, work / "out", args.max_train_steps, methods,
                         {"learning_rate": args.sara_lr, "threshold": args.sara_threshold,
-                         "target_params": args.sara_target_params, "scope": args.sara_scope},
+                         "target_params": args.sara_target_params, "scope": args.sara_scope,
+                         "lambda_rank": args.sara_lambda_rank},
                         {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank,
                          "normalisation": args.colora_normalisation})
-    style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
+    style_prompts = [procedural.caption(COLORS[i % 6], args.trigger, procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(args.n)]
     cases = grid_cases(args.n, held_out=False, seed=21)
 
     def measure(adapters) -> tuple[float, float]:
         styled = read_generations(base, evaluator, style_prompts, args.steps, adapters=adapters)
-        zigzag = np.mean([r.texture == "zigzag" for r in styled])
+        zigzag = np.mean([r.texture == args.texture for r in styled])
         readings = read_generations(base, evaluator, [c.prompt for c in cases], args.steps, adapters=adapters)
         accuracy = np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
                             for r, c in zip(readings, cases)])
@@ -108,12 +112,13 @@ def main() -> None:
                  ("SaRA → SVD LoRA", sara_lora, None, None)]
     if "colora" in trained:
         rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
-    print(f"style adapters from 5 zigzag renders, {args.max_train_steps} steps, prior preservation, SaRA lr "
-          f"{args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} scope {args.sara_scope}, "
+    print(f"style adapters from 5 {args.texture} renders (trigger {args.trigger}), {args.max_train_steps} steps, "
+          f"prior preservation, SaRA lr {args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} "
+          f"scope {args.sara_scope} λ {args.sara_lambda_rank}, "
           f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank} "
           f"normalisation {args.colora_normalisation}; "
           f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")
-    print("| adapter | zigzag (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
+    print(f"| adapter | {args.texture} (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
     print("|---|---|---|---|---|")
     for label, adapter, sparse, minutes in rows:
         deltas = read_sparse_delta(sparse)[0] if sparse else {}
