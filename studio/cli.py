@@ -410,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")
     add_training_flags(colora)
     colora.add_argument("--budget_rank", type=int, default=16, help="budget = a uniform LoRA of this rank")
-    colora.add_argument("--score", choices=["faig", "taylor", "weight_change", "fisher"], default="faig")
+    colora.add_argument("--score", choices=["faig", "taylor", "weight_change", "fisher"], default="weight_change",
+                        help="contribution score (faig: the paper's path integral; weight_change measured best here)")
     colora.add_argument("--probe_rank", type=int, default=64)
     colora.add_argument("--probe_steps", type=int, default=200)
-    colora.add_argument("--probe_learning_rate", type=float, default=1e-4)
+    colora.add_argument("--probe_learning_rate", type=float, default=None,
+                        help="the probe run's rate (default: --learning_rate)")
     colora.add_argument("--min_rank", type=int, default=4)
     colora.add_argument("--max_rank", type=int, default=128)
     colora.set_defaults(handler=_train, make_method=_make_colora)
