@@ -61,7 +61,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
     config = TrainConfig(output="b4m", output_dir=work / "out", seed=0, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
-        make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps), config, base=base)
+        make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
+        style_learning_rate=args.style_lr), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps)
     plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps)
@@ -72,6 +73,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
     print(f"B4M pipeline (rank {args.rank}, break {args.break_steps} + make {args.make_steps} steps, lr {args.lr}, "
+          f"style lr {args.style_lr or args.lr}, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16, help="B4M rank")
     parser.add_argument("--lr", type=float, default=1e-3, help="B4M main and make learning rate")
+    parser.add_argument("--style_lr", type=float, default=None, help="B4M style break rate (default: --lr)")
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)
     parser.add_argument("--lora_steps", type=int, default=400)

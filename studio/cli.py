@@ -247,7 +247,8 @@ def _train_b4m(args: argparse.Namespace) -> int:
                     style_trigger=args.style_trigger, content_prompt=args.content_prompt,
                     style_prompt=args.style_prompt, aux_style=args.aux_style, aux_content=args.aux_content,
                     rank=args.b4m_rank, main_learning_rate=args.learning_rate or 1e-4,
-                    aux_learning_rate=args.aux_learning_rate, make_learning_rate=args.learning_rate or 1e-4,
+                    aux_learning_rate=args.aux_learning_rate,
+                    style_learning_rate=args.style_learning_rate, make_learning_rate=args.learning_rate or 1e-4,
                     break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer)
     for path in train_b4m(b4m, config):
         print(path)
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--aux-content", "--aux_content", dest="aux_content", type=Path, action="append", default=[])
     b4m.add_argument("--b4m_rank", type=int, default=64)
     b4m.add_argument("--aux_learning_rate", type=float, default=1e-5)
+    b4m.add_argument("--style_learning_rate", type=float, default=None,
+                     help="the style break run's rate (default: --learning_rate)")
     b4m.add_argument("--break_steps", type=int, default=1000)
     b4m.add_argument("--make_steps", type=int, default=1000)
     b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")

@@ -53,6 +53,7 @@ class B4MConfig:
     aux_content: list[Path] = field(default_factory=list)
     rank: int = 64
     main_learning_rate: float = 1e-4
+    style_learning_rate: float | None = None  # the style run's main rate; None: main_learning_rate
     aux_learning_rate: float = 1e-5
     make_learning_rate: float = 1e-4
     break_steps: int = 1000
@@ -277,7 +278,10 @@ class B4MBreak(_PLPMethod):
         ctx.base.pipe.unet.requires_grad_(False)
         self.plp = PLPAdapter(ctx.base.pipe.unet, load_file(str(self.basis_path)))
         self.aux = [encode_folder(ctx, folder) for folder in self.aux_folders]
-        return [{"params": self.plp.halves(self.main_side), "lr": self.b4m.main_learning_rate},
+        main_rate = self.b4m.main_learning_rate
+        if self.main == "style" and self.b4m.style_learning_rate:
+            main_rate = self.b4m.style_learning_rate
+        return [{"params": self.plp.halves(self.main_side), "lr": main_rate},
                 {"params": self.plp.halves(self.aux_side), "lr": self.b4m.aux_learning_rate}]
 
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from studio.data import procedural
 from studio.errors import ConfigError
 from tests.conftest import make_random_base
 from trainers import TrainConfig
-from trainers.b4m import B4MConfig, FrozenHalf, PLPAdapter, make_basis, train_b4m
+from trainers.b4m import B4MBreak, B4MConfig, FrozenHalf, PLPAdapter, make_basis, save_basis, train_b4m
 
 
 @pytest.fixture
@@ -93,6 +93,20 @@ def test_make_keeps_the_content_runs_learned_down_half(tmp_path, shape_images, s
         assert torch.equal(module.down, content.modules["unet"][path].down)
         half_out = module.up.shape[0] // 2
         assert torch.equal(module.up[half_out:], style.modules["unet"][path].up[half_out:])
+
+
+def test_style_run_can_have_its_own_rate(tmp_path):
+    from types import SimpleNamespace
+
+    base = make_random_base()
+    basis = save_basis(make_basis(base.pipe.unet, 4, seed=0), tmp_path / "basis.safetensors", {})
+    config = B4MConfig(main_learning_rate=1e-3, style_learning_rate=3e-3, aux_learning_rate=1e-4)
+    rates = {}
+    for main in ("content", "style"):
+        run = B4MBreak(main, config, basis, [])
+        rates[main] = [group["lr"] for group in run.setup(SimpleNamespace(base=base))]
+        run.plp.remove()
+    assert rates == {"content": [1e-3, 1e-4], "style": [3e-3, 1e-4]}
 
 
 def test_b4m_needs_both_folders(tmp_path):
