@@ -35,20 +35,19 @@ def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sar
     from trainers.colora import CoLoRAConfig, CoLoRAMethod
     from trainers.sara import SaraConfig, SaraMethod
 
-    def config(name: str, **extra) -> TrainConfig:
-        options = {"rank": 16, "learning_rate": 1e-3, **extra}
+    def config(name: str) -> TrainConfig:
         return TrainConfig(images=images, output=name, output_dir=out, kind="style", max_train_steps=steps,
                            train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
-                           lr_scheduler="cosine", lr_warmup_steps=20, **options)
+                           lr_scheduler="cosine", lr_warmup_steps=20, rank=16, learning_rate=1e-3)
 
-    runs = {
-        "lora": (config("lora16"), get_method("lora")),
-        "sara": (config("sara"), SaraMethod(SaraConfig(**sara))),
-        "colora": (config("colora"), CoLoRAMethod(CoLoRAConfig(probe_steps=100, probe_learning_rate=1e-3, **colora))),
+    runs = {  # built only when chosen; CoLoRA's probe runs at the same rate (1e-3) by default
+        "lora": lambda: (config("lora16"), get_method("lora")),
+        "sara": lambda: (config("sara"), SaraMethod(SaraConfig(**sara))),
+        "colora": lambda: (config("colora"), CoLoRAMethod(CoLoRAConfig(probe_steps=100, **colora))),
     }
     results = {}
     for label in methods:
-        train_config, method = runs[label]
+        train_config, method = runs[label]()
         start = time.perf_counter()
         outputs = train(train_config, method, base=base).outputs
         results[label] = (outputs, (time.perf_counter() - start) / 60)
