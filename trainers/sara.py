@@ -1,9 +1,10 @@
 """SaRA (Hu et al., ICLR 2025; METHODS §3): fine-tune only the pretrained UNet weights with |w| < θ.
 
 * Selection: one global threshold θ over every UNet tensor (or θ = the N-th smallest |w| for a target count).
-* Unstructured backprop: the trainable leaf is the vector v of selected values. A parametrization writes v into
-  the frozen weight storage in place and returns it (no copy); its backward hands v only the selected entries of
-  the weight gradient, so no full-size ``.grad`` and no optimizer state exist outside the selection.
+* Unstructured backprop (:mod:`trainers.sparse_weights`): the trainable leaf is the vector v of selected values,
+  written into the frozen weight storage in place (no copy); v receives only the selected entries of each weight
+  gradient, computed block by block for Linear/Conv2d layers, so no full-size gradient and no optimizer state
+  exist outside the selection.
 * Loss: diffusion loss + λ_rank · ‖ΔP‖_* of one random eligible 2-D layer per step (or all). The penalty's
   gradient λ·U·Vᵀ (from the SVD of ΔP, over its nonzero singular values) is added to v's gradient after the
   backward pass, so it reaches the trained values — the official ``adamw.py`` sends it to the original
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.utils.parametrize as parametrize
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,6 +34,8 @@ from studio.errors import ConfigError
 from studio.files import atomic_path
 from trainers.loop import TrainingContext, TrainingMethod
 from trainers.lora import output_path, training_metadata
+from trainers.magnitude_selection import select_below, select_smallest
+from trainers.sparse_weights import SparseValues, attach, detach, storage
 
 logger = logging.getLogger(__name__)
 
@@ -54,49 +56,6 @@ class SaraConfig:
     lora_energy: float = 0.9  # share of each ΔW's squared singular values the LoRA keeps
 
 
-class _SparseWrite(torch.autograd.Function):
-    """Write ``values`` into ``base`` at ``index`` in place (when ``write``); the backward returns only those
-    gradient entries."""
-
-    @staticmethod
-    def forward(ctx, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor, write: bool) -> torch.Tensor:
-        if write:
-            base.view(-1)[index] = values.to(base.dtype)
-        ctx.save_for_backward(index)
-        return base.view_as(base)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        return None, None, grad.reshape(-1)[index], None
-
-
-class SparseValues(nn.Module):
-    """Parametrization holding the trainable vector of one tensor's selected entries.
-
-    The values are written into the weight storage only when they changed since the last write (the optimizer
-    bumps their version): a second forward before the backward (prior preservation) must not modify in place
-    the weight the first forward saved for its backward.
-    """
-
-    def __init__(self, index: torch.Tensor, initial: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index, persistent=False)
-        self.register_buffer("initial", initial.clone(), persistent=False)
-        self.values = nn.Parameter(initial.clone().float())
-        self._written: tuple[int, int] | None = None  # (id, version) of the values last written
-
-    def forward(self, base: torch.Tensor) -> torch.Tensor:
-        stamp = (id(self.values), self.values._version)
-        write, self._written = stamp != self._written, stamp
-        return _SparseWrite.apply(base, self.index, self.values, write)
-
-    def delta(self, shape: torch.Size) -> torch.Tensor:
-        """ΔP as a dense tensor (differentiable in ``values``), for the rank penalty and export."""
-        dense = torch.zeros(shape.numel(), dtype=self.values.dtype, device=self.values.device)
-        return dense.index_put((self.index,), self.values - self.initial.float()).view(shape)
-
-
 def _in_scope(name: str, parameter: torch.Tensor, scope: str) -> bool:
     if scope == "all":
         return True
@@ -108,47 +67,16 @@ def _in_scope(name: str, parameter: torch.Tensor, scope: str) -> bool:
 
 
 def select_weights(unet: nn.Module, config: SaraConfig) -> tuple[float, dict[str, torch.Tensor]]:
-    """(θ, flat indices per tensor) of the weights SaRA trains: |w| < θ, or exactly the N smallest |w|."""
+    """(θ, flat ascending indices per tensor) of the weights SaRA trains: |w| < θ, or exactly the N smallest |w|."""
     tensors = {n: p for n, p in unet.named_parameters() if "lora_" not in n and _in_scope(n, p, config.scope)}
     if config.target_params is None:
         if not config.threshold or config.threshold <= 0:
             raise ConfigError("SaRA needs a positive --threshold or --target_params")
-        return float(config.threshold), {n: _compact((p.detach().abs() < config.threshold).flatten().nonzero()
-                                                     .squeeze(1), p.numel()) for n, p in tensors.items()}
+        return float(config.threshold), select_below(tensors, config.threshold)
     total = sum(p.numel() for p in tensors.values())
     if not 0 < config.target_params < total:
         raise ConfigError(f"--target_params must be between 1 and {total - 1}")
-    ceiling = _ceiling_for_count(tensors, config.target_params, total)
-    # Only the candidates below the ceiling (a few percent more than N) are gathered and ranked, so the selection
-    # never holds a copy of every UNet magnitude (3.4 GB for SD 1.5: more than LoRA's whole training peak).
-    names, candidates, magnitudes = [], [], []
-    for number, parameter in enumerate(tensors.values()):
-        flat = parameter.detach().abs().flatten()
-        index = (flat < ceiling).nonzero().squeeze(1)
-        names.append(torch.full_like(index, number))
-        candidates.append(index)
-        magnitudes.append(flat[index].float())
-    ranked = torch.topk(torch.cat(magnitudes), config.target_params, largest=False)
-    owner, position = torch.cat(names)[ranked.indices], torch.cat(candidates)[ranked.indices]
-    selection = {name: _compact(position[owner == number].sort().values, tensors[name].numel())
-                 for number, name in enumerate(tensors)}
-    return float(ranked.values.max()), selection
-
-
-def _compact(index: torch.Tensor, numel: int) -> torch.Tensor:
-    """Flat indices as int32 where the tensor allows: half the memory of int64 for millions of selected values."""
-    return index.to(torch.int32) if numel < 2**31 else index
-
-
-def _ceiling_for_count(tensors: dict[str, torch.Tensor], count: int, total: int) -> float:
-    """A magnitude below which at least ``count`` (and not many more) of the ``total`` weights lie: a strided
-    sample's quantile, raised until the exact count reaches ``count``."""
-    stride = max(1, total // 2_000_000)
-    sample = torch.cat([p.detach().flatten()[::stride].abs().float() for p in tensors.values()])  # no full copies
-    ceiling = float(torch.quantile(sample[:16_000_000], min(1.0, count / total * 1.05 + 1e-4)))
-    while sum(int((p.detach().abs() < ceiling).sum()) for p in tensors.values()) < count:
-        ceiling = ceiling * 1.5 + 1e-12
-    return ceiling
+    return select_smallest(tensors, config.target_params)
 
 
 def sara_learning_rate(threshold: float) -> float:
@@ -178,16 +106,13 @@ class SaraMethod(TrainingMethod):
         unet = ctx.base.pipe.unet
         unet.requires_grad_(False)
         self.threshold, selection = select_weights(unet, self.config)
-        parameters = dict(unet.named_parameters())
         for name, index in selection.items():
-            parameter = parameters[name]
             if len(index) == 0:
                 continue
             module_name, _, attribute = name.rpartition(".")
             module = unet.get_submodule(module_name)
-            slot = SparseValues(index, parameter.detach().flatten()[index])
+            slot = attach(module, attribute, index)
             self.selection[name] = (index, slot.initial)  # never changed in place: shared, not copied
-            parametrize.register_parametrization(module, attribute, slot, unsafe=True)
             self.slots[name] = (module, attribute, slot)
         self.selected_total = sum(len(slot.index) for _, _, slot in self.slots.values())
         if self.selected_total == 0:
@@ -199,8 +124,8 @@ class SaraMethod(TrainingMethod):
     # -- loss and schedule -------------------------------------------------------------------------------------
     def penalised_layers(self, step: int) -> list[str]:
         eligible = [name for name, (module, attribute, slot) in self.slots.items()
-                    if _original(module, attribute).dim() >= 2
-                    and min(_original(module, attribute).shape[:2]) >= self.config.rank_penalty_min_dim]
+                    if storage(module, attribute).dim() >= 2
+                    and min(storage(module, attribute).shape[:2]) >= self.config.rank_penalty_min_dim]
         if not eligible or self.config.lambda_rank <= 0:
             return []
         if self.config.rank_penalty_layers == "all":
@@ -213,7 +138,7 @@ class SaraMethod(TrainingMethod):
         total = 0.0
         for name in self.penalised_layers(step):
             module, attribute, slot = self.slots[name]
-            delta = slot.delta(_original(module, attribute).shape).flatten(1)
+            delta = slot.delta(storage(module, attribute).shape).flatten(1)
             u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
             keep = singular > (float(singular.max()) * 1e-6 if singular.numel() else 0.0)
             total += float(singular.sum())
@@ -262,12 +187,12 @@ class SaraMethod(TrainingMethod):
         result = {}
         with torch.no_grad():
             for name, (module, attribute, slot) in self.slots.items():
-                storage = _original(module, attribute).view(-1)
-                storage[slot.index] = slot.values.to(storage.dtype)  # the last step's values
+                flat = storage(module, attribute).view(-1)
+                flat[slot.index] = slot.values.to(flat.dtype)  # the last step's values
                 index, initial = self.selection[name]
-                change = storage[index].float() - initial.float()
+                change = flat[index].float() - initial.float()
                 moved = change != 0
-                shape = _original(module, attribute).shape
+                shape = storage(module, attribute).shape
                 result[plain_name(name)] = (index[moved].long().cpu(), change[moved].cpu(), shape)
         return result
 
@@ -302,8 +227,8 @@ class SaraMethod(TrainingMethod):
         with torch.no_grad():
             for name, (module, attribute, _) in self.slots.items():
                 index, initial = self.selection[name]
-                _original(module, attribute).view(-1)[index] = initial.to(_original(module, attribute).dtype)
-                parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+                storage(module, attribute).view(-1)[index] = initial.to(storage(module, attribute).dtype)
+                detach(module, attribute)
         self.slots.clear()
         self.selection.clear()
 
@@ -311,10 +236,6 @@ class SaraMethod(TrainingMethod):
 def plain_name(name: str) -> str:
     """A UNet parameter's name without peft's ``base_layer`` (present once any LoRA was attached)."""
     return name.replace(".base_layer.", ".")
-
-
-def _original(module: nn.Module, attribute: str) -> torch.Tensor:
-    return getattr(module.parametrizations, attribute).original
 
 
 def lora_from_deltas(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]], rank: int | None,

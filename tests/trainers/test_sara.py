@@ -103,6 +103,22 @@ def test_target_params_mode_and_learning_rate_rule(tmp_path, shape_images):
               base=make_random_base())
 
 
+def test_target_count_selects_exactly_the_smallest_magnitudes(monkeypatch):
+    from trainers import magnitude_selection
+    from trainers.sara import select_weights
+
+    monkeypatch.setattr(magnitude_selection, "SCAN_BLOCK", 1000)  # many blocks per tensor: offsets must add up
+    unet = make_random_base().pipe.unet
+    threshold, selection = select_weights(unet, SaraConfig(target_params=5000))
+    names = [n for n, _ in unet.named_parameters()]
+    magnitudes = torch.cat([p.detach().abs().flatten() for p in unet.parameters()])
+    offsets = torch.tensor([0] + [p.numel() for p in unet.parameters()]).cumsum(0)
+    chosen = torch.cat([selection[n].long() + offsets[i] for i, n in enumerate(names)])
+    assert len(chosen) == 5000 and len(chosen.unique()) == 5000
+    assert magnitudes[chosen].max() == threshold == magnitudes.kthvalue(5000).values
+    assert all(bool((i[1:] > i[:-1]).all()) for i in selection.values() if len(i) > 1)  # ascending
+
+
 def test_sparse_file_metadata(tmp_path, shape_images):
     result = train(config(shape_images, tmp_path, max_train_steps=1), SaraMethod(SaraConfig(threshold=5e-3)),
                    base=make_random_base())
