@@ -84,21 +84,23 @@ def b4m(args, base, evaluator, work: Path) -> None:
         print(f"| {label} | {np.mean(moon & zigzag):.2f} | {moon.mean():.2f} | {zigzag.mean():.2f} |")
 
 
-def circle_style_images(folder: Path, count: int = 5) -> Path:
-    """Zigzag circles only, captioned without their shape ("a red zwx shape on ..."), as style references
-    usually are: a style set whose content (circle) can leak into the trigger."""
+def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
+    """Zigzag circles only, captioned without their shape ("a red zwx shape on ...", or with ``caption="bare"``
+    "a red zwx on ..."), as style references usually are: a style set whose content (circle) can leak into the
+    trigger."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         color, background = COLORS[index % 6], BACKGROUNDS[index % 3]
         scene = procedural.jittered_scene(rng, color, "zigzag", "circle", background)
         Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
-        (folder / f"{index}.txt").write_text(procedural.caption(color, "zwx", "shape", background))
+        text = procedural.caption(color, "zwx", "shape", background)
+        (folder / f"{index}.txt").write_text(text.replace(" shape", "") if caption == "bare" else text)
     return folder
 
 
 def leakage(args, base, evaluator, work: Path) -> None:
-    images = circle_style_images(work / "circles")
+    images = circle_style_images(work / "circles", caption=args.caption)
     plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
                  recipe=args.recipe)
     decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
@@ -114,8 +116,9 @@ def leakage(args, base, evaluator, work: Path) -> None:
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
         print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
 
-    print(f"style adapter trained on 5 zigzag circles ({args.recipe} recipe, {args.lora_steps} steps, "
-          f"{'with' if args.prior else 'without'} prior preservation), prompted with the other shapes; n = {args.n}")
+    print(f"style adapter trained on 5 zigzag circles ({args.caption} captions, {args.recipe} recipe, "
+          f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
+          f"other shapes; n = {args.n}")
     print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
     print("|---|---|---|---|")
     row("plain LoRA", plain)
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--lora_steps", type=int, default=400)
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
+    parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
+                        help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="shipped", help="the plain LoRAs' recipe")
     args = parser.parse_args()
     torch.set_num_threads(1)
