@@ -125,9 +125,12 @@ class _SparseLayerOp(torch.autograd.Function):
         layer, index = ctx.layer, ctx.index
         weight = storage(layer, "weight")
         linear = isinstance(layer, nn.Linear)
+        dtype = x.dtype
+        grad, x = grad.to(weight.dtype), x.to(weight.dtype)  # autocast may have run the forward in lower precision
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight if linear else _conv_backward(layer, grad, x, weight, (True, False))[0]
+            grad_x = grad_x.to(dtype)
         if ctx.needs_input_grad[1]:
             grad_values = _selected_weight_gradient(layer, grad, x, weight, index, linear)
         if ctx.needs_input_grad[2]:

@@ -52,3 +52,19 @@ def test_values_written_after_an_optimizer_step_reach_the_output():
     expected[:, 0] += x[:, 0]  # entry 0 = W[0, 0]
     expected[:, 1] += x[:, 1]  # entry 5 = W[1, 1]
     torch.testing.assert_close(after, expected)
+
+
+def test_backward_after_an_autocast_forward():
+    """Under autocast the forward runs in bfloat16 while the weights stay float32: the backward must cope."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8).requires_grad_(False)
+    index = torch.tensor([2, 17, 90], dtype=torch.int32)
+    weight_grad, _, _ = _dense_reference(layer, torch.ones(4, 16), torch.zeros(4, 8))
+    slot = attach(layer, "weight", index)
+    inputs = torch.ones(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(inputs)
+    assert output.dtype == torch.bfloat16
+    output.float().pow(2).sum().backward()
+    assert inputs.grad.dtype == torch.float32
+    torch.testing.assert_close(slot.values.grad, weight_grad.flatten()[index.long()], rtol=2e-2, atol=2e-2)
