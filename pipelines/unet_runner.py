@@ -62,32 +62,6 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
             handle.remove()
 
 
-FEED_FORWARD_SAMPLES = 2  # samples per feed-forward chunk of a large batch on the CPU
-
-
-@contextlib.contextmanager
-def chunked_feed_forward(unet: torch.nn.Module, batch: int) -> Iterator[None]:
-    """On the CPU, run each transformer block's feed-forward over a large batch two samples at a time.
-
-    The feed-forward's widest activation (GEGLU: 8× the channels) of six samples outgrows a core's L2 cache, and
-    the copy and the matrix product that fill it slow down by more than the batch grows; in chunks of two
-    samples it stays in cache (Composite with 3 adapters on the embedded model: about 1.5% less wall time).
-    Blocks the user chunked already keep their setting; on a GPU the whole batch is faster.
-    """
-    blocks = [m for m in unet.modules()
-              if hasattr(m, "set_chunk_feed_forward") and getattr(m, "_chunk_size", None) is None]
-    if unet.device.type != "cpu" or batch <= FEED_FORWARD_SAMPLES or batch % FEED_FORWARD_SAMPLES or not blocks:
-        yield
-        return
-    for block in blocks:
-        block.set_chunk_feed_forward(FEED_FORWARD_SAMPLES, 0)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.set_chunk_feed_forward(None, 0)
-
-
 def _embeddings(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     added_cond = added_cond or {}
@@ -165,7 +139,7 @@ def predict_noise(unet, latents: torch.Tensor, timestep, hidden: torch.Tensor, a
                   added_cond: dict | None = None, deep_feature: torch.Tensor | None = None,
                   stats: UNetStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched evaluation; slice i sees adapter ``adapter_names[i]`` (None: the currently active set)."""
-    with routed(unet, adapter_names), chunked_feed_forward(unet, len(latents)):
+    with routed(unet, adapter_names):
         prediction, feature = unet_forward(unet, latents, timestep, hidden, added_cond, deep_feature, stats)
     if stats is not None:
         if deep_feature is None:

@@ -63,27 +63,6 @@ def test_batched_routing_equals_sequential_evaluation(setup):
         assert (batched[3] - pipe.unet(x, t, hidden).sample[0]).abs().max() <= 1e-4
 
 
-def test_large_cpu_batches_run_the_feed_forward_two_samples_at_a_time(setup):
-    unet = setup[0].unet
-    blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
-    seen: list[int] = []
-    hooks = [b.ff.register_forward_pre_hook(lambda m, args: seen.append(len(args[0]))) for b in blocks[:2]]
-    blocks[1].set_chunk_feed_forward(3, 0)  # a user's own chunking is kept
-    x, hidden, t = torch.randn(6, 4, 16, 16), torch.randn(6, 77, 96), torch.tensor(300)
-    try:
-        with torch.no_grad():
-            chunked, _ = predict_noise(unet, x, t, hidden, None)
-            assert seen == [2, 2, 2, 3, 3]
-            whole = unet(x, t, hidden).sample  # outside predict_noise: back to one pass (block 1: the user's)
-            assert seen[5:] == [6, 3, 3]
-    finally:
-        blocks[1].set_chunk_feed_forward(None, 0)
-        for hook in hooks:
-            hook.remove()
-    assert all(b._chunk_size is None for b in blocks)
-    assert (chunked - whole).abs().max() <= 1e-5
-
-
 @pytest.mark.parametrize("method,options", [("merge", {}), ("switch", {"interval": 2}), ("composite", {}),
                                             ("cmlora", {})])
 def test_cross_attention_kv_cache_is_exact_and_used(setup, method, options):
