@@ -36,8 +36,11 @@ class MagnitudeScan:
         size = len(self._magnitude)
         for start in range(0, flat.numel(), size):
             part = flat[start : start + size]
-            yield start, torch.abs(part, out=self._magnitude[: len(part)]) if part.dtype == torch.float32 \
-                else self._magnitude[: len(part)].copy_(part).abs_()
+            buffer = self._magnitude[: len(part)]
+            if part.dtype == buffer.dtype:
+                yield start, torch.abs(part, out=buffer)
+            else:  # half-precision weights: abs's out= must match their dtype
+                yield start, buffer.copy_(part).abs_()
 
     def _below_mask(self, magnitude: torch.Tensor, value: float) -> torch.Tensor:
         return torch.lt(magnitude, value, out=self._mask[: len(magnitude)])
@@ -79,8 +82,7 @@ def select_below(tensors: dict[str, torch.Tensor], threshold: float) -> dict[str
 def select_smallest(tensors: dict[str, torch.Tensor], count: int) -> tuple[float, dict[str, torch.Tensor]]:
     """(the count-th smallest |w|, flat ascending indices per tensor) of exactly the ``count`` smallest |w|."""
     scan = MagnitudeScan(tensors)
-    low, high = _bracket(scan, count)
-    below = scan.count_below(low)
+    low, high, below = _bracket(scan, count)
     owner, position, magnitude = scan.band(low, high)
     taken = torch.topk(magnitude, count - below, largest=False)
     owner, position = owner[taken.indices], position[taken.indices]
@@ -93,17 +95,19 @@ def select_smallest(tensors: dict[str, torch.Tensor], count: int) -> tuple[float
     return ceiling, selection
 
 
-def _bracket(scan: MagnitudeScan, count: int) -> tuple[float, float]:
-    """Magnitudes (low, high) with #(|w| < low) ≤ count ≤ #(|w| < high), a few percent apart: a strided sample's
-    quantiles, widened until the exact counts agree."""
+def _bracket(scan: MagnitudeScan, count: int) -> tuple[float, float, int]:
+    """Magnitudes (low, high) with #(|w| < low) ≤ count ≤ #(|w| < high), a few percent apart, and #(|w| < low):
+    a strided sample's quantiles, widened until the exact counts agree."""
     total = scan.total
     stride = max(1, total // 2_000_000)
     sample = torch.cat([t.detach().flatten()[::stride].abs().float() for t in scan.tensors.values()])[:16_000_000]
     share = count / total
     low = float(torch.quantile(sample, share * 0.97))
     high = float(torch.quantile(sample, min(1.0, share * 1.03 + 1e-6)))
-    while low > 0 and scan.count_below(low) > count:
+    below = scan.count_below(low)
+    while below > count:
         low /= 1.5
+        below = scan.count_below(low)
     while scan.count_below(high) < count:
         high = high * 1.5 + 1e-12
-    return low, high
+    return low, high, below

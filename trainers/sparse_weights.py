@@ -150,15 +150,14 @@ def _selected_weight_gradient(layer: nn.Module, grad: torch.Tensor, x: torch.Ten
     """∂L/∂W at ``index``, computed over blocks of output channels (each block's dense gradient is small)."""
     row = weight[0].numel()
     rows = max(1, WEIGHT_GRADIENT_BLOCK_BYTES // (row * weight.element_size()))
-    starts = torch.arange(0, weight.shape[0] + rows, rows, device=index.device).clamp(max=weight.shape[0])
-    bounds = torch.searchsorted(index, (starts * row).to(index.dtype)).tolist()
+    starts = [*range(0, weight.shape[0], rows), weight.shape[0]]
+    bounds = torch.searchsorted(index, torch.tensor(starts, dtype=index.dtype, device=index.device) * row).tolist()
     if linear:
         grad, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     result = torch.empty(len(index), dtype=torch.float32, device=grad.device)
-    for block, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for low, high, first, last in zip(starts, starts[1:], bounds, bounds[1:]):
         if first == last:
             continue
-        low, high = int(starts[block]), int(starts[block + 1])
         if linear:
             dense = grad[:, low:high].t() @ x
         else:
