@@ -25,6 +25,7 @@ from bench.measure import measured
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
+from studio.eval.two_objects import read_two_objects
 from studio.models import load_base
 
 METHODS = ("merge", "switch", "composite", "cmlora", "clora")
@@ -93,9 +94,9 @@ def speed(args) -> None:
 
 def quality(args) -> None:
     """N = 2: sks-moon + zwx-zigzag on "a {color} zwx sks on a {background} background" (moon and zigzag).
-    N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (bench.two_subjects):
+    N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (studio.eval.two_objects):
     the c1 region a zigzag moon and the c2 region a cross."""
-    from bench.two_subjects import MIN_PIXELS, PAIRS, color_regions, isolate
+    from bench.two_subjects import PAIRS
 
     base = load_base(args.model)
     evaluator = DomainEvaluator.load()
@@ -120,12 +121,12 @@ def quality(args) -> None:
                 c1, c2 = PAIRS[seed % len(PAIRS)]
                 image = run(base.pipe, f"a {c1} zwx sks and a {c2} xyz on a {background} background", adapters,
                             method, args.steps, seed)
-                pixels = (np.clip(image[0], 0, 1) * 255).round().astype(np.uint8)
-                regions = color_regions(pixels, (c1, c2), background)
-                first, second = evaluator.read(np.stack([isolate(pixels, r, background) for r in regions]))
-                big = [r.sum() >= MIN_PIXELS for r in regions]
-                rows.append((big[0] and first.shape == "moon", big[0] and first.texture == "zigzag",
-                             big[1] and second.shape == "cross"))
+                pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+                readings, _ = read_two_objects(evaluator, pixels, [(c1, c2)], [background])
+                first, second = readings[0]
+                rows.append((first is not None and first.shape == "moon",
+                             first is not None and first.texture == "zigzag",
+                             second is not None and second.shape == "cross"))
             hits = np.array(rows)
             cross_rate = f"{hits[:, 2].mean():.2f}" if n == 3 else "—"
             print(f"| {n} | {method} | {hits.all(1).mean():.2f} | {hits[:, 0].mean():.2f} | {hits[:, 1].mean():.2f} | "

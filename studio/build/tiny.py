@@ -1,5 +1,10 @@
 """``studio build-tiny``: make the procedural data set, train the VAE, then the text encoder and UNet together.
 
+The diffusion stage follows a curriculum: one object per image first, then (from ``pairs_from_step``) a mix in
+which ``pair_fraction`` of the samples are two-object scenes. Before it, the VAE's decoder is fine-tuned on both
+kinds of image, because a VAE trained on single objects decodes a second color poorly; the encoder stays fixed,
+so the latents of the single-object stage keep their meaning.
+
 Every stage is seeded and resumable: state lives in a cache folder outside the repository (default
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
 continues where it stopped. The EMA weights are exported in the diffusers folder layout (fp16) to
@@ -44,6 +49,11 @@ class TinyBuildConfig:
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
+    pair_images: int = 24_000  # two-object scenes, rendered and encoded like the single-object set
+    pair_decoder_steps: int = 1_500
+    pair_decoder_learning_rate: float = 3e-4
+    pair_fraction: float = 0.35  # share of two-object scenes in a batch once pairs are on
+    pairs_from_step: int = 7_250
     diffusion_steps: int = 24_000
     batch_size: int = 32
     learning_rate: float = 3e-4  # the trial found 1e-3 → 3e-4 the largest single gain
@@ -86,6 +96,26 @@ class TinyBuilder:
         os.replace(tmp, path)
         return data
 
+    def pair_data(self) -> dict[str, np.ndarray]:
+        path = self.work_dir / "pairs.npz"
+        if path.exists():
+            with np.load(path) as stored:
+                return {key: stored[key] for key in stored.files}
+        rng = np.random.default_rng(self.config.seed + 1)
+        images = np.empty((self.config.pair_images, 64, 64, 3), dtype=np.uint8)
+        captions = []
+        for i in tqdm(range(self.config.pair_images), desc="render pairs", mininterval=2):
+            pair = procedural.base_training_pair(rng)
+            images[i] = procedural.render_pair(pair)
+            captions.append(pair.caption)
+        ids = self.tokenizer(captions, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
+                             return_tensors="np").input_ids.astype(np.int32)
+        data = {"images": images, "ids": ids}
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, path)
+        return data
+
     # -- stage 2: VAE -------------------------------------------------------------------------------------------
     def vae(self, images: np.ndarray):
         cfg = self.config
@@ -118,9 +148,50 @@ class TinyBuilder:
         vae.eval().requires_grad_(False)
         return vae
 
+    def pair_decoder(self, vae, images: np.ndarray, pair_images: np.ndarray):
+        """Fine-tune the decoder on half single-object, half two-object batches; the encoder is left as it is."""
+        cfg = self.config
+        decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        vae.train()
+        for param in decoder:
+            param.requires_grad_(True)
+        optimizer = torch.optim.AdamW(decoder, lr=cfg.pair_decoder_learning_rate, weight_decay=0.0)
+        state = self._resume("decoder", {"vae": vae, "optimizer": optimizer})
+        step = state.get("step", 0)
+        bar = tqdm(total=cfg.pair_decoder_steps, initial=step, desc="decoder (pairs)", mininterval=2)
+        half = cfg.vae_batch_size // 2
+        while step < cfg.pair_decoder_steps:
+            gen = self._step_generator("decoder", step)
+            lr = cfg.pair_decoder_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.pair_decoder_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            singles = torch.randint(0, len(images), (cfg.vae_batch_size - half,), generator=gen)
+            pairs = torch.randint(0, len(pair_images), (half,), generator=gen)
+            x = torch.cat([_to_tensor(images[singles.numpy()]), _to_tensor(pair_images[pairs.numpy()])])
+            with torch.no_grad():
+                posterior = vae.encode(x).latent_dist
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            self._report("decoder", step, cfg.pair_decoder_steps, {"loss": loss.item()})
+            if step % cfg.checkpoint_every == 0 or step == cfg.pair_decoder_steps:
+                self._checkpoint("decoder", step, {"vae": vae, "optimizer": optimizer})
+        bar.close()
+        vae.eval().requires_grad_(False)
+        return vae
+
     # -- stage 3: latents -------------------------------------------------------------------------------------
-    def latents(self, vae, images: np.ndarray) -> dict[str, torch.Tensor]:
-        path = self.work_dir / "latents.pt"
+    def latents(self, vae, images: np.ndarray, name: str = "latents") -> dict[str, torch.Tensor]:
+        """Posterior means and stds of ``images`` (fp16) and the factor that scales them to unit std.
+
+        The diffusion stage scales every set by the single-object set's factor, as the exported VAE records."""
+        path = self.work_dir / f"{name}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
         means, stds = [], []
@@ -136,7 +207,8 @@ class TinyBuilder:
         return stats
 
     # -- stage 4: text encoder + UNet -----------------------------------------------------------------------------
-    def diffusion(self, vae, data: dict[str, np.ndarray], latents: dict[str, torch.Tensor]) -> None:
+    def diffusion(self, vae, data: dict[str, np.ndarray], latents: dict[str, torch.Tensor],
+                  pair_ids: np.ndarray, pair_latents: dict[str, torch.Tensor]) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         text_encoder, unet = components.make_text_encoder(), components.make_unet()
@@ -161,6 +233,7 @@ class TinyBuilder:
         empty = len(captions) - 1
         combo = torch.from_numpy(data["combo"])
         mean, std = latents["mean"], latents["std"]
+        pair_mean, pair_std, pair_tokens = pair_latents["mean"], pair_latents["std"], torch.from_numpy(pair_ids).long()
         bar = tqdm(total=cfg.diffusion_steps, initial=step, desc="text encoder + unet", mininterval=2)
         while step < cfg.diffusion_steps:
             gen = self._step_generator("diffusion", step)
@@ -176,7 +249,10 @@ class TinyBuilder:
             t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
             noisy = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
-            hidden = text_encoder(ids[token_rows]).last_hidden_state
+            tokens = ids[token_rows]
+            if step >= cfg.pairs_from_step:
+                self._swap_in_pairs(gen, x0, tokens, token_rows != empty, pair_mean, pair_std, pair_tokens, scaling)
+            hidden = text_encoder(tokens).last_hidden_state
             loss = F.mse_loss(unet(noisy, t, hidden).sample, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,11 +270,23 @@ class TinyBuilder:
                 self.export(vae, ema["text_encoder"], ema["unet"], scaling, step)
         bar.close()
 
+    def _swap_in_pairs(self, gen: torch.Generator, x0: torch.Tensor, tokens: torch.Tensor, captioned: torch.Tensor,
+                       mean: torch.Tensor, std: torch.Tensor, pair_tokens: torch.Tensor, scaling: float) -> None:
+        """Replace a ``pair_fraction`` of the batch, in place, by two-object scenes (captions dropped stay empty)."""
+        size = x0.shape[0]
+        chosen = torch.rand(size, generator=gen) < self.config.pair_fraction
+        idx = torch.randint(0, len(mean), (size,), generator=gen)
+        pair_x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        x0[chosen] = pair_x0[chosen]
+        tokens[chosen & captioned] = pair_tokens[idx[chosen & captioned]]
+
     def run(self) -> Path:
-        data = self.data()
+        data, pairs = self.data(), self.pair_data()
         vae = self.vae(data["images"])
         latents = self.latents(vae, data["images"])
-        self.diffusion(vae, data, latents)
+        pair_latents = self.latents(vae, pairs["images"], "pair_latents")
+        vae = self.pair_decoder(vae, data["images"], pairs["images"])
+        self.diffusion(vae, data, latents, pairs["ids"], pair_latents)
         return self.export_dir
 
     # -- export -----------------------------------------------------------------------------------------------
@@ -226,6 +314,8 @@ class TinyBuilder:
             "build_config": asdict(self.config),
             "image_size": procedural.IMAGE_SIZE,
             "caption_template": "a {color} {texture} {shape} on a {background} background",
+            "pair_caption_template": ("a {color} {texture} {shape} and a {color} {texture} {shape} "
+                                      "on a {background} background"),
             "colors": list(procedural.COLORS),
             "textures": list(procedural.BASE_TEXTURES),
             "shapes": list(procedural.BASE_SHAPES),
@@ -250,7 +340,7 @@ class TinyBuilder:
     # -- helpers ----------------------------------------------------------------------------------------------
     def _step_generator(self, stage: str, step: int) -> torch.Generator:
         """Randomness of one step depends only on (seed, stage, step), so a resumed build repeats an unbroken one."""
-        offset = {"vae": 1, "diffusion": 2}[stage]
+        offset = {"vae": 1, "diffusion": 2, "decoder": 3}[stage]
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + offset * 100_000_007 + step)
 
     def _checkpoint(self, stage: str, step: int, modules: dict) -> None:

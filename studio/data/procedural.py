@@ -1,7 +1,8 @@
-"""The procedural domain of the embedded model: one textured shape on a plain background, with a known caption.
+"""The procedural domain of the embedded model: textured shapes on a plain background, with known captions.
 
-Every image is drawn from a :class:`Scene` (shape, color, texture, background plus a little geometric jitter),
-so its ground truth is known exactly; the evaluator, the benchmarks and the adapter demos all rely on that.
+Every image is drawn from a :class:`Scene` (shape, color, texture, background plus a little geometric jitter)
+or a :class:`PairScene` (two smaller objects side by side, the first-named on the left), so its ground truth is
+known exactly; the evaluator, the benchmarks and the adapter demos all rely on that.
 Reserved shapes and textures are never shown to the base model: adapters learn them. Some color-shape and
 texture-shape combinations are held out of the base training to measure generalisation.
 """
@@ -111,6 +112,53 @@ def jittered_scene(rng: np.random.Generator, color: str, texture: str, shape: st
     )
 
 
+@dataclass(frozen=True)
+class PairScene:
+    """Two objects side by side on one background; captions name the left one first, as read."""
+
+    left: Scene
+    right: Scene
+
+    def __post_init__(self) -> None:
+        if self.left.background != self.right.background:
+            raise ValueError("both objects of a pair scene share one background")
+        if self.left.color == self.right.color:
+            raise ValueError("the two objects of a pair scene have different colors, so each can be found by color")
+
+    @property
+    def caption(self) -> str:
+        return pair_caption((self.left.color, self.left.texture, self.left.shape),
+                            (self.right.color, self.right.texture, self.right.shape), self.left.background)
+
+
+def pair_caption(first: tuple[str, str, str], second: tuple[str, str, str], background: str) -> str:
+    """The two-object caption: ``a {color} {texture} {shape} and a … on a {background} background``."""
+    return f"a {' '.join(first)} and a {' '.join(second)} on a {background} background"
+
+
+def base_training_pair(rng: np.random.Generator) -> PairScene:
+    """A random two-object scene from the base vocabulary (two colors, no held-out pair in either object)."""
+    combos = base_training_combinations()
+    background = str(rng.choice(list(BACKGROUNDS)))
+    while True:
+        (c1, t1, s1, _), (c2, t2, s2, _) = (combos[i] for i in rng.integers(0, len(combos), size=2))
+        if c1 != c2:
+            return jittered_pair(rng, (c1, t1, s1), (c2, t2, s2), background)
+
+
+def jittered_pair(rng: np.random.Generator, left: tuple[str, str, str], right: tuple[str, str, str],
+                  background: str) -> PairScene:
+    """Two objects of radius 10.5–13 centred near x = 17.5 and 46.5: they never overlap."""
+    objects = []
+    for (color, texture, shape), x in ((left, 17.5), (right, 46.5)):
+        objects.append(Scene(
+            shape=shape, color=color, texture=texture, background=background,
+            center=(x + rng.uniform(-1.5, 1.5), 32.0 + rng.uniform(-6.0, 6.0)), radius=float(rng.uniform(10.5, 13.0)),
+            phase=(float(rng.uniform(0, 12)), float(rng.uniform(0, 12))),
+        ))
+    return PairScene(*objects)
+
+
 # --- geometry -------------------------------------------------------------------------------------------------
 
 
@@ -193,21 +241,40 @@ def texture_pattern(texture: str, phase: tuple[float, float], size: int = IMAGE_
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw a scene as an H×W×3 uint8 array."""
-    for name, table in (("color", COLORS), ("background", BACKGROUNDS)):
-        if getattr(scene, name) not in table:
-            raise ValueError(f"unknown {name} {getattr(scene, name)!r}; known: {', '.join(table)}")
+    return _to_uint8(_paint(_background(scene.background, size), scene, size))
+
+
+def render_pair(pair: PairScene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw a two-object scene as an H×W×3 uint8 array."""
+    canvas = _background(pair.left.background, size)
+    for scene in (pair.left, pair.right):
+        canvas = _paint(canvas, scene, size)
+    return _to_uint8(canvas)
+
+
+def _background(name: str, size: int) -> np.ndarray:
+    if name not in BACKGROUNDS:
+        raise ValueError(f"unknown background {name!r}; known: {', '.join(BACKGROUNDS)}")
+    return np.broadcast_to(np.asarray(BACKGROUNDS[name], dtype=np.float32), (size, size, 3))
+
+
+def _paint(canvas: np.ndarray, scene: Scene, size: int) -> np.ndarray:
+    if scene.color not in COLORS:
+        raise ValueError(f"unknown color {scene.color!r}; known: {', '.join(COLORS)}")
     mask = shape_mask(scene.shape, scene.center, scene.radius, size)[..., None]
     shade = texture_pattern(scene.texture, scene.phase, size)[..., None]
     primary = np.asarray(COLORS[scene.color], dtype=np.float32)
     fill = primary * (1.0 - shade) + primary * _SHADE * shade
-    background = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)
-    image = background * (1.0 - mask) + fill * mask
+    return canvas * (1.0 - mask) + fill * mask
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def render_batch(scenes: Sequence[Scene]) -> np.ndarray:
+def render_batch(scenes: Sequence[Scene | PairScene]) -> np.ndarray:
     """N×H×W×3 uint8."""
-    return np.stack([render(scene) for scene in scenes])
+    return np.stack([render(scene) if isinstance(scene, Scene) else render_pair(scene) for scene in scenes])
 
 
 def with_attributes(scene: Scene, **changes: str) -> Scene:

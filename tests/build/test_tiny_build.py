@@ -9,7 +9,8 @@ from studio.models import load_base
 
 def small(**overrides):
     values = dict(num_images=48, vae_steps=2, vae_batch_size=4, diffusion_steps=4, batch_size=4, warmup_steps=2,
-                  checkpoint_every=2, export_every=4)
+                  checkpoint_every=2, export_every=4, pair_images=16, pair_decoder_steps=2, pairs_from_step=1,
+                  pair_fraction=0.5)
     values.update(overrides)
     return TinyBuildConfig(**values)
 
@@ -38,3 +39,21 @@ def test_exported_model_loads_and_generates(tmp_path):
 
 def _weights(component: str) -> str:
     return "diffusion_pytorch_model.safetensors" if component == "unet" else "model.safetensors"
+
+
+def test_pair_curriculum_swaps_in_captioned_two_object_samples(tmp_path):
+    builder = TinyBuilder(small(pair_fraction=1.0), tmp_path / "w", tmp_path / "m" / "tiny-sd")
+    x0, tokens = torch.zeros(6, 4, 16, 16), torch.zeros(6, 77, dtype=torch.long)
+    captioned = torch.tensor([True, True, False, True, True, True])
+    pair_tokens = torch.arange(1, 9)[:, None].repeat(1, 77)
+    pair_mean, pair_std = torch.ones(8, 4, 16, 16), torch.zeros(8, 4, 16, 16)
+    builder._swap_in_pairs(torch.Generator().manual_seed(0), x0, tokens, captioned, pair_mean, pair_std,
+                           pair_tokens, 2.0)
+    assert torch.equal(x0, torch.full_like(x0, 2.0))  # every latent is a (scaled) pair latent
+    assert (tokens[captioned] > 0).all() and (tokens[~captioned] == 0).all()  # dropped captions stay empty
+
+    none = TinyBuilder(small(pair_fraction=0.0), tmp_path / "w2", tmp_path / "m2" / "tiny-sd")
+    x0, tokens = torch.zeros(6, 4, 16, 16), torch.zeros(6, 77, dtype=torch.long)
+    none._swap_in_pairs(torch.Generator().manual_seed(0), x0, tokens, captioned, pair_mean, pair_std,
+                        pair_tokens, 2.0)
+    assert not x0.any() and not tokens.any()

@@ -42,3 +42,33 @@ def test_unknown_names_are_refused():
         procedural.render(procedural.Scene("hexagon", "red", "solid", "white"))
     with pytest.raises(ValueError, match="unknown color"):
         procedural.render(procedural.Scene("circle", "teal", "solid", "white"))
+
+
+def test_pair_scenes_put_two_separate_objects_in_caption_order():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        pair = procedural.base_training_pair(rng)
+        image = procedural.render_pair(pair)
+        masks = [procedural.shape_mask(s.shape, s.center, s.radius) > 0 for s in (pair.left, pair.right)]
+        assert not (masks[0] & masks[1]).any()
+        assert masks[0][:, 33:].sum() == 0 and masks[1][:, :32].sum() == 0  # first-named object on the left
+        for scene in (pair.left, pair.right):
+            solid = procedural.shape_mask(scene.shape, scene.center, scene.radius) == 1.0
+            rgb = np.asarray(procedural.COLORS[scene.color], np.float32)
+            pixels = image[solid].astype(np.float32)
+            k = pixels @ rgb / (rgb @ rgb)  # every pixel lies on the object's color line (textures only darken)
+            assert np.abs(pixels - k[:, None] * rgb).max() <= 2.0
+        for scene in (pair.left, pair.right):
+            assert not procedural.is_held_out(scene.color, scene.texture, scene.shape)
+            assert scene.shape in procedural.BASE_SHAPES and scene.texture in procedural.BASE_TEXTURES
+        left, right = pair.left, pair.right
+        assert pair.caption == (f"a {left.color} {left.texture} {left.shape} and a {right.color} {right.texture} "
+                                f"{right.shape} on a {left.background} background")
+
+
+def test_pair_scenes_refuse_one_color_or_two_backgrounds():
+    red = procedural.Scene("circle", "red", "solid", "white", center=(17, 32), radius=12)
+    with pytest.raises(ValueError, match="different colors"):
+        procedural.PairScene(red, procedural.with_attributes(red, center=(47, 32)))
+    with pytest.raises(ValueError, match="one background"):
+        procedural.PairScene(red, procedural.with_attributes(red, color="blue", background="black"))

@@ -4,6 +4,7 @@ import pytest
 from studio.data import procedural
 from studio.errors import ModelLoadError
 from studio.eval.domain import DomainEvaluator, clean_render_accuracy
+from studio.eval.two_objects import read_two_objects
 
 
 def test_reads_clean_renders(evaluator):
@@ -31,3 +32,24 @@ def test_rejects_noise_and_empty_backgrounds(evaluator):
 def test_missing_evaluator_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no domain evaluator"):
         DomainEvaluator.load(tmp_path)
+
+
+def test_reads_both_objects_of_rendered_pairs(evaluator):
+    rng = np.random.default_rng(11)
+    pairs = [procedural.base_training_pair(rng) for _ in range(60)]
+    pairs += [procedural.jittered_pair(rng, ("red", "solid", "moon"), ("blue", "striped", "cross"), "white")
+              for _ in range(10)]
+    readings, regions = read_two_objects(evaluator, procedural.render_batch(pairs),
+                                         [(p.left.color, p.right.color) for p in pairs],
+                                         [p.left.background for p in pairs])
+    correct = [r is not None and (r.shape, r.color) == (s.shape, s.color)
+               for pair, read in zip(pairs, readings) for s, r in zip((pair.left, pair.right), read)]
+    assert np.mean(correct) >= 0.95
+    left_region = regions[0][0]
+    assert left_region[:, :32].sum() > 20 * left_region[:, 32:].sum()  # the first color is found on the left
+
+
+def test_two_object_reading_reports_a_missing_object(evaluator):
+    scene = procedural.Scene("star", "green", "solid", "white")
+    readings, _ = read_two_objects(evaluator, procedural.render_batch([scene]), [("green", "purple")], ["white"])
+    assert readings[0][0].shape == "star" and readings[0][1] is None
