@@ -31,9 +31,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--folder", default=str(SHIPPED), help="where the demo adapters are")
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base, evaluator = load_base(), DomainEvaluator.load()
+    base, evaluator = load_base(args.model), DomainEvaluator.load()
     n = args.n
     folder = Path(args.folder)
     def rate(name: str, prompts: list[str], attribute: str, value: str) -> str:

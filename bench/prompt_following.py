@@ -1,6 +1,6 @@
 """Prompt following of a base model on the embedded domain, read by the domain evaluator.
 
-    .venv/bin/python -m bench.prompt_following --n 300 [--model SPEC] [--steps 20] [--guidance 5]
+    .venv/bin/python -m bench.prompt_following --n 300 [--pairs 100] [--model SPEC] [--steps 20] [--guidance 5]
 
 Prints a table (seen vs held-out combinations) and writes it as JSON beside the model when --json is given.
 """
@@ -14,7 +14,7 @@ import time
 import torch
 
 from studio.eval.domain import DomainEvaluator
-from studio.eval.prompt_following import measure_prompt_following
+from studio.eval.prompt_following import measure_pair_following, measure_prompt_following
 from studio.models import load_base
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=100, help="two-object prompts")
     parser.add_argument("--json", default=None, help="write the table here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -39,6 +40,11 @@ def main() -> None:
     for split, row in tables.items():
         print(f"| {split} | {row['n']} | {row['color']:.2f} | {row['texture']:.2f} | {row['shape']:.2f} | "
               f"{row['background']:.2f} | {row['all']:.2f} |")
+    pairs = measure_pair_following(base, DomainEvaluator.load(), n=args.pairs, seed=args.seed, steps=args.steps,
+                                   guidance_scale=args.guidance)
+    tables["pairs"] = pairs
+    print(f"\ntwo objects (n = {pairs['n']}): shape {pairs['shape']:.2f}, color {pairs['color']:.2f} per object; "
+          f"both objects right {pairs['both']:.2f}, only one {pairs['one']:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(tables, handle, indent=2)

@@ -12,6 +12,7 @@ both, "omission" exactly one. CLoRA's masks are compared with the color regions 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,10 +41,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--adapters", default=str(SHIPPED), help="folder with sks-moon and xyz-cross")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(args.model), DomainEvaluator.load()
-    adapters = [(str(SHIPPED / "sks-moon.safetensors"), 1.0), (str(SHIPPED / "xyz-cross.safetensors"), 1.0)]
+    folder = Path(args.adapters)
+    adapters = [(str(folder / "sks-moon.safetensors"), 1.0), (str(folder / "xyz-cross.safetensors"), 1.0)]
     backgrounds = list(procedural.BACKGROUNDS)
     cases = [(*PAIRS[i % len(PAIRS)], backgrounds[(i // len(PAIRS)) % 3]) for i in range(args.n)]
     print(f"n = {args.n}, {args.steps} steps; 'a {{c1}} sks and a {{c2}} xyz on a {{background}} background'")

@@ -288,10 +288,12 @@ def _adapters_profile(args: argparse.Namespace) -> int:
 
 def _build_demo_adapters(args: argparse.Namespace) -> int:
     from studio.build.demo_adapters import DEMO_DIR, build_demo_adapters
+    from studio.models import load_base
 
     _single_thread_on_cpu()
+    base = load_base(args.model) if args.model else None
     for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed,
-                                    only=args.only):
+                                    base=base, only=args.only):
         print(path)
     return 0
 
@@ -344,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     demos = _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
                            _build_demo_adapters, 400, "assets/adapters")
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
+    demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 
