@@ -5,6 +5,10 @@ which ``pair_fraction`` of the samples are two-object scenes. Before it, the VAE
 kinds of image, because a VAE trained on single objects decodes a second color poorly; the encoder stays fixed,
 so the latents of the single-object stage keep their meaning.
 
+Until the fifth session the VAE's initial weights were not seeded (torch seeds its default generator at random
+in every process), so the shipped VAE, and the latents every later stage trained on, cannot be rebuilt bit for
+bit; a build from scratch now is reproducible and makes an equivalent model, not the same one.
+
 Every stage is seeded and resumable: state lives in a cache folder outside the repository (default
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
 continues where it stopped. The EMA weights are exported in the diffusers folder layout (fp16) to
@@ -119,69 +123,59 @@ class TinyBuilder:
     # -- stage 2: VAE -------------------------------------------------------------------------------------------
     def vae(self, images: np.ndarray):
         cfg = self.config
+        torch.manual_seed(cfg.seed)  # torch's default generator starts from a random seed in every process
         vae = components.make_vae()
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
-        state = self._resume("vae", {"vae": vae, "optimizer": optimizer})
-        step = state.get("step", 0)
-        bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", mininterval=2)
-        while step < cfg.vae_steps:
-            gen = self._step_generator("vae", step)
-            lr = cfg.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-            x = _to_tensor(images[idx.numpy()])
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            recon = vae.decode(z).sample
-            loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            self._report("vae", step, cfg.vae_steps, {"loss": loss.item()})
-            if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-                self._checkpoint("vae", step, {"vae": vae, "optimizer": optimizer})
-        bar.close()
-        vae.eval().requires_grad_(False)
-        return vae
+
+        def batch(gen: torch.Generator) -> torch.Tensor:
+            return _to_tensor(images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen).numpy()])
+
+        return self._fit_autoencoder("vae", vae, list(vae.parameters()), cfg.vae_steps, cfg.vae_learning_rate,
+                                     batch, cfg.vae_kl_weight)
 
     def pair_decoder(self, vae, images: np.ndarray, pair_images: np.ndarray):
         """Fine-tune the decoder on half single-object, half two-object batches; the encoder is left as it is."""
         cfg = self.config
-        decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-        vae.train()
-        for param in decoder:
-            param.requires_grad_(True)
-        optimizer = torch.optim.AdamW(decoder, lr=cfg.pair_decoder_learning_rate, weight_decay=0.0)
-        state = self._resume("decoder", {"vae": vae, "optimizer": optimizer})
-        step = state.get("step", 0)
-        bar = tqdm(total=cfg.pair_decoder_steps, initial=step, desc="decoder (pairs)", mininterval=2)
         half = cfg.vae_batch_size // 2
-        while step < cfg.pair_decoder_steps:
-            gen = self._step_generator("decoder", step)
-            lr = cfg.pair_decoder_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.pair_decoder_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+
+        def batch(gen: torch.Generator) -> torch.Tensor:
             singles = torch.randint(0, len(images), (cfg.vae_batch_size - half,), generator=gen)
             pairs = torch.randint(0, len(pair_images), (half,), generator=gen)
-            x = torch.cat([_to_tensor(images[singles.numpy()]), _to_tensor(pair_images[pairs.numpy()])])
-            with torch.no_grad():
-                posterior = vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            return torch.cat([_to_tensor(images[singles.numpy()]), _to_tensor(pair_images[pairs.numpy()])])
+
+        decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        return self._fit_autoencoder("decoder", vae, decoder, cfg.pair_decoder_steps,
+                                     cfg.pair_decoder_learning_rate, batch, kl_weight=0.0)
+
+    def _fit_autoencoder(self, stage: str, vae, params: list[torch.nn.Parameter], steps: int, learning_rate: float,
+                         batch: Callable[[torch.Generator], torch.Tensor], kl_weight: float):
+        """Reconstruction training of ``params`` (the rest of the VAE frozen) with a cosine rate, resumable."""
+        vae.train().requires_grad_(False)
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        state = self._resume(stage, {"vae": vae, "optimizer": optimizer})
+        step = state.get("step", 0)
+        bar = tqdm(total=steps, initial=step, desc=stage, mininterval=2)
+        while step < steps:
+            gen = self._step_generator(stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+            x = batch(gen)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
             recon = vae.decode(z).sample
             loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x)
+            if kl_weight:
+                loss = loss + kl_weight * posterior.kl().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            self._report("decoder", step, cfg.pair_decoder_steps, {"loss": loss.item()})
-            if step % cfg.checkpoint_every == 0 or step == cfg.pair_decoder_steps:
-                self._checkpoint("decoder", step, {"vae": vae, "optimizer": optimizer})
+            self._report(stage, step, steps, {"loss": loss.item()})
+            if step % self.config.checkpoint_every == 0 or step == steps:
+                self._checkpoint(stage, step, {"vae": vae, "optimizer": optimizer})
         bar.close()
         vae.eval().requires_grad_(False)
         return vae
