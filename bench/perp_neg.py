@@ -1,9 +1,14 @@
 """Negative prompts that overlap the positive: ordinary negative prompting vs Perp-Neg, on the embedded model.
 
-    .venv/bin/python -m bench.perp_neg [--n 96]
+    .venv/bin/python -m bench.perp_neg [--case texture|color] [--n 96]
 
-Positive "a {color} {texture} {shape} on a {background} background"; negative "a {texture} {shape}", which
-shares the shape the user wants. Removal: the texture is gone; retention: shape and color still as asked.
+``texture``: positive "a {color} {texture} {shape} on a {background} background", negative "a {texture} {shape}",
+which shares the shape the user wants. Removal: the texture is gone; retention: shape and color still as asked.
+
+``color``: positive "a {texture} {shape} on a {background} background" (no color named, so the model picks one,
+most often orange), negative "a orange {shape}", which again shares the shape. Removal: the object is not orange;
+retention: shape and texture still as asked.
+
 Rows: no negative, the ordinary ``negative_prompt`` (it replaces the unconditional prediction), and Perp-Neg at
 several weights (only the part of the negative perpendicular to the positive is subtracted).
 """
@@ -20,34 +25,59 @@ from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.models import load_base
 
+UNNAMED_COLOR = "orange"  # the color the embedded model draws most often when a prompt names none
+
+
+def cases_for(case: str, n: int) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Prompts grouped by their negative prompt: (color, texture, shape, background), color "" when unnamed."""
+    rng = np.random.default_rng(3)
+    pairs = [(t, s) for t in procedural.BASE_TEXTURES for s in procedural.BASE_SHAPES]
+    per_pair = max(1, n // len(pairs))
+    groups: dict[str, list[tuple[str, str, str, str]]] = {}
+    for texture, shape in pairs:
+        negative = f"a {texture} {shape}" if case == "texture" else f"a {UNNAMED_COLOR} {shape}"
+        for _ in range(per_pair):
+            color = str(rng.choice(list(procedural.COLORS))) if case == "texture" else ""
+            background = str(rng.choice(list(procedural.BACKGROUNDS)))
+            groups.setdefault(negative, []).append((color, texture, shape, background))
+    return groups
+
+
+def prompt(color: str, texture: str, shape: str, background: str) -> str:
+    return procedural.caption(color, texture, shape, background).replace("a  ", "a ")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=["texture", "color"], default="texture")
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base, evaluator = load_base(), DomainEvaluator.load()
-    rng = np.random.default_rng(3)
-    pairs = [(t, s) for t in procedural.BASE_TEXTURES for s in procedural.BASE_SHAPES]
-    per_pair = max(1, args.n // len(pairs))
-    groups = {pair: [(str(rng.choice(list(procedural.COLORS))), pair[0], pair[1],
-                      str(rng.choice(list(procedural.BACKGROUNDS)))) for _ in range(per_pair)] for pair in pairs}
+    base, evaluator = load_base(args.model), DomainEvaluator.load()
+    groups = cases_for(args.case, args.n)
     cases = [case for group in groups.values() for case in group]
 
     def row(label: str, negative: bool = False, **options) -> None:
         readings = []
-        for (texture, shape), group in groups.items():  # Perp-Neg's negatives apply to the whole batch
-            extra = {"negative_prompt": f"a {texture} {shape}"} if negative else {}
-            readings += read_generations(base, evaluator, [procedural.caption(*c) for c in group], args.steps,
-                                         **extra, **options)
-        removed = np.mean([r.texture != t for r, (_, t, _, _) in zip(readings, cases)])
-        kept = np.mean([(r.shape, r.color) == (s, c) for r, (c, _, s, _) in zip(readings, cases)])
+        for negative_prompt, group in groups.items():  # Perp-Neg's negatives apply to the whole batch
+            extra = {"negative_prompt": negative_prompt} if negative else {}
+            readings += read_generations(base, evaluator, [prompt(*c) for c in group], args.steps, **extra,
+                                         **options)
+        if args.case == "texture":
+            removed = np.mean([r.texture != t for r, (_, t, _, _) in zip(readings, cases)])
+            kept = np.mean([(r.shape, r.color) == (s, c) for r, (c, _, s, _) in zip(readings, cases)])
+        else:
+            removed = np.mean([r.color != UNNAMED_COLOR for r in readings])
+            kept = np.mean([(r.shape, r.texture) == (s, t) for r, (_, t, s, _) in zip(readings, cases)])
         print(f"| {label} | {removed:.2f} | {kept:.2f} |")
 
-    print(f"n = {len(cases)}, {args.steps} steps, guidance {base.default_guidance_scale}; negative 'a {{texture}} "
-          "{shape}' against the positive 'a {color} {texture} {shape} on a {background} background'")
-    print("| guidance | texture removed | shape and color kept |")
+    removed, kept = ("texture removed", "shape and color kept") if args.case == "texture" else (
+        f"not {UNNAMED_COLOR}", "shape and texture kept")
+    print(f"n = {len(cases)}, {args.steps} steps, guidance {base.default_guidance_scale}; case {args.case}: "
+          f"e.g. positive '{prompt(*cases[0])}', negative '{next(iter(groups))}'")
+    print(f"| guidance | {removed} | {kept} |")
     print("|---|---|---|")
     row("no negative")
     row("ordinary negative prompt", negative=True)
