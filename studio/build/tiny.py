@@ -56,7 +56,7 @@ class TinyBuildConfig:
     pair_images: int = 24_000  # two-object scenes, rendered and encoded like the single-object set
     pair_decoder_steps: int = 1_500
     pair_decoder_learning_rate: float = 3e-4
-    pair_fraction: float = 0.35  # share of two-object scenes in a batch once pairs are on
+    pair_fraction: float = 0.5  # share of two-object scenes in a batch once pairs are on
     pairs_from_step: int = 7_250
     diffusion_steps: int = 24_000
     batch_size: int = 32
@@ -224,10 +224,9 @@ class TinyBuilder:
         captions = [str(c) for c in data["captions"]] + [""]
         ids = self.tokenizer(captions, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
                              return_tensors="pt").input_ids
-        empty = len(captions) - 1
-        combo = torch.from_numpy(data["combo"])
-        mean, std = latents["mean"], latents["std"]
-        pair_mean, pair_std, pair_tokens = pair_latents["mean"], pair_latents["std"], torch.from_numpy(pair_ids).long()
+        singles = LatentSet(latents["mean"], latents["std"], ids[torch.from_numpy(data["combo"])])
+        pairs = LatentSet(pair_latents["mean"], pair_latents["std"], torch.from_numpy(pair_ids).long())
+        empty = ids[-1]
         bar = tqdm(total=cfg.diffusion_steps, initial=step, desc="text encoder + unet", mininterval=2)
         while step < cfg.diffusion_steps:
             gen = self._step_generator("diffusion", step)
@@ -235,17 +234,11 @@ class TinyBuilder:
             lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.diffusion_steps)) * 0.9 + 0.1
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = torch.randint(0, len(combo), (cfg.batch_size,), generator=gen)
-            x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
-            token_rows = combo[idx].clone()
-            token_rows[torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout] = empty
+            x0, tokens = self.sample_batch(gen, step, singles, pairs, empty, scaling)
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
             noisy = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
-            tokens = ids[token_rows]
-            if step >= cfg.pairs_from_step:
-                self._swap_in_pairs(gen, x0, tokens, token_rows != empty, pair_mean, pair_std, pair_tokens, scaling)
             hidden = text_encoder(tokens).last_hidden_state
             loss = F.mse_loss(unet(noisy, t, hidden).sample, target)
             optimizer.zero_grad(set_to_none=True)
@@ -264,15 +257,23 @@ class TinyBuilder:
                 self.export(vae, ema["text_encoder"], ema["unet"], scaling, step)
         bar.close()
 
-    def _swap_in_pairs(self, gen: torch.Generator, x0: torch.Tensor, tokens: torch.Tensor, captioned: torch.Tensor,
-                       mean: torch.Tensor, std: torch.Tensor, pair_tokens: torch.Tensor, scaling: float) -> None:
-        """Replace a ``pair_fraction`` of the batch, in place, by two-object scenes (captions dropped stay empty)."""
-        size = x0.shape[0]
-        chosen = torch.rand(size, generator=gen) < self.config.pair_fraction
-        idx = torch.randint(0, len(mean), (size,), generator=gen)
-        pair_x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        x0[chosen] = pair_x0[chosen]
-        tokens[chosen & captioned] = pair_tokens[idx[chosen & captioned]]
+    def sample_batch(self, gen: torch.Generator, step: int, singles: LatentSet, pairs: LatentSet,
+                     empty: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean latents and caption tokens of one training batch.
+
+        From ``pairs_from_step`` on, a ``pair_fraction`` of the samples are two-object scenes. Their draws come
+        after the single-object ones, so the single-object stage's random stream is the same as before pairs
+        existed. Dropped captions (for classifier-free guidance) are empty whatever the image."""
+        cfg = self.config
+        idx = torch.randint(0, len(singles), (cfg.batch_size,), generator=gen)
+        x0, tokens = singles.draw(idx, gen, scaling), singles.tokens[idx]
+        dropped = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        if step >= cfg.pairs_from_step:
+            chosen = torch.rand(cfg.batch_size, generator=gen) < cfg.pair_fraction
+            pair_idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=gen)
+            x0 = torch.where(chosen[:, None, None, None], pairs.draw(pair_idx, gen, scaling), x0)
+            tokens = torch.where(chosen[:, None], pairs.tokens[pair_idx], tokens)
+        return x0, torch.where(dropped[:, None], empty, tokens)
 
     def run(self) -> Path:
         data, pairs = self.data(), self.pair_data()
@@ -355,6 +356,23 @@ class TinyBuilder:
     def _report(self, stage: str, step: int, total: int, logs: dict) -> None:
         if self.progress is not None:
             self.progress(stage, step, total, logs)
+
+
+@dataclass
+class LatentSet:
+    """Encoded training images: posterior means and stds (fp16) and each image's caption tokens."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def draw(self, idx: torch.Tensor, gen: torch.Generator, scaling: float) -> torch.Tensor:
+        """Scaled latent samples of the images at ``idx``."""
+        mean = self.mean[idx].float()
+        return (mean + self.std[idx].float() * torch.randn(mean.shape, generator=gen)) * scaling
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file
 
-from studio.build.tiny import TinyBuildConfig, TinyBuilder
+from studio.build.tiny import LatentSet, TinyBuildConfig, TinyBuilder
 from studio.models import load_base
 
 
@@ -41,22 +41,22 @@ def _weights(component: str) -> str:
     return "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
 
 
-def test_pair_curriculum_swaps_in_captioned_two_object_samples(tmp_path):
-    builder = TinyBuilder(small(pair_fraction=1.0), tmp_path / "w", tmp_path / "m" / "tiny-sd")
-    x0, tokens = torch.zeros(6, 4, 16, 16), torch.zeros(6, 77, dtype=torch.long)
-    captioned = torch.tensor([True, True, False, True, True, True])
-    pair_tokens = torch.arange(1, 9)[:, None].repeat(1, 77)
-    pair_mean, pair_std = torch.ones(8, 4, 16, 16), torch.zeros(8, 4, 16, 16)
-    builder._swap_in_pairs(torch.Generator().manual_seed(0), x0, tokens, captioned, pair_mean, pair_std,
-                           pair_tokens, 2.0)
-    assert torch.equal(x0, torch.full_like(x0, 2.0))  # every latent is a (scaled) pair latent
-    assert (tokens[captioned] > 0).all() and (tokens[~captioned] == 0).all()  # dropped captions stay empty
+def test_pair_curriculum_trains_on_two_object_latents_and_captions(tmp_path):
+    def batch(fraction: float, step: int):
+        builder = TinyBuilder(small(pair_fraction=fraction, pairs_from_step=3, batch_size=64, caption_dropout=0.2),
+                              tmp_path / "w", tmp_path / "m" / "tiny-sd")
+        singles = LatentSet(torch.zeros(10, 4, 16, 16), torch.zeros(10, 4, 16, 16), torch.ones(10, 77).long())
+        pairs = LatentSet(torch.ones(10, 4, 16, 16), torch.zeros(10, 4, 16, 16), torch.full((10, 77), 2))
+        return builder.sample_batch(torch.Generator().manual_seed(0), step, singles, pairs, torch.zeros(77).long(), 2.0)
 
-    none = TinyBuilder(small(pair_fraction=0.0), tmp_path / "w2", tmp_path / "m2" / "tiny-sd")
-    x0, tokens = torch.zeros(6, 4, 16, 16), torch.zeros(6, 77, dtype=torch.long)
-    none._swap_in_pairs(torch.Generator().manual_seed(0), x0, tokens, captioned, pair_mean, pair_std,
-                        pair_tokens, 2.0)
-    assert not x0.any() and not tokens.any()
+    x0, tokens = batch(1.0, step=3)
+    assert torch.equal(x0, torch.full_like(x0, 2.0))  # the latents the loss is computed on are the pairs'
+    captioned = tokens[:, 0] != 0
+    assert 0 < (~captioned).sum() < 64 and (tokens[captioned] == 2).all()  # dropped captions stay empty
+    x0, tokens = batch(1.0, step=2)  # before the curriculum reaches pairs
+    assert not x0.any() and set(tokens[:, 0].tolist()) <= {0, 1}
+    x0, tokens = batch(0.0, step=3)
+    assert not x0.any() and set(tokens[:, 0].tolist()) <= {0, 1}
 
 
 def test_builds_from_scratch_are_identical(tmp_path):
