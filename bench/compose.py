@@ -162,9 +162,39 @@ def loaded(args) -> None:
           f"{args.active} active: {many * 1000:.1f} ms ({many / few:.3f}×; medians of {args.repeats} alternations)")
 
 
+def capture(args) -> None:
+    """Cost of CLoRA's cross-attention capture: one UNet call (batch 2, the model's size) with and without the
+    maps stored at the capture resolution, alternated; ratio of medians."""
+    import statistics
+
+    from pipelines.attention_capture import capture_cross_attention
+
+    base = load_base(args.model)
+    unet = base.pipe.unet
+    size = (args.size or base.default_size) // base.pipe.vae_scale_factor
+    latents = torch.randn(2, unet.config.in_channels, size, size, dtype=unet.dtype)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    timestep = torch.tensor(500)
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    with torch.no_grad():
+        for _ in range(args.repeats * 20):
+            for captured in (False, True):
+                start = time.perf_counter()
+                if captured:
+                    with capture_cross_attention(unet, size) as store:
+                        unet(latents, timestep, hidden)
+                    store.mean()
+                else:
+                    unet(latents, timestep, hidden)
+                timings[captured].append(time.perf_counter() - start)
+    plain, captured = statistics.median(timings[False]), statistics.median(timings[True])
+    print(f"UNet call at {size}×{size} latents, batch 2: {plain * 1000:.2f} ms plain, {captured * 1000:.2f} ms with "
+          f"capture ({captured / plain:.3f}×; medians of {len(timings[False])} alternations)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["speed", "quality", "loaded"])
+    parser.add_argument("part", choices=["speed", "quality", "loaded", "capture"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
                         help="sd15: SD 1.5 architecture with random weights and random LoRAs (speed, loaded)")
@@ -179,7 +209,7 @@ def main() -> None:
         SIZE.update(height=args.size, width=args.size)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
-    {"speed": speed, "quality": quality, "loaded": loaded}[args.part](args)
+    {"speed": speed, "quality": quality, "loaded": loaded, "capture": capture}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def test_pair_curriculum_trains_on_two_object_latents_and_captions(tmp_path):
                               tmp_path / "w", tmp_path / "m" / "tiny-sd")
         singles = LatentSet(torch.zeros(10, 4, 16, 16), torch.zeros(10, 4, 16, 16), torch.ones(10, 77).long())
         pairs = LatentSet(torch.ones(10, 4, 16, 16), torch.zeros(10, 4, 16, 16), torch.full((10, 77), 2))
-        return builder.sample_batch(torch.Generator().manual_seed(0), step, singles, pairs, torch.zeros(77).long(), 2.0)
+        empty = torch.zeros(77).long()
+        return builder.sample_batch(torch.Generator().manual_seed(0), step, singles, pairs, empty, 2.0)
 
     x0, tokens = batch(1.0, step=3)
     assert torch.equal(x0, torch.full_like(x0, 2.0))  # the latents the loss is computed on are the pairs'
