@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every README benchmark of the embedded model, on the CPU, in two queues (one per core, one thread each).
+#
+#   bash bench/cpu.sh [OUTPUT_DIR]        # default: bench/results/cpu
+#
+# Each benchmark writes its output to OUTPUT_DIR/<name>.txt, so a run cut short keeps what finished. The two
+# queues hold about the same CPU time (roughly an hour each on the 2-core machines); timing benchmarks
+# (compose speed/loaded/capture) run last in queue A, after queue B has finished, on a quiet machine.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench/results/cpu}"
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1
+py=.venv/bin/python
+
+run() {  # run NAME ARGS...: one benchmark, its output (tables and errors) to OUTPUT_DIR/NAME.txt
+    local name=$1
+    shift
+    echo "$(date +%T) start $name"
+    "$py" -m "$@" > "$out/$name.txt" 2>&1 || echo "$(date +%T) FAILED $name (see $out/$name.txt)"
+}
+
+queue_a() {
+    run prompt_following bench.prompt_following --n 300 --pairs 100
+    run adapters bench.adapters --n 50
+    run two_subjects bench.two_subjects --n 60
+    run perp_neg_texture bench.perp_neg --case texture
+    run perp_neg_color bench.perp_neg --case color
+    run disentangle_b4m bench.disentangle b4m --make_steps 600
+    run clip_vs_accuracy bench.clip_vs_accuracy --n 200
+}
+
+queue_b() {
+    run compose_quality bench.compose quality --seeds 100
+    run disentangle_leakage bench.disentangle leakage
+    run efficient_zigzag bench.efficient --n 50 --sara_lr 4e-3 --colora_score weight_change
+    run efficient_waves bench.efficient --methods lora,sara --n 100 --texture waves --trigger qwe --sara_lr 4e-3
+}
+
+queue_a &
+queue_b
+wait
+run compose_speed bench.compose speed --repeats 3
+run compose_loaded bench.compose loaded --repeats 5
+run compose_capture bench.compose capture --repeats 10
+grep -h "^|\|^n =\|two objects\|UNet\|loaded" "$out"/*.txt
