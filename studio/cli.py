@@ -293,7 +293,7 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     _single_thread_on_cpu()
     base = load_base(args.model) if args.model else None
     for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed,
-                                    base=base, only=args.only):
+                                    base=base, only=args.only, pairs=args.pairs):
         print(path)
     return 0
 
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                            _build_demo_adapters, 400, "assets/adapters")
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
+    demos.add_argument("--pairs", type=int, default=0,
+                       help="how many of a content adapter's 6 images show the subject beside another object")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 

@@ -35,9 +35,11 @@ DEMOS = (("sks-moon", "sks", "moon", "content"), ("zwx-zigzag", "zwx", "zigzag",
 
 
 def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, trigger: str | None = None,
-                       concept: str | None = None) -> Path:
+                       concept: str | None = None, pairs: int = 0) -> Path:
     """Training images with captions: a reserved shape (content) or texture (style) under its trigger
-    (by default the first demo adapter of that kind)."""
+    (by default the first demo adapter of that kind). For content, the last ``pairs`` images show the subject
+    beside an ordinary object (two-object scenes, caption in left-to-right order), so the adapter also learns the
+    subject small and in company, as a real subject set shows it in several settings."""
     default = next(d for d in DEMOS if d[3] == kind)
     trigger, concept = trigger or default[1], concept or default[2]
     rng = np.random.default_rng(seed)
@@ -45,22 +47,33 @@ def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, t
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
     for index in range(count):
         color, background = colors[index % len(colors)], backgrounds[index % len(backgrounds)]
-        if kind == "content":
+        if kind == "content" and index >= count - pairs:
             texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
-            scene = procedural.jittered_scene(rng, color, texture, concept, background)
+            other = (colors[(index + 3) % len(colors)], procedural.BASE_TEXTURES[(index + 1) % 4],
+                     procedural.BASE_SHAPES[index % len(procedural.BASE_SHAPES)])
+            subject = (color, texture, concept)
+            left, right = (subject, other) if index % 2 == 0 else (other, subject)
+            pair = procedural.jittered_pair(rng, left, right, background)
+            image = procedural.render_pair(pair)
+            named = [(c, t, trigger if s == concept else s) for c, t, s in (left, right)]
+            caption = procedural.pair_caption(named[0], named[1], background)
+        elif kind == "content":
+            texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
+            image = procedural.render(procedural.jittered_scene(rng, color, texture, concept, background))
             caption = procedural.caption(color, texture, trigger, background)
         else:
             shape = procedural.BASE_SHAPES[index % len(procedural.BASE_SHAPES)]
-            scene = procedural.jittered_scene(rng, color, concept, shape, background)
+            image = procedural.render(procedural.jittered_scene(rng, color, concept, shape, background))
             caption = procedural.caption(color, trigger, shape, background)
-        Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
+        Image.fromarray(image).save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_text(caption)
     return folder
 
 
 def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int = 0, base=None,
-                        only: list[str] | None = None) -> list[Path]:
-    """Train the demo adapters (``only`` those named) on the embedded model; returns the written files."""
+                        only: list[str] | None = None, pairs: int = 0) -> list[Path]:
+    """Train the demo adapters (``only`` those named) on the embedded model; returns the written files.
+    ``pairs`` of each content adapter's 6 images show the subject beside another object."""
     import tempfile
 
     from trainers import TrainConfig, get_method, train
@@ -70,7 +83,7 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int
     for name, trigger, concept, kind in DEMOS:
         if only and name not in only:
             continue
-        images = render_demo_images(work / name, kind, seed=seed, trigger=trigger, concept=concept)
+        images = render_demo_images(work / name, kind, seed=seed, trigger=trigger, concept=concept, pairs=pairs)
         config = TrainConfig(images=images, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
                              rank=8, max_train_steps=steps, train_batch_size=4, seed=seed, **PER_KIND[kind],
                              with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,

@@ -72,3 +72,4 @@ def test_pair_scenes_refuse_one_color_or_two_backgrounds():
         procedural.PairScene(red, procedural.with_attributes(red, center=(47, 32)))
     with pytest.raises(ValueError, match="one background"):
         procedural.PairScene(red, procedural.with_attributes(red, color="blue", background="black"))
+

@@ -1,0 +1,23 @@
+"""The demo adapters' training sets: captions name the trigger where the reserved concept is drawn."""
+
+import numpy as np
+from PIL import Image
+
+from studio.build.demo_adapters import render_demo_images
+from studio.eval.domain import DomainEvaluator
+from studio.eval.two_objects import read_two_objects
+
+
+def test_demo_content_sets_can_show_the_subject_beside_another_object(tmp_path):
+    folder = render_demo_images(tmp_path, "content", count=6, trigger="sks", concept="moon", pairs=3)
+    captions = [(folder / f"{i}.txt").read_text() for i in range(6)]
+    assert all(" and " not in c for c in captions[:3]) and all(" and " in c for c in captions[3:])
+    evaluator = DomainEvaluator.load()
+    for i, caption in enumerate(captions[3:], start=3):
+        words = caption.split()
+        colors, shapes = (words[1], words[6]), (words[3], words[8])
+        assert "sks" in shapes
+        image = np.asarray(Image.open(folder / f"{i}.png"))
+        readings, _ = read_two_objects(evaluator, [image], [colors], [words[-2]])
+        read_shapes = tuple(r.shape if r else None for r in readings[0])
+        assert read_shapes == tuple("moon" if s == "sks" else s for s in shapes)  # the trigger names the subject
