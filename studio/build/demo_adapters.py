@@ -47,8 +47,8 @@ def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, t
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
     for index in range(count):
         color, background = colors[index % len(colors)], backgrounds[index % len(backgrounds)]
+        texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
         if kind == "content" and index >= count - pairs:
-            texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
             other = (colors[(index + 3) % len(colors)], procedural.BASE_TEXTURES[(index + 1) % 4],
                      procedural.BASE_SHAPES[index % len(procedural.BASE_SHAPES)])
             subject = (color, texture, concept)
@@ -58,7 +58,6 @@ def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, t
             named = [(c, t, trigger if s == concept else s) for c, t, s in (left, right)]
             caption = procedural.pair_caption(named[0], named[1], background)
         elif kind == "content":
-            texture = procedural.BASE_TEXTURES[index % len(procedural.BASE_TEXTURES)]
             image = procedural.render(procedural.jittered_scene(rng, color, texture, concept, background))
             caption = procedural.caption(color, texture, trigger, background)
         else:

@@ -83,38 +83,42 @@ class TinyBuilder:
 
     # -- stage 1: data ------------------------------------------------------------------------------------------
     def data(self) -> dict[str, np.ndarray]:
-        path = self.work_dir / "data.npz"
-        if path.exists():
-            with np.load(path) as stored:
-                return {key: stored[key] for key in stored.files}
-        rng = np.random.default_rng(self.config.seed)
-        combos = procedural.base_training_combinations()
-        combo_index = rng.integers(0, len(combos), size=self.config.num_images)
-        images = np.empty((self.config.num_images, 64, 64, 3), dtype=np.uint8)
-        for i in tqdm(range(self.config.num_images), desc="render", mininterval=2):
-            images[i] = procedural.render(procedural.jittered_scene(rng, *combos[combo_index[i]]))
-        captions = np.array([procedural.caption(*c) for c in combos])
-        data = {"images": images, "combo": combo_index, "captions": captions}
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
-        return data
+        """The single-object set: images, each image's combination index and the combinations' captions."""
+        def make() -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(self.config.seed)
+            combos = procedural.base_training_combinations()
+            combo_index = rng.integers(0, len(combos), size=self.config.num_images)
+            images = np.empty((self.config.num_images, 64, 64, 3), dtype=np.uint8)
+            for i in tqdm(range(self.config.num_images), desc="render", mininterval=2):
+                images[i] = procedural.render(procedural.jittered_scene(rng, *combos[combo_index[i]]))
+            captions = np.array([procedural.caption(*c) for c in combos])
+            return {"images": images, "combo": combo_index, "captions": captions}
+
+        return self._cached_arrays("data", make)
 
     def pair_data(self) -> dict[str, np.ndarray]:
-        path = self.work_dir / "pairs.npz"
+        """The two-object set: images and each image's caption tokens."""
+        def make() -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(self.config.seed + 1)
+            images = np.empty((self.config.pair_images, 64, 64, 3), dtype=np.uint8)
+            captions = []
+            for i in tqdm(range(self.config.pair_images), desc="render pairs", mininterval=2):
+                pair = procedural.base_training_pair(rng)
+                images[i] = procedural.render_pair(pair)
+                captions.append(pair.caption)
+            ids = self.tokenizer(captions, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
+                                 return_tensors="np").input_ids.astype(np.int32)
+            return {"images": images, "ids": ids}
+
+        return self._cached_arrays("pairs", make)
+
+    def _cached_arrays(self, name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``name``.npz from the work folder, made (and written atomically) the first time."""
+        path = self.work_dir / f"{name}.npz"
         if path.exists():
             with np.load(path) as stored:
                 return {key: stored[key] for key in stored.files}
-        rng = np.random.default_rng(self.config.seed + 1)
-        images = np.empty((self.config.pair_images, 64, 64, 3), dtype=np.uint8)
-        captions = []
-        for i in tqdm(range(self.config.pair_images), desc="render pairs", mininterval=2):
-            pair = procedural.base_training_pair(rng)
-            images[i] = procedural.render_pair(pair)
-            captions.append(pair.caption)
-        ids = self.tokenizer(captions, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
-                             return_tensors="np").input_ids.astype(np.int32)
-        data = {"images": images, "ids": ids}
+        data = make()
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **data)
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ texture-shape combinations are held out of the base training to measure generali
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -78,25 +79,26 @@ def is_held_out(color: str, texture: str, shape: str) -> bool:
     return (color, shape) in HELD_OUT_COLOR_SHAPE or (texture, shape) in HELD_OUT_TEXTURE_SHAPE
 
 
-def _combinations(held_out: bool) -> list[tuple[str, str, str, str]]:
-    return [
+@functools.cache
+def _combinations(held_out: bool) -> tuple[tuple[str, str, str, str], ...]:
+    return tuple(
         (c, t, s, b)
         for c in COLORS
         for t in BASE_TEXTURES
         for s in BASE_SHAPES
         for b in BACKGROUNDS
         if is_held_out(c, t, s) == held_out
-    ]
+    )
 
 
 def base_training_combinations() -> list[tuple[str, str, str, str]]:
     """(color, texture, shape, background) tuples the base model trains on: no reserved names, no held-out pairs."""
-    return _combinations(held_out=False)
+    return list(_combinations(held_out=False))
 
 
 def held_out_combinations() -> list[tuple[str, str, str, str]]:
     """Base-vocabulary combinations kept out of the base's training, to measure generalisation."""
-    return _combinations(held_out=True)
+    return list(_combinations(held_out=True))
 
 
 def jittered_scene(rng: np.random.Generator, color: str, texture: str, shape: str, background: str) -> Scene:
@@ -138,7 +140,7 @@ def pair_caption(first: tuple[str, str, str], second: tuple[str, str, str], back
 
 def base_training_pair(rng: np.random.Generator) -> PairScene:
     """A random two-object scene from the base vocabulary (two colors, no held-out pair in either object)."""
-    combos = base_training_combinations()
+    combos = _combinations(held_out=False)
     background = str(rng.choice(list(BACKGROUNDS)))
     while True:
         (c1, t1, s1, _), (c2, t2, s2, _) = (combos[i] for i in rng.integers(0, len(combos), size=2))

@@ -63,6 +63,17 @@ def generate_batch(base: BaseModel, prompts: Sequence[str], seeds: Sequence[int]
     return (np.clip(output.images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _generate_in_batches(base: BaseModel, prompts: Sequence[str], seed: int, steps: int | None,
+                         guidance_scale: float | None, batch_size: int) -> np.ndarray:
+    """One image per prompt, image i seeded ``seed * 100_000 + i``, generated ``batch_size`` at a time."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        seeds = [seed * 100_000 + start + i for i in range(len(chunk))]
+        images.append(generate_batch(base, chunk, seeds, steps, guidance_scale))
+    return np.concatenate(images)
+
+
 def score(readings: Sequence[Reading], cases: Sequence[PromptCase]) -> dict[str, float]:
     """Per-attribute accuracy and the all-four rate."""
     hits = {name: [getattr(r, name) == getattr(c, name) for r, c in zip(readings, cases)] for name in ATTRIBUTE_NAMES}
@@ -78,12 +89,8 @@ def measure_prompt_following(base: BaseModel, evaluator: DomainEvaluator, n: int
     tables = {}
     for split, count in (("seen", n), ("held_out", max(1, n // 3))):
         cases = grid_cases(count, held_out=split == "held_out", seed=seed)
-        images = []
-        for start in range(0, count, batch_size):
-            chunk = cases[start : start + batch_size]
-            seeds = [seed * 100_000 + start + i for i in range(len(chunk))]
-            images.append(generate_batch(base, [c.prompt for c in chunk], seeds, steps, guidance_scale))
-        tables[split] = score(evaluator.read(np.concatenate(images)), cases)
+        images = _generate_in_batches(base, [c.prompt for c in cases], seed, steps, guidance_scale, batch_size)
+        tables[split] = score(evaluator.read(images), cases)
         tables[split]["n"] = count
     return tables
 
@@ -100,12 +107,8 @@ def measure_pair_following(base: BaseModel, evaluator: DomainEvaluator, n: int =
     """Two-object prompts: per-object shape and color accuracy (each object found by its color), the rate at
     which both objects have their shape and color, and the rate at which exactly one does (omission)."""
     cases = pair_cases(n, seed)
-    images = []
-    for start in range(0, n, batch_size):
-        chunk = cases[start : start + batch_size]
-        seeds = [seed * 100_000 + start + i for i in range(len(chunk))]
-        images.append(generate_batch(base, [c.caption for c in chunk], seeds, steps, guidance_scale))
-    readings, _ = read_two_objects(evaluator, list(np.concatenate(images)),
+    images = _generate_in_batches(base, [c.caption for c in cases], seed, steps, guidance_scale, batch_size)
+    readings, _ = read_two_objects(evaluator, list(images),
                                    [(c.left.color, c.right.color) for c in cases],
                                    [c.left.background for c in cases])
     shape_hits = [[r is not None and r.shape == s.shape for r, s in zip(read, (c.left, c.right))]
