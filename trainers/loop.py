@@ -260,14 +260,19 @@ def load_training_images(images: list[TrainingImage], resolution: int, center_cr
 
 
 def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
-    """Prompts for prior preservation: the user's class prompt, else ordinary prompts of the embedded domain."""
+    """Prompts for prior preservation: the user's class prompt, else ordinary prompts of the embedded domain.
+    On a base that also learned two-object scenes, half are two-object prompts: an adapter preserved only on
+    single objects drifts freely in two-object prompts (measured: a moon adapter turned a heart and a square
+    beside it into moons)."""
     if config.class_prompt:
         return [config.class_prompt] * count
     if base.family != "tiny":
         raise ConfigError("prior preservation on this base needs --class_prompt (e.g. 'a photo of a dog')")
-    from studio.eval.prompt_following import grid_cases
+    from studio.eval.prompt_following import grid_cases, pair_cases
 
-    return [case.prompt for case in grid_cases(count, held_out=False, seed=config.seed)]
+    pairs = count // 2 if (base.domain or {}).get("pair_caption_template") else 0
+    singles = [case.prompt for case in grid_cases(count - pairs, held_out=False, seed=config.seed)]
+    return singles + [scene.caption for scene in pair_cases(pairs, seed=config.seed)]
 
 
 @torch.no_grad()

@@ -152,3 +152,18 @@ def test_decor_during_training_projects_captions_and_records_the_words(tmp_path,
     [(_, _, basis)] = decor_blocks(random_base.pipe, ["red", "white"])
     hidden, _ = encode_captions(random_base, [CAPTION], ([(0, basis.shape[0], basis)], 1.0))
     assert (hidden[0] @ basis).abs().max() < 1e-4
+
+
+def test_prior_prompts_cover_two_object_scenes_on_a_base_that_learnt_them():
+    from types import SimpleNamespace
+
+    from trainers.loop import default_class_prompts
+
+    plain = TrainConfig(seed=1)
+    single_only = default_class_prompts(SimpleNamespace(family="tiny", domain={}), plain, 10)
+    assert len(single_only) == 10 and not any(" and a " in p for p in single_only)
+    domain = {"pair_caption_template": "a {color} {texture} {shape} and a {color} {texture} {shape} on a …"}
+    mixed = default_class_prompts(SimpleNamespace(family="tiny", domain=domain), plain, 10)
+    assert len(mixed) == 10 and sum(" and a " in p for p in mixed) == 5 and len(set(mixed)) > 6
+    assert default_class_prompts(SimpleNamespace(family="tiny", domain=domain),
+                                 TrainConfig(class_prompt="a shape"), 3) == ["a shape"] * 3
