@@ -198,20 +198,25 @@ class CompositionEngine:
 
     def encode_conditions(self, prompts: list[str], negative: str | list[str] | None, per_prompt: int,
                           perp_negatives: Sequence[tuple[str, float]], decor_remove: Sequence[str],
-                          decor_alpha: float, decor_rank: int | None) -> Conditioning:
-        """Prompt embeddings [uncond, cond, negatives…]; DECOR projects the conditional one only (METHODS §5.1)."""
+                          decor_alpha: float, decor_rank: int | None,
+                          given: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> Conditioning:
+        """Prompt embeddings [uncond, cond, negatives…]; DECOR projects the conditional one only (METHODS §5.1).
+        ``given`` holds the caller's ``prompt_embeds`` and ``negative_prompt_embeds``, used instead of encoding."""
         from studio.text import clean_prompt
 
         batch = len(prompts) * per_prompt
 
-        def encode(texts: list[str], repeat: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def encode(texts: list[str], repeat: str, embeds: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if embeds is not None:
+                return embeds.to(self._execution_device, self.unet.dtype).repeat_interleave(per_prompt, dim=0), None
             hidden, pooled = self.encode_texts([clean_prompt(t) for t in texts])
             if repeat == "each":
                 return (hidden.repeat_interleave(per_prompt, dim=0),
                         None if pooled is None else pooled.repeat_interleave(per_prompt, dim=0))
             return hidden.repeat(batch, 1, 1), None if pooled is None else pooled.repeat(batch, 1)
 
-        cond = encode(prompts, "each")
+        cond = encode(prompts, "each", given[0])
         if decor_remove:
             from pipelines.decor import decor_blocks, project_blocks
 
@@ -220,7 +225,7 @@ class CompositionEngine:
             branches = [encode([""], "all"), cond] + [encode([text], "all") for text, _ in perp_negatives]
         else:
             texts = [negative] * len(prompts) if isinstance(negative, str) else list(negative or [""] * len(prompts))
-            branches = [encode(texts, "each"), cond]
+            branches = [encode(texts, "each", given[1]), cond]
         pooled = [p for _, p in branches] if branches[0][1] is not None else None
         return Conditioning([h for h, _ in branches], pooled)
 
@@ -251,6 +256,8 @@ class CompositionEngine:
         decor_alpha: float = 1.0,
         decor_rank: int | None = None,
         adapter_prompts: Sequence[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         from studio.errors import ConfigError
@@ -259,6 +266,8 @@ class CompositionEngine:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
         method_name = method or self.default_method
         composer = make_method(method_name, **dict(method_options or {}))
+        given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                                       perp_neg, composer.uses_adapter_prompts)
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
@@ -269,7 +278,10 @@ class CompositionEngine:
         self._active_weights = tuple(sorted(resolved))
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
+        if given[0] is not None:
+            prompts = [""] * len(given[0])  # placeholders: the embeddings stand for the text
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
         negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
         prompt_sets = [prompts]
         if composer.uses_adapter_prompts:
@@ -278,7 +290,7 @@ class CompositionEngine:
                 raise ConfigError(f"{len(own)} adapter prompts for {len(resolved)} adapters")
             prompt_sets += [[text] * len(prompts) for text in (own or [prompts[0]] * len(resolved))]
         conditions = [self.encode_conditions(texts, negative_prompt, num_images_per_prompt, negatives,
-                                             list(decor_remove or []), decor_alpha, decor_rank)
+                                             list(decor_remove or []), decor_alpha, decor_rank, given)
                       for texts in prompt_sets]
         composer.prepare(resolved, num_inference_steps, getattr(self, "_studio_profiles", {}))
         composer.bind(self, [texts[0] for texts in prompt_sets])
@@ -324,6 +336,33 @@ class CompositionEngine:
         """VAE decode in the VAE's dtype (SDXL's fp16 VAE is upcast by the SDXL pipeline's override)."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents, return_dict=False)[0]
+
+
+def check_given_embeddings(pipe, prompt, prompt_embeds: torch.Tensor | None, negative_prompt,
+                           negative_prompt_embeds: torch.Tensor | None, perp_neg, per_adapter_prompts: bool
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """diffusers' ``prompt_embeds`` / ``negative_prompt_embeds``: each replaces its text, never joins it; they
+    work where the text encoder's output is all a method needs (not SDXL, which also needs pooled embeddings,
+    and not methods that give each adapter its own prompt text)."""
+    from studio.errors import ConfigError
+
+    if prompt_embeds is None and negative_prompt_embeds is None:
+        return None, None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ConfigError("prompt_embeds on SDXL also need pooled embeddings; pass the prompt text instead")
+    if prompt_embeds is not None and prompt is not None or negative_prompt_embeds is not None and negative_prompt:
+        raise ConfigError("pass either a prompt or its embeddings, not both")
+    if prompt_embeds is None:
+        raise ConfigError("negative_prompt_embeds need prompt_embeds too")
+    if per_adapter_prompts or perp_neg:
+        raise ConfigError("this method (or Perp-Neg) reads prompt text; pass prompt instead of prompt_embeds")
+    width = pipe.text_encoder.config.hidden_size
+    for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if value is not None and (value.ndim != 3 or value.shape[-1] != width):
+            raise ConfigError(f"{name} must be [batch, tokens, {width}], got {list(value.shape)}")
+    if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+        raise ConfigError("negative_prompt_embeds and prompt_embeds need the same batch size")
+    return prompt_embeds, negative_prompt_embeds
 
 
 def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative_prompt,

@@ -47,13 +47,14 @@ def grid_cases(n: int, held_out: bool, seed: int = 0) -> list[PromptCase]:
 
 
 @torch.no_grad()
-def generate_batch(base: BaseModel, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+def generate_batch(base: BaseModel, prompts: Sequence[str] | None, seeds: Sequence[int], steps: int | None = None,
                    guidance_scale: float | None = None, **options: Any) -> np.ndarray:
     """N×H×W×3 uint8 images, one per (prompt, seed), generated in one pipeline call; ``options`` go to the
-    pipeline (``negative_prompt``, ``adapters``, ``method``, ``decor_remove``, ``perp_neg``, …)."""
+    pipeline (``negative_prompt``, ``adapters``, ``method``, ``decor_remove``, ``perp_neg``, ``prompt_embeds``
+    in place of the prompts, …)."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     output = base.pipe(
-        prompt=[clean_prompt(p) for p in prompts],
+        prompt=None if prompts is None else [clean_prompt(p) for p in prompts],
         num_inference_steps=steps or base.default_steps,
         guidance_scale=base.default_guidance_scale if guidance_scale is None else guidance_scale,
         generator=generators,

@@ -176,3 +176,24 @@ def test_custom_pipeline_file_loads_through_diffusers(tmp_path, setup):
     image = loaded(PROMPT, num_inference_steps=2, adapters=[(paths[0], 1.0), (paths[1], 0.5)], method="composite",
                    output_type="np").images
     assert image.shape == (1, 64, 64, 3) and loaded.last_stats.full_passes == 2
+
+
+def test_prompt_embeds_stand_for_their_text(setup):
+    pipe, paths = setup
+    adapters = [(paths[0], 0.7), (paths[1], 0.5)]
+    with torch.no_grad():
+        cond, negative = pipe.encode_texts([PROMPT])[0], pipe.encode_texts(["a blue square"])[0]
+    from_text = run(pipe, adapters=adapters, method="composite", negative_prompt="a blue square")
+    from_embeds = pipe(prompt_embeds=cond, negative_prompt_embeds=negative, num_inference_steps=6,
+                       guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np",
+                       adapters=adapters, method="composite").images
+    assert np.abs(from_text - from_embeds).max() <= 1e-5
+    other = pipe(prompt_embeds=cond, num_inference_steps=6, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0), adapters=adapters, method="composite").images
+    assert np.abs(other - from_embeds).max() > 1e-3  # the negative embeddings were used
+    with pytest.raises(ConfigError, match="either a prompt or its embeddings"):
+        run(pipe, prompt_embeds=cond)
+    with pytest.raises(ConfigError, match=r"\[batch, tokens"):
+        pipe(prompt_embeds=cond[0], num_inference_steps=2)
+    with pytest.raises(ConfigError, match="reads prompt text"):
+        pipe(prompt_embeds=cond, num_inference_steps=2, adapters=adapters, method="clora")
