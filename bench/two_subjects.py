@@ -3,10 +3,12 @@
     .venv/bin/python -m bench.two_subjects [--n 60]
 
 Adapters: the demo content adapters ``sks-moon`` and ``xyz-cross`` (the two reserved shapes). Prompt
-"a {c1} sks and a {c2} xyz on a {background} background" with two distinct colors. The two-object reading uses
-the domain's colors (``studio.eval.two_objects``): each object is found by its color and read alone by the domain
-evaluator. A subject is present when its color region covers ≥ 20 pixels and reads as its shape; "both" needs
-both, "omission" exactly one. CLoRA's masks are compared with the color regions (IoU at 64 px).
+"a {c1} {texture} sks and a {c2} {texture} xyz on a {background} background" with two distinct colors (the
+domain's captions always name a texture; ``--texture ''`` leaves it out, as the first sessions' table did). The
+two-object reading uses the domain's colors (``studio.eval.two_objects``): each object is found by its color
+and read alone by the domain evaluator. A subject is present when its color region covers ≥ 20 pixels and reads
+as its shape; "both" needs both, "omission" exactly one. CLoRA's masks are compared with the color regions (IoU
+at 64 px).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--texture", default="solid", help="texture word of both objects ('' for none)")
     parser.add_argument("--adapters", default=str(SHIPPED), help="folder with sks-moon and xyz-cross")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -49,13 +52,15 @@ def main() -> None:
     adapters = [(str(folder / "sks-moon.safetensors"), 1.0), (str(folder / "xyz-cross.safetensors"), 1.0)]
     backgrounds = list(procedural.BACKGROUNDS)
     cases = [(*PAIRS[i % len(PAIRS)], backgrounds[(i // len(PAIRS)) % 3]) for i in range(args.n)]
-    print(f"n = {args.n}, {args.steps} steps; 'a {{c1}} sks and a {{c2}} xyz on a {{background}} background'")
+    texture = f"{args.texture} " if args.texture else ""
+    template = f"a {{c1}} {texture}sks and a {{c2}} {texture}xyz on a {{background}} background"
+    print(f"n = {args.n}, {args.steps} steps; '{template}'")
     print("| method | both subjects | omission (one drawn) | moon | cross | CLoRA mask IoU (sks / xyz) |")
     print("|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         present, ious = [], []
         for seed, (c1, c2, background) in enumerate(cases):
-            image = base.pipe(f"a {c1} sks and a {c2} xyz on a {background} background", adapters=adapters,
+            image = base.pipe(template.format(c1=c1, c2=c2, background=background), adapters=adapters,
                               method=method, num_inference_steps=args.steps,
                               guidance_scale=base.default_guidance_scale,
                               generator=torch.Generator().manual_seed(seed), output_type="np").images

@@ -293,7 +293,8 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     _single_thread_on_cpu()
     base = load_base(args.model) if args.model else None
     for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed,
-                                    base=base, only=args.only, pairs=args.pairs):
+                                    base=base, only=args.only, pairs=args.pairs, images=args.images,
+                                    wide=args.wide):
         print(path)
     return 0
 
@@ -348,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     demos.add_argument("--pairs", type=int, default=0,
-                       help="how many of a content adapter's 6 images show the subject beside another object")
+                       help="how many of a content adapter's images show the subject beside another object")
+    demos.add_argument("--images", type=int, default=6, help="training images per adapter")
+    demos.add_argument("--wide", action="store_true",
+                       help="content adapters on every attention projection and the ResNet convolutions (lr 1e-3)")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 

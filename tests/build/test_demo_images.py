@@ -21,3 +21,16 @@ def test_demo_content_sets_can_show_the_subject_beside_another_object(tmp_path):
         readings, _ = read_two_objects(evaluator, [image], [colors], [words[-2]])
         read_shapes = tuple(r.shape if r else None for r in readings[0])
         assert read_shapes == tuple("moon" if s == "sks" else s for s in shapes)  # the trigger names the subject
+
+
+def test_wide_recipe_trains_convolutions_and_every_attention_projection(tmp_path, random_base):
+    from studio.adapters.file import read_adapter
+    from studio.build.demo_adapters import build_demo_adapters
+
+    modules = {}
+    for wide in (False, True):
+        [path] = build_demo_adapters(tmp_path / str(wide), steps=1, base=random_base, only=["sks-moon"], images=3,
+                                     pairs=1, wide=wide)
+        modules[wide] = set(read_adapter(path).modules["unet"])
+    assert modules[False] and all(m.endswith(("attn2.to_k", "attn2.to_v")) for m in modules[False])
+    assert any(m.endswith("conv1") for m in modules[True]) and any("attn1.to_q" in m for m in modules[True])
