@@ -9,8 +9,8 @@ from studio.models import load_base
 
 def small(**overrides):
     values = dict(num_images=48, vae_steps=2, vae_batch_size=4, diffusion_steps=4, batch_size=4, warmup_steps=2,
-                  checkpoint_every=2, export_every=4, pair_images=16, pair_decoder_steps=2, pairs_from_step=1,
-                  pair_fraction=0.5)
+                  checkpoint_every=2, export_every=4, pair_images=16, codec_images=40, pair_decoder_steps=2,
+                  pairs_from_step=1, pair_fraction=0.5)
     values.update(overrides)
     return TinyBuildConfig(**values)
 
@@ -68,3 +68,19 @@ def test_builds_from_scratch_are_identical(tmp_path):
         a = load_file(str(first / component / _weights(component)))
         b = load_file(str(second / component / _weights(component)))
         assert all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_only_the_decoder_sees_the_reserved_concepts(tmp_path):
+    builder = TinyBuilder(small(), tmp_path / "w", tmp_path / "m" / "tiny-sd")
+    reserved = ("moon", "cross", "zigzag", "waves")
+    codec = " ".join(builder.codec_data()["captions"])
+    assert all(word in codec for word in reserved) and " and a " in codec
+    data, pairs = builder.data(), builder.pair_data()
+    seen = " ".join(data["captions"]) + " ".join(builder.tokenizer.batch_decode(pairs["ids"]))
+    assert not any(word in seen for word in reserved)
+    vae = builder.vae(data["images"])
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    tuned = builder.pair_decoder(vae, data["images"], pairs["images"], builder.codec_data()["images"])
+    assert all(torch.equal(encoder[k], v) for k, v in tuned.encoder.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in tuned.decoder.state_dict().items())
