@@ -31,6 +31,7 @@ queue_a() {
 }
 
 queue_b() {
+    run codec bench.codec
     run compose_quality bench.compose quality --seeds 100
     run disentangle_leakage bench.disentangle leakage
     run efficient_zigzag bench.efficient --n 50 --sara_lr 4e-3 --colora_score weight_change
