@@ -34,6 +34,13 @@ def probe_cases(n: int) -> list[tuple[str, str, str, str, str, str]]:
     return cases
 
 
+def spliced(target: torch.Tensor, source: torch.Tensor, index: int | slice) -> torch.Tensor:
+    """``target``'s encodings with the token vectors at ``index`` taken from ``source``."""
+    out = target.clone()
+    out[:, index] = source[:, index]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
@@ -48,18 +55,15 @@ def main() -> None:
     with torch.no_grad():
         embeds = {key: pipe.encode_texts(prompts)[0] for key, prompts in texts.items()}
     position = 4  # <start> a {color} solid {shape}
-    variants = {"A": embeds["A"], "B": embeds["B"]}
-    variants["A, B's shape token"] = embeds["A"].clone()
-    variants["A, B's shape token"][:, position] = embeds["B"][:, position]
-    variants["A, B's later tokens"] = embeds["A"].clone()
-    variants["A, B's later tokens"][:, position + 1:] = embeds["B"][:, position + 1:]
+    a, b = embeds["A"], embeds["B"]
+    variants = {"A": a, "B": b, "A, B's shape token": spliced(a, b, position),
+                "A, B's later tokens": spliced(a, b, slice(position + 1, None))}
     print(f"n = {len(cases)} prompt pairs; first object's shape as read (base: {args.model or 'embedded'})")
     print("| text encoding | reads A's shape | reads B's shape |")
     print("|---|---|---|")
     for name, hidden in variants.items():
-        images = np.concatenate([generate_batch(base, None, range(start, start + len(chunk)),
-                                                prompt_embeds=chunk)
-                                 for start in range(0, len(hidden), 12) for chunk in [hidden[start:start + 12]]])
+        images = np.concatenate([generate_batch(base, None, range(start, start + len(chunk)), prompt_embeds=chunk)
+                                 for start, chunk in zip(range(0, len(hidden), 12), hidden.split(12))])
         readings, _ = read_two_objects(evaluator, images, [c[:2] for c in cases], [c[5] for c in cases])
         first = [r[0].shape if r[0] is not None else None for r in readings]
         print(f"| {name} | {np.mean([s == c[2] for s, c in zip(first, cases)]):.2f} | "
