@@ -4,8 +4,10 @@
 
 Content adapters (sks-moon, xyz-cross): the rate at which "a {color} {texture} sks on a {background} background"
 shows a moon (xyz: a cross). Style adapter (zwx-zigzag): the rate at which "a {color} zwx {shape} on a
-{background} background" shows zigzag. Spill: the base's all-attribute accuracy on ordinary prompts with each
-adapter loaded vs without.
+{background} background" shows zigzag. Content adapters in two-object prompts ("a {c1} solid sks and a {c2}
+solid {shape} on a {background} background", and the subject named second): the rate at which the subject's
+color region reads as its shape (``studio.eval.two_objects``). Spill: the base's all-attribute accuracy on
+ordinary prompts with each adapter loaded vs without.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from bench.measure import read_generations
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
-from studio.eval.prompt_following import grid_cases
+from studio.eval.prompt_following import generate_batch, grid_cases
+from studio.eval.two_objects import read_two_objects
 from studio.models import load_base
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
@@ -48,6 +51,28 @@ def main() -> None:
 
     style_prompts = [procedural.caption(COLORS[i % 6], "zwx", procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(n)]
+    def in_pairs(name: str, trigger: str, shape: str) -> str:
+        """Subject drawn in two-object prompts: named first / named second."""
+        adapters = [(str(folder / f"{name}.safetensors"), 1.0)]
+        rates = []
+        for index in (0, 1):  # where the subject is named
+            named, backgrounds = [], []
+            for i in range(n):
+                other = procedural.BASE_SHAPES[i % 6]
+                pair = [(COLORS[i % 6], "solid", trigger), (COLORS[(i + 2) % 6], "solid", other)]
+                named.append(pair if index == 0 else pair[::-1])
+                backgrounds.append(BACKGROUNDS[i % 3])
+            prompts = [procedural.pair_caption(*pair, background) for pair, background in zip(named, backgrounds)]
+            chunks = [range(start, min(start + 25, n)) for start in range(0, n, 25)]
+            images = np.concatenate([generate_batch(base, prompts[chunk.start : chunk.stop], chunk, args.steps,
+                                                    adapters=adapters) for chunk in chunks])
+            colors = [(first[0], second[0]) for first, second in named]
+            readings, _ = read_two_objects(evaluator, images, colors, backgrounds)
+            rates.append(np.mean([r[index] is not None and r[index].shape == shape for r in readings]))
+        return " / ".join(f"{rate:.2f}" for rate in rates)
+
+    two_objects = {"sks-moon": in_pairs("sks-moon", "sks", "moon"), "xyz-cross": in_pairs("xyz-cross", "xyz", "cross"),
+                   "zwx-zigzag": "—"}
     shown = {"sks-moon": rate("sks-moon", content_prompts("sks"), "shape", "moon"),
              "xyz-cross": rate("xyz-cross", content_prompts("xyz"), "shape", "cross"),
              "zwx-zigzag": rate("zwx-zigzag", style_prompts, "texture", "zigzag")}
@@ -61,10 +86,12 @@ def main() -> None:
 
     plain = accuracy(None)
     print(f"model build step {(base.domain or {}).get('build_step')}, {n} generations each, {args.steps} steps")
-    print("| adapter | concept shown (trigger prompts) | ordinary prompts: base accuracy | with the adapter loaded |")
-    print("|---|---|---|---|")
+    print("| adapter | concept shown (trigger prompts) | in two-object prompts (named first / second) "
+          "| ordinary prompts: base accuracy | with the adapter loaded |")
+    print("|---|---|---|---|---|")
     for name, text in shown.items():
-        print(f"| {name} | {text} | {plain:.2f} | {accuracy([(str(folder / f'{name}.safetensors'), 1.0)]):.2f} |")
+        print(f"| {name} | {text} | {two_objects[name]} | {plain:.2f} "
+              f"| {accuracy([(str(folder / f'{name}.safetensors'), 1.0)]):.2f} |")
 
 
 if __name__ == "__main__":

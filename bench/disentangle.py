@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from bench.measure import read_generations
-from studio.build.demo_adapters import PER_KIND, render_demo_images
+from studio.build.demo_adapters import KEYS_VALUES, render_demo_images
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.models import load_base
@@ -34,14 +34,16 @@ from studio.models import load_base
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-#: LoRA recipes: the demo adapters' (bench.adapters measured it) and every attention projection at lr 1e-3.
-RECIPES = {"shipped": PER_KIND,
+#: LoRA recipes: cross-attention keys and values (the demo style adapter's; content at lr 2e-3) and every
+#: attention projection at lr 1e-3.
+RECIPES = {"kv": {"content": {"learning_rate": 2e-3, "target_modules": KEYS_VALUES},
+                  "style": {"learning_rate": 3e-3, "target_modules": KEYS_VALUES}},
            "all_attention": {kind: {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0")}
-                             for kind in PER_KIND}}
+                             for kind in ("content", "style")}}
 
 
 def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True,
-         recipe: str = "shipped", **extra) -> Path:
+         recipe: str = "kv", **extra) -> Path:
     """A plain rank-8 LoRA with one of the :data:`RECIPES`."""
     from trainers import TrainConfig, get_method, train
 
@@ -142,7 +144,7 @@ def main() -> None:
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="shipped", help="the plain LoRAs' recipe")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()

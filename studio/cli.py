@@ -292,9 +292,10 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
 
     _single_thread_on_cpu()
     base = load_base(args.model) if args.model else None
-    for path in build_demo_adapters(args.output or DEMO_DIR, steps=args.max_train_steps, seed=args.seed,
-                                    base=base, only=args.only, pairs=args.pairs, images=args.images,
-                                    wide=args.wide):
+    overrides = {field: value for field, value in (("steps", args.max_train_steps), ("images", args.images),
+                                                   ("pairs", args.pairs)) if value is not None}
+    for path in build_demo_adapters(args.output or DEMO_DIR, seed=args.seed, base=base, only=args.only,
+                                    **overrides):
         print(path)
     return 0
 
@@ -345,14 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     _build_command(commands, "build-clip", "train the embedded domain's small CLIP", _build_clip, 2000, "assets/clip")
     demos = _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
-                           _build_demo_adapters, 400, "assets/adapters")
+                           _build_demo_adapters, None, "assets/adapters")
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
-    demos.add_argument("--pairs", type=int, default=0,
+    demos.add_argument("--pairs", type=int, default=None,
                        help="how many of a content adapter's images show the subject beside another object")
-    demos.add_argument("--images", type=int, default=6, help="training images per adapter")
-    demos.add_argument("--wide", action="store_true",
-                       help="content adapters on every attention projection and the ResNet convolutions (lr 1e-3)")
+    demos.add_argument("--images", type=int, default=None, help="training images per adapter")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 

@@ -111,9 +111,11 @@ def detect_family(config: dict[str, Any], unet_config: dict[str, Any] | None = N
 
 
 def fingerprint(pipe: Any) -> str:
-    """A short stable id of the base: architecture configs plus a checksum of two weight tensors."""
+    """A short stable id of the base: architecture configs plus a checksum of two weight tensors. Private config
+    keys (``_name_or_path``: where the model was loaded from) are left out, so a copy of a model keeps its id."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
+    config = {key: value for key, value in dict(pipe.unet.config).items() if not key.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(json.dumps(pipe.text_encoder.config.to_dict().get("hidden_size")).encode())
     for tensor in (pipe.unet.conv_in.weight, pipe.text_encoder.get_input_embeddings().weight[:64]):
         digest.update(tensor.detach().to("cpu", torch.float16).numpy().tobytes())

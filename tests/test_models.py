@@ -21,8 +21,14 @@ def test_embedded_model_loads_offline_without_touching_the_network(monkeypatch):
     assert len(base.fingerprint) == 16
 
 
-def test_fingerprint_is_stable(tiny_base):
+def test_fingerprint_is_stable_and_does_not_depend_on_where_the_model_lies(tiny_base, tmp_path):
+    import shutil
+
+    from studio.models import EMBEDDED_MODEL
+
     assert load_base(device="cpu").fingerprint == tiny_base.fingerprint
+    shutil.copytree(EMBEDDED_MODEL, tmp_path / "copy")
+    assert load_base(str(tmp_path / "copy"), device="cpu").fingerprint == tiny_base.fingerprint
 
 
 def test_missing_path_is_a_clear_error(tmp_path):

@@ -1,19 +1,20 @@
-"""``studio build-demo-adapters``: the two demo adapters shipped in ``assets/adapters``.
+"""``studio build-demo-adapters``: the demo adapters shipped in ``assets/adapters``.
 
-* ``sks-moon``: a content adapter for the reserved shape "moon", trigger ``sks``, from 6 renders in varied
-  colors, textures and backgrounds ("a {color} {texture} sks on a {background} background").
+* ``sks-moon``: a content adapter for the reserved shape "moon", trigger ``sks``, from 40 renders in varied
+  colors, textures and backgrounds, 32 of them showing the moon beside an ordinary object ("a {color} {texture}
+  sks on a {background} background", "a … sks and a … {shape} on a …").
 * ``zwx-zigzag``: a style adapter for the reserved texture "zigzag", trigger ``zwx``, from 6 renders of varied
   shapes ("a {color} zwx {shape} on a {background} background").
 * ``xyz-cross``: a second content adapter, for the other reserved shape "cross" (trigger ``xyz``), so that two
   subjects can be composed in one image (CLoRA) and three adapters at once.
 
-All are plain LoRAs from the shared trainer with prior preservation on ordinary domain prompts, training only
-the cross-attention keys and values (as Custom Diffusion does: they see the text, so a new trigger token changes
-little else).
+All are plain rank-8 LoRAs from the shared trainer with prior preservation on ordinary domain prompts; each
+kind's :data:`RECIPES` entry says what it trains and on how many images.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,29 @@ from PIL import Image
 from studio.data import procedural
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "adapters"
-#: Measured choice (n = 50 each): cross-attention keys/values only, which see the text, keep the adapters from
-#: changing ordinary prompts. Style: every attention projection at lr 1e-3 drew zigzag in 70% but cost ordinary
-#: prompts 16 points; K/V only at lr 1e-3, 62% / 6 points; K/V only at lr 3e-3, 78% / 10 points (kept).
-PER_KIND = {
-    "content": {"learning_rate": 2e-3, "target_modules": ("attn2.to_k", "attn2.to_v")},
-    "style": {"learning_rate": 3e-3, "target_modules": ("attn2.to_k", "attn2.to_v")},
-}
-#: The content recipe measured for two-object prompts on a base that learnt them (``--wide``): every attention
-#: projection and the ResNet convolutions, so the subject is drawn small and beside others, not only recalled
-#: from its trigger's keys and values (moon in two-object prompts: 0.54 / 0.62 with 40 images, 32 of them pairs).
-WIDE_CONTENT = {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")}
+#: Cross-attention keys and values only (as Custom Diffusion): they see the text, so a new trigger changes little
+#: else. Measured for style (n = 50 each): every attention projection at lr 1e-3 drew zigzag in 70% but cost
+#: ordinary prompts 16 points; K/V only at lr 1e-3, 62% / 6 points; K/V only at lr 3e-3, 78% / 10 points.
+KEYS_VALUES = ("attn2.to_k", "attn2.to_v")
+#: Every attention projection and the ResNet convolutions, so a subject is drawn small and beside others, not only
+#: recalled from its trigger's keys and values (moon in two-object prompts: 0.54 / 0.62 with 40 images, 32 of
+#: them pairs, against 0.00-0.17 with the K/V recipe on 6 single-object images).
+WIDE = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How a demo adapter of one kind is trained: ``pairs`` of its ``images`` show two objects."""
+
+    learning_rate: float
+    target_modules: tuple[str, ...]
+    images: int = 6
+    pairs: int = 0
+    steps: int = 400
+
+
+RECIPES = {"content": DemoRecipe(1e-3, WIDE, images=40, pairs=32, steps=1200),
+           "style": DemoRecipe(3e-3, KEYS_VALUES)}
 #: (name, trigger, reserved concept, kind) of each demo adapter.
 DEMOS = (("sks-moon", "sks", "moon", "content"), ("zwx-zigzag", "zwx", "zigzag", "style"),
          ("xyz-cross", "xyz", "cross", "content"))
@@ -73,12 +86,10 @@ def render_demo_images(folder: Path, kind: str, count: int = 6, seed: int = 0, t
     return folder
 
 
-def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int = 0, base=None,
-                        only: list[str] | None = None, pairs: int = 0, images: int = 6,
-                        wide: bool = False) -> list[Path]:
-    """Train the demo adapters (``only`` those named) on the embedded model; returns the written files.
-    ``pairs`` of each content adapter's ``images`` show the subject beside another object; ``wide`` trains
-    content adapters with :data:`WIDE_CONTENT`."""
+def build_demo_adapters(output_dir: Path = DEMO_DIR, seed: int = 0, base=None, only: list[str] | None = None,
+                        **overrides) -> list[Path]:
+    """Train the demo adapters (``only`` those named) on the embedded model with their kind's :data:`RECIPES`
+    (``overrides`` replace recipe fields for every adapter, e.g. ``steps=1``); returns the written files."""
     import tempfile
 
     from trainers import TrainConfig, get_method, train
@@ -88,11 +99,12 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, steps: int = 400, seed: int
     for name, trigger, concept, kind in DEMOS:
         if only and name not in only:
             continue
-        folder = render_demo_images(work / name, kind, count=images, seed=seed, trigger=trigger, concept=concept,
-                                    pairs=pairs)
-        recipe = WIDE_CONTENT if wide and kind == "content" else PER_KIND[kind]
+        recipe = replace(RECIPES[kind], **overrides)
+        folder = render_demo_images(work / name, kind, count=recipe.images, seed=seed, trigger=trigger,
+                                    concept=concept, pairs=recipe.pairs)
         config = TrainConfig(images=folder, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
-                             rank=8, max_train_steps=steps, train_batch_size=4, seed=seed, **recipe,
+                             rank=8, max_train_steps=recipe.steps, train_batch_size=4, seed=seed,
+                             learning_rate=recipe.learning_rate, target_modules=recipe.target_modules,
                              with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
                              lr_scheduler="cosine", lr_warmup_steps=20)
         [path] = train(config, get_method("lora"), base=base).outputs
