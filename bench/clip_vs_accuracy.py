@@ -52,7 +52,10 @@ def main() -> None:
     correct = np.array([sum(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
                         for r, c in zip(readings, cases)])
     print(f"model build step {(base.domain or {}).get('build_step')}, {args.n} images")
-    print(f"correlation(CLIP-T, attributes read correctly): {np.corrcoef(right, correct)[0, 1]:.3f}")
+    if np.ptp(correct) == 0:
+        print(f"correlation(CLIP-T, attributes read correctly): undefined, every image has {correct[0]} right")
+    else:
+        print(f"correlation(CLIP-T, attributes read correctly): {np.corrcoef(right, correct)[0, 1]:.3f}")
     print(f"mean CLIP-T: right prompt {right.mean():.2f}, one attribute wrong {wrong.mean():.2f}; "
           f"right > wrong on {np.mean(right > wrong):.1%}")
     scores, agreement = [], []
