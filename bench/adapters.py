@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.measure import read_generations
+from bench.measure import generate_images, read_generations
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
-from studio.eval.prompt_following import generate_batch, grid_cases
+from studio.eval.prompt_following import grid_cases
 from studio.eval.two_objects import read_two_objects
 from studio.models import load_base
 
@@ -63,9 +63,7 @@ def main() -> None:
                 named.append(pair if index == 0 else pair[::-1])
                 backgrounds.append(BACKGROUNDS[i % 3])
             prompts = [procedural.pair_caption(*pair, background) for pair, background in zip(named, backgrounds)]
-            chunks = [range(start, min(start + 25, n)) for start in range(0, n, 25)]
-            images = np.concatenate([generate_batch(base, prompts[chunk.start : chunk.stop], chunk, args.steps,
-                                                    adapters=adapters) for chunk in chunks])
+            images = generate_images(base, prompts, args.steps, adapters=adapters)
             colors = [(first[0], second[0]) for first, second in named]
             readings, _ = read_two_objects(evaluator, images, colors, backgrounds)
             rates.append(np.mean([r[index] is not None and r[index].shape == shape for r in readings]))

@@ -60,11 +60,16 @@ def measured(device: torch.device) -> Iterator[Measurement]:
         result.seconds = time.perf_counter() - start
 
 
-def read_generations(base, evaluator, prompts: list[str], steps: int, **options: Any) -> list:
-    """The domain evaluator's readings of one image per prompt (seed = its index), 25 per pipeline call;
-    ``options`` go to the pipeline (adapters, method, negative prompt, DECOR, Perp-Neg)."""
+def generate_images(base, prompts: list[str], steps: int, **options: Any) -> np.ndarray:
+    """One uint8 image per prompt (seed = its index), 25 per pipeline call; ``options`` go to the pipeline
+    (adapters, method, negative prompt, DECOR, Perp-Neg)."""
     from studio.eval.prompt_following import generate_batch
 
-    images = [generate_batch(base, prompts[start : start + 25], range(start, min(start + 25, len(prompts))), steps,
-                             **options) for start in range(0, len(prompts), 25)]
-    return evaluator.read(np.concatenate(images))
+    return np.concatenate([generate_batch(base, prompts[start : start + 25],
+                                          range(start, min(start + 25, len(prompts))), steps, **options)
+                           for start in range(0, len(prompts), 25)])
+
+
+def read_generations(base, evaluator, prompts: list[str], steps: int, **options: Any) -> list:
+    """The domain evaluator's readings of :func:`generate_images`."""
+    return evaluator.read(generate_images(base, prompts, steps, **options))

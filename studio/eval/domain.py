@@ -135,11 +135,16 @@ def _blob(rng: np.random.Generator, center: tuple[float, float], radius: float) 
     return np.asarray(canvas.resize((64, 64), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255.0
 
 
-def _augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Blur, noise and a little color drift, so generated (softer) images are read like renders."""
+def _soften(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A light Gaussian blur 60% of the time: generated images are softer than renders."""
     if rng.random() < 0.6:
         image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0))))
-    out = image.astype(np.float32)
+    return image
+
+
+def _augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Blur, noise and a little color drift, so generated (softer) images are read like renders."""
+    out = _soften(rng, image).astype(np.float32)
     out += rng.normal(0, rng.uniform(0, 8), size=3)
     if rng.random() < 0.5:
         out += rng.normal(0, rng.uniform(0, 10), size=out.shape)
@@ -199,9 +204,7 @@ def _pair_view(rng: np.random.Generator, scene: procedural.Scene) -> np.ndarray:
     other = (str(rng.choice([c for c in procedural.COLORS if c != scene.color])),
              str(rng.choice(procedural.TEXTURES)), str(rng.choice(procedural.SHAPES)))
     left, right = (subject, other) if rng.random() < 0.5 else (other, subject)
-    image = procedural.render_pair(procedural.jittered_pair(rng, left, right, scene.background))
-    if rng.random() < 0.6:  # generated images are soft before they are cut out
-        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0))))
+    image = _soften(rng, procedural.render_pair(procedural.jittered_pair(rng, left, right, scene.background)))
     region = color_regions(image, (scene.color, other[0]), scene.background)[0]
     return object_view(image, region, scene.background)
 
