@@ -5,8 +5,8 @@
 
 b4m: 5 content images (the reserved shape "moon", trigger sks) and 5 style images (the reserved texture
 "zigzag", trigger zwx); "a {color} zwx sks on a {background} background" over n seeds: the rate at which moon AND
-zigzag appear, for B4M's made adapter and for the two plain LoRAs (trained on the same images with the demo
-recipe) merged at 1.0/1.0. Wall time of the whole B4M pipeline is printed.
+zigzag appear, for B4M's made adapter (PLP halves on ``--b4m_targets``) and for the two plain LoRAs (trained on
+the same images with ``--recipe``) merged at 1.0/1.0. Wall time of the whole B4M pipeline is printed.
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
@@ -26,20 +26,24 @@ import torch
 from PIL import Image
 
 from bench.measure import read_generations
-from studio.build.demo_adapters import KEYS_VALUES, render_demo_images
+from studio.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.models import load_base
+from trainers.b4m import RESNET_TARGETS, TARGETS
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-#: LoRA recipes: cross-attention keys and values (the demo style adapter's; content at lr 2e-3) and every
-#: attention projection at lr 1e-3.
+#: LoRA recipes: cross-attention keys and values (content at lr 2e-3), every attention projection at lr 1e-3,
+#: and every attention projection plus the ResNet convolutions at lr 1e-3 (the demo adapters' targets).
 RECIPES = {"kv": {"content": {"learning_rate": 2e-3, "target_modules": KEYS_VALUES},
                   "style": {"learning_rate": 3e-3, "target_modules": KEYS_VALUES}},
            "all_attention": {kind: {"learning_rate": 1e-3, "target_modules": ("to_q", "to_k", "to_v", "to_out.0")}
-                             for kind in ("content", "style")}}
+                             for kind in ("content", "style")},
+           "wide": {kind: {"learning_rate": 1e-3, "target_modules": WIDE} for kind in ("content", "style")}}
+#: B4M's PLP layers: the paper's attention projections, or those and the ResNet convolutions.
+B4M_TARGETS = {"attention": TARGETS, "attention+resnet": TARGETS + RESNET_TARGETS}
 
 
 def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True,
@@ -64,18 +68,18 @@ def b4m(args, base, evaluator, work: Path) -> None:
     content_file, style_file, made = train_b4m(B4MConfig(
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
-        style_learning_rate=args.style_lr), config, base=base)
+        style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets]), config, base=base)
     minutes = (time.perf_counter() - start) / 60
-    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps)
-    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps)
+    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe)
+    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe)
     prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
     rows = {
         "B4M made adapter": [(str(made), 1.0)],
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
-    print(f"B4M pipeline (rank {args.rank}, break {args.break_steps} + make {args.make_steps} steps, lr {args.lr}, "
-          f"style lr {args.style_lr or args.lr}, "
+    print(f"B4M pipeline ({args.b4m_targets}, rank {args.rank}, break {args.break_steps} + make {args.make_steps} "
+          f"steps, lr {args.lr}, style lr {args.style_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
@@ -145,6 +149,8 @@ def main() -> None:
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
+    parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
+                        help="the layers B4M's PLP halves adapt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()

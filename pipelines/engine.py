@@ -23,6 +23,7 @@ from pipelines.attention_capture import capture_cross_attention
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
+from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
 from pipelines.methods import make_method
 from pipelines.methods.base import Prediction, Route
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
@@ -49,6 +50,7 @@ class CompositionEngine:
     default_method = "merge"
     max_loaded_adapters = 8  # least recently used adapters beyond this are detached (diffusers #11816, #8532)
     cache_cross_kv = True  # compute cross-attention K/V once per generation (exact; see cross_kv_cache)
+    merged_routing_budget = DEFAULT_BUDGET_BYTES  # routed slices on merged weights up to this much extra memory
 
     def studio_base(self):
         """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
@@ -303,7 +305,8 @@ class CompositionEngine:
                                        generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, 0.0)
         cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
-        with cached_cross_kv(self.unet, kv) if self.cache_cross_kv else contextlib.nullcontext():
+        with (cached_cross_kv(self.unet, kv) if self.cache_cross_kv else contextlib.nullcontext(),
+              merged_routing(self.unet, [name for name, _ in resolved], self.merged_routing_budget) as routing):
             for step, t in enumerate(timesteps):
                 latents = composer.refine(self, step, t, latents, conditions)
                 model_input = self.scheduler.scale_model_input(latents, t)
@@ -316,6 +319,7 @@ class CompositionEngine:
                 if callback_on_step_end is not None:
                     values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
                     latents = callback_on_step_end(self, step, t, values).get("latents", latents)
+            stats.merged_weights = 0 if routing is None else len(routing.weights)
         stats.cached_text_projections = kv.hits
         self.last_stats = stats
         self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()

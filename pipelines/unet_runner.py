@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+from pipelines.merged_routing import BASE, active_merged_routing
 
 
 @dataclass
@@ -28,6 +28,7 @@ class UNetStats:
     block_evaluations: int = 0
     samples: int = 0
     cached_text_projections: int = 0  # cross-attention K/V served from the generation's cache
+    merged_weights: int = 0  # per-adapter merged layer weights the generation's routed calls ran on
 
 
 @dataclass
@@ -42,11 +43,14 @@ class FeatureCache:
 
 @contextlib.contextmanager
 def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterator[None]:
-    """Route batch slice i through adapter ``adapter_names[i]`` only (``BASE`` = none) in every LoRA layer."""
+    """Route batch slice i through adapter ``adapter_names[i]`` only (``BASE`` = none) in every LoRA layer:
+    through the merged weights of an installed :func:`~pipelines.merged_routing.merged_routing` (peft then adds
+    nothing), or else through peft's mixed batch."""
     if adapter_names is None:
         yield
         return
-    names = list(adapter_names)
+    merged = active_merged_routing(unet)
+    names = [BASE] * len(adapter_names) if merged is not None else list(adapter_names)
 
     def inject(module, args, kwargs):
         kwargs["adapter_names"] = names
@@ -56,7 +60,8 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
 
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True) for _, module in lora_modules(unet)]
     try:
-        yield
+        with merged.route(adapter_names) if merged is not None else contextlib.nullcontext():
+            yield
     finally:
         for handle in handles:
             handle.remove()

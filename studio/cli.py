@@ -239,7 +239,7 @@ def _make_colora(args: argparse.Namespace):
 
 
 def _train_b4m(args: argparse.Namespace) -> int:
-    from trainers.b4m import B4MConfig, train_b4m
+    from trainers.b4m import TARGETS, B4MConfig, train_b4m
 
     _single_thread_on_cpu()
     config = train_config_from_args(args)
@@ -249,7 +249,8 @@ def _train_b4m(args: argparse.Namespace) -> int:
                     rank=args.b4m_rank, main_learning_rate=args.learning_rate or 1e-4,
                     aux_learning_rate=args.aux_learning_rate,
                     style_learning_rate=args.style_learning_rate, make_learning_rate=args.learning_rate or 1e-4,
-                    break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer)
+                    break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
+                    target_modules=tuple(args.target_modules or TARGETS))
     for path in train_b4m(b4m, config):
         print(path)
     return 0
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--break_steps", type=int, default=1000)
     b4m.add_argument("--make_steps", type=int, default=1000)
     b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
+    b4m.add_argument("--target_modules", nargs="+", default=None,
+                     help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, the default) "
+                          "and/or ResNet convolutions (conv1 conv2)")
     b4m.set_defaults(handler=_train_b4m)
 
     colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")

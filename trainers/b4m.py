@@ -38,7 +38,8 @@ from trainers.config import TrainConfig
 from trainers.loop import EncodedSet, TrainingContext, TrainingMethod, encode_set, load_training_images, train
 from trainers.lora import output_path
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
+RESNET_TARGETS = ("conv1", "conv2")  # the ResNet convolutions, which adapters on the embedded model also need
 
 
 @dataclass
@@ -62,6 +63,7 @@ class B4MConfig:
     riemannian_lambda: float = 1e-6
     mcp_isolation: bool = True
     aux_images_per_set: int = 8
+    target_modules: tuple[str, ...] = TARGETS  # attention projections (Linear) and/or ResNet convs (Conv2d)
 
 
 # --- PLP layers ---------------------------------------------------------------------------------------------
@@ -84,17 +86,29 @@ class FrozenHalf(nn.Module):
         return full.narrow(self.dim, self.frozen.shape[self.dim], full.shape[self.dim] - self.frozen.shape[self.dim])
 
 
-def make_basis(unet: nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """Frozen halves (and initial learnable halves) for every target projection, deterministic in ``seed``."""
+def _is_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
+    if not path.endswith(tuple(f".{t}" for t in targets)):
+        return False
+    if isinstance(module, nn.Linear):
+        return ".attn" in path
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] = TARGETS) -> dict[str, torch.Tensor]:
+    """Frozen halves (and initial learnable halves) for every target layer, deterministic in ``seed``.
+
+    A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1)."""
     generator = torch.Generator().manual_seed(seed)
     basis = {}
     for path, module in unet.named_modules():
-        if not isinstance(module, nn.Linear) or not path.endswith(TARGETS) or ".attn" not in path:
+        if not _is_target(path, module, targets):
             continue
-        d_in, d_out = module.in_features, module.out_features
-        a = torch.randn(rank, d_in, generator=generator) / rank
-        b = torch.zeros(d_out, rank)
-        if d_in == d_out:
+        conv = isinstance(module, nn.Conv2d)
+        d_in, d_out = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
+        kernel = tuple(module.kernel_size) if conv else ()
+        a = torch.randn(rank, d_in, *kernel, generator=generator) / rank
+        b = torch.zeros(d_out, rank, *((1, 1) if conv else ()))
+        if d_in == d_out and not conv:
             q, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=generator))
             rows = torch.randperm(d_in, generator=generator)
             s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
@@ -104,6 +118,8 @@ def make_basis(unet: nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]
         basis[f"{path}.A_learn"] = a[:, d_in // 2 :].contiguous()
         basis[f"{path}.B_frozen"] = b[: d_out // 2].contiguous()
         basis[f"{path}.B_learn"] = b[d_out // 2 :].contiguous()
+    if not basis:
+        raise ConfigError(f"B4M: no layer of the UNet matches the target modules {', '.join(targets)}")
     return basis
 
 
@@ -114,17 +130,17 @@ def save_basis(basis: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
 
 
 class PLPAdapter:
-    """PLP LoRA branches on the UNet (our own Linear wrappers: the halves stay separate tensors)."""
+    """PLP LoRA branches on the UNet (our own wrappers: the halves stay separate tensors)."""
 
     def __init__(self, unet: nn.Module, basis: dict[str, torch.Tensor]) -> None:
         self.unet = unet
-        self.layers: dict[str, PLPLinear] = {}
+        self.layers: dict[str, PLPLayer] = {}
         for key in basis:
             if key.endswith(".A_frozen"):
                 path = key.removesuffix(".A_frozen")
                 parent, _, child = path.rpartition(".")
                 owner = unet.get_submodule(parent)
-                layer = PLPLinear(getattr(owner, child), basis, path)
+                layer = PLPLayer(getattr(owner, child), basis, path)
                 setattr(owner, child, layer)
                 self.layers[path] = layer
 
@@ -151,15 +167,22 @@ class PLPAdapter:
         return AdapterFile({"unet": modules})
 
 
-class PLPLinear(nn.Module):
-    """h = W x + B A x with A = [A_f | A_l], B = [B_f ; B_l] (scale 1: alpha = r)."""
+class PLPLayer(nn.Module):
+    """h = W x + B A x with A = [A_f | A_l], B = [B_f ; B_l] (scale 1: alpha = r). On a Linear, A and B are
+    Linear; on a Conv2d, A is a convolution with the base's kernel, stride and padding and B a 1×1 one (the
+    layout kohya's LoCon and peft use, so the files load anywhere)."""
 
-    def __init__(self, base: nn.Linear, basis: dict[str, torch.Tensor], path: str) -> None:
+    def __init__(self, base: nn.Linear | nn.Conv2d, basis: dict[str, torch.Tensor], path: str) -> None:
         super().__init__()
         self.base = base
         rank = basis[f"{path}.A_frozen"].shape[0]
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
         with torch.no_grad():
             self.down.weight.copy_(torch.cat([basis[f"{path}.A_frozen"], basis[f"{path}.A_learn"]], dim=1))
             self.up.weight.copy_(torch.cat([basis[f"{path}.B_frozen"], basis[f"{path}.B_learn"]], dim=0))
@@ -357,13 +380,15 @@ class B4MMake(_PLPMethod):
             return
         lam = self.b4m.riemannian_lambda
         for layer in self.plp.layers.values():
-            a, b = layer.down.weight.detach(), layer.up.weight.detach()
+            a, b = layer.down.weight.detach().flatten(1), layer.up.weight.detach().flatten(1)  # (r, in·k·k), (out, r)
             eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
             a_learn, b_learn = layer.learnable("A"), layer.learnable("B")
             if b_learn.grad is not None:
-                b_learn.grad = torch.linalg.solve(a @ a.T + lam * eye, b_learn.grad.T).T
+                grad = b_learn.grad.flatten(1)
+                b_learn.grad = torch.linalg.solve(a @ a.T + lam * eye, grad.T).T.reshape(b_learn.shape)
             if a_learn.grad is not None:
-                a_learn.grad = torch.linalg.solve(b.T @ b + lam * eye, a_learn.grad)
+                grad = a_learn.grad.flatten(1)
+                a_learn.grad = torch.linalg.solve(b.T @ b + lam * eye, grad).reshape(a_learn.shape)
 
     def export(self, ctx: TrainingContext) -> list[Path]:
         adapter = self.plp.adapter_file()
@@ -398,7 +423,7 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> 
                   style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     if not basis_path.exists():
-        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed), basis_path,
+        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules)), basis_path,
                    {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
                     "studio.b4m_plp_split": "0.5"})
 

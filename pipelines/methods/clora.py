@@ -3,9 +3,16 @@
 Each adapter is evaluated with its own prompt ("a sks shape and a xyz shape" with the sks adapter, …) beside the
 base prompt without adapters. On the early steps the latent is updated by gradient descent on a contrastive
 (NT-Xent, cosine similarity, temperature τ) loss over the cross-attention maps of each concept's tokens: maps
-of the same concept across prompts attract, maps of different concepts repel. At every step, each adapter's
-mask is its concept tokens' maps thresholded at α_m of their maximum; the base prompt covers what no mask
-covers; the per-adapter noise predictions are fused under the masks, then guided.
+of the same concept across prompts attract, maps of different concepts repel. Concept group k belongs to
+adapter k (default: its trigger word). At every step, adapter k's mask is its own group's token maps in its own
+prompt, thresholded at α_m of their maximum; the base prompt covers what no mask covers; the per-adapter noise
+predictions are fused under the masks, then guided.
+
+A trigger the base model has never seen need not say where its object is: give the words the base model knows
+for each object as ``groups`` (the paper's class nouns; on the embedded model, the objects' colors).
+``uncovered="adapters"`` (not in the paper) lets the mean of the adapters' predictions, not the base prompt,
+fill what no mask covers: when the base prompt names triggers the base cannot draw, its prediction at an
+object's edge pulls the object towards another shape.
 
 Deviations from the official code (METHODS §8.3): maps come from the conditional half only (the official code
 mixes in the negative prompt), and token indices are derived from the concept words with the tokenizer instead
@@ -25,6 +32,7 @@ from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import masked_fusion
 from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
+from studio.errors import ConfigError
 
 BASE_KEY = "__clora_base__"
 
@@ -72,13 +80,16 @@ class CLoRA(CompositionMethod):
     def __init__(self, groups: Sequence[Sequence[str]] | None = None, step_size: float = 20.0,
                  temperature: float = 0.5, mask_threshold: float = 0.3, alter_fraction: float = 0.25,
                  iterative_fractions: Sequence[float] = (0.0, 0.1, 0.2), extra_rounds: int = 10,
-                 capture_resolution: int = 16, apply_mask_after: int = 0) -> None:
+                 capture_resolution: int = 16, apply_mask_after: int = 0, uncovered: str = "base") -> None:
         super().__init__()
         self.groups = [list(g) for g in groups] if groups else None
         self.step_size, self.temperature, self.mask_threshold = step_size, temperature, mask_threshold
         self.alter_fraction, self.iterative_fractions = alter_fraction, tuple(iterative_fractions)
         self.extra_rounds, self.apply_mask_after = extra_rounds, apply_mask_after
         self.capture_resolution = capture_resolution
+        if uncovered not in ("base", "adapters"):
+            raise ConfigError(f"CLoRA: uncovered must be 'base' or 'adapters', not {uncovered!r}")
+        self.uncovered = uncovered
         self.prompts: list[str] = []
         self.indices: list[list[tuple[int, int]]] = []  # per prompt: (token position, group label)
         self.masks: dict[str, torch.Tensor] = {}
@@ -157,7 +168,7 @@ class CLoRA(CompositionMethod):
         for key, _, prompt in self._routes():
             if key == BASE_KEY:
                 continue
-            positions = [pos for pos, _ in self.indices[prompt]]
+            positions = [pos for pos, label in self.indices[prompt] if label == prompt - 1]  # its own concept
             route_maps = maps[key]  # [batch, queries, tokens]
             if step < self.apply_mask_after:
                 masks[key] = torch.ones(route_maps.shape[0], side, side, device=route_maps.device)
@@ -168,19 +179,23 @@ class CLoRA(CompositionMethod):
                 mask = torch.maximum(mask, (token > self.mask_threshold * token.amax(1, keepdim=True)).float())
             masks[key] = mask.view(-1, side, side)
         covered = torch.stack(list(masks.values())).amax(0) if masks else None
-        masks[BASE_KEY] = (1 - covered) if covered is not None else None
+        if covered is not None:
+            masks[BASE_KEY] = (1 - covered) if self.uncovered == "base" else torch.zeros_like(covered)
         self.masks = masks
         self.mask_history.append({k: v.detach().cpu() for k, v in masks.items() if v is not None})
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
         keys = [key for key, _, _ in self._routes()]
+        weights = dict(self.masks)
+        if self.uncovered == "adapters":
+            uncovered = 1 - torch.stack([weights[k] for k in keys[1:]]).amax(0)
+            weights.update({k: torch.maximum(weights[k], uncovered) for k in keys[1:]})
         latent_size = predictions[keys[0]].uncond.shape[-1]
-        masks = [F.interpolate(self.masks[k][:, None], size=(latent_size,) * 2, mode="nearest")[:, 0]
-                 for k in keys]
+        masks = [F.interpolate(weights[k][:, None], size=(latent_size,) * 2, mode="nearest")[:, 0] for k in keys]
         return Prediction(tuple(masked_fusion([predictions[k].conditions[c] for k in keys], masks)
                                 for c in range(len(predictions[keys[0]].conditions))))
 
     def describe(self) -> dict:
         return {"groups": self.groups, "step_size": self.step_size, "temperature": self.temperature,
                 "mask_threshold": self.mask_threshold, "alter_fraction": self.alter_fraction,
-                "extra_rounds": self.extra_rounds}
+                "extra_rounds": self.extra_rounds, "uncovered": self.uncovered}

@@ -1,7 +1,10 @@
+import pytest
 import torch
 
+from pipelines.methods.base import Prediction
 from pipelines.methods.clora import CLoRA, contrastive_loss, token_positions
 from studio.adapters.file import save_adapter
+from studio.errors import ConfigError
 from studio.text import build_clip_tokenizer
 from tests.pipelines.test_composition import setup, unet_only_adapter  # noqa: F401 (fixture)
 
@@ -51,3 +54,32 @@ def test_clora_groups_are_configurable(setup, tmp_path):  # noqa: F811
     method.prepare([("a", 1.0)], 4, {})
     method.bind(pipe, [PROMPT, PROMPT])
     assert method.indices[0] == [(2, 0), (7, 1)]
+
+
+@pytest.mark.parametrize("uncovered", ["base", "adapters"])
+def test_each_mask_comes_from_its_own_concept_and_fusion_fills_the_rest(setup, uncovered):  # noqa: F811
+    """Adapter k's mask reads only group k's tokens in its own prompt; what no mask covers goes to the base
+    prediction, or with ``uncovered="adapters"`` to the adapters' mean."""
+    pipe, _ = setup
+    method = CLoRA(groups=[["red"], ["blue"]], mask_threshold=0.5, uncovered=uncovered)
+    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    method.bind(pipe, [PROMPT] * 3)
+    maps = torch.full((1, 256, 77), 0.01)
+    grid = maps[0].view(16, 16, 77)
+    grid[:, :6, 2] = 1.0  # "red": the left columns
+    grid[:, 10:, 7] = 1.0  # "blue": the right columns
+    method.observe(0, {key: maps for key in ("__clora_base__", "a", "b")})
+    left, right = torch.zeros(16, 16), torch.zeros(16, 16)
+    left[:, :6], right[:, 10:] = 1, 1
+    assert torch.equal(method.masks["a"][0], left) and torch.equal(method.masks["b"][0], right)
+    assert torch.equal(method.masks["__clora_base__"][0], (1 - left - right) * (uncovered == "base"))
+    predictions = {key: Prediction((torch.full((1, 4, 16, 16), value),) * 2)
+                   for key, value in (("__clora_base__", 0.0), ("a", 1.0), ("b", 2.0))}
+    fused = method.fuse(0, predictions).cond[0, 0]
+    assert (fused[:, :6] == 1).all() and (fused[:, 10:] == 2).all()
+    assert (fused[:, 6:10] == (0.0 if uncovered == "base" else 1.5)).all()
+
+
+def test_unknown_uncovered_choice_is_refused():
+    with pytest.raises(ConfigError, match="uncovered"):
+        CLoRA(uncovered="nowhere")

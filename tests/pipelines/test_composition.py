@@ -1,8 +1,11 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from pipelines import CMLoRAPipeline, CompositionPipeline
+from pipelines.merged_routing import merged_routing
 from pipelines.methods.cmlora import dominant_shares, refresh_steps
 from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
 from studio.adapters.file import save_adapter
@@ -46,21 +49,41 @@ def test_unet_forward_matches_diffusers_and_shallow_pass_reuses_the_deep_feature
     assert stats.block_evaluations == 2 * 2  # first down-block + last up-block, for 2 samples
 
 
-def test_batched_routing_equals_sequential_evaluation(setup):
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", [(0, 1, 2, 3), (0, 0, 1, 2, 3, 3)])
+def test_batched_routing_equals_sequential_evaluation(setup, merged, layout):
+    """Both routings (peft's mixed batch; merged weights, grouped when the runs are even) match one adapter
+    at a time; index 3 is the base."""
     pipe, paths = setup
     names = [name for name, _ in pipe.attach_adapters([(p, 0.8) for p in paths])]
     from studio.adapters.inject import set_adapter_weights
 
     set_adapter_weights(pipe.studio_base(), {n: 0.8 for n in names})
+    routes = [(names + [BASE])[i] for i in layout]
     x, hidden, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 96), torch.tensor(400)
+    with torch.no_grad(), merged_routing(pipe.unet, names) if merged else contextlib.nullcontext() as routing:
+        batched, _ = predict_noise(pipe.unet, x.repeat(len(routes), 1, 1, 1), t, hidden.repeat(len(routes), 1, 1),
+                                   routes)
+        assert (routing is not None and len(routing.weights) > 0) == merged
     with torch.no_grad():
-        batched, _ = predict_noise(pipe.unet, x.repeat(4, 1, 1, 1), t, hidden.repeat(4, 1, 1), names + [BASE])
-        for index, name in enumerate(names):
-            set_adapter_weights(pipe.studio_base(), {name: 0.8})
+        for index, i in enumerate(layout):
+            set_adapter_weights(pipe.studio_base(), {names[i]: 0.8} if i < 3 else {})
             single = pipe.unet(x, t, hidden).sample
             assert (batched[index] - single[0]).abs().max() <= 1e-4
-        set_adapter_weights(pipe.studio_base(), {})
-        assert (batched[3] - pipe.unet(x, t, hidden).sample[0]).abs().max() <= 1e-4
+    set_adapter_weights(pipe.studio_base(), {})
+
+
+def test_generation_routes_through_merged_weights_within_budget(setup):
+    pipe, paths = setup
+    adapters = [(p, w) for p, w in zip(paths, (1.0, 0.7, 0.5))]
+    images, merged = {}, {}
+    for budget in (0, 1 << 30):
+        pipe.merged_routing_budget = budget
+        images[budget] = run(pipe, adapters=adapters, method="composite")
+        merged[budget] = pipe.last_stats.merged_weights
+    pipe.merged_routing_budget = 1 << 30
+    assert merged[0] == 0 and merged[1 << 30] > 0
+    assert np.abs(images[0] - images[1 << 30]).max() <= 1e-3
 
 
 @pytest.mark.parametrize("method,options", [("merge", {}), ("switch", {"interval": 2}), ("composite", {}),

@@ -8,7 +8,17 @@ from studio.data import procedural
 from studio.errors import ConfigError
 from tests.conftest import make_random_base
 from trainers import TrainConfig
-from trainers.b4m import B4MBreak, B4MConfig, FrozenHalf, PLPAdapter, make_basis, save_basis, train_b4m
+from trainers.b4m import (
+    RESNET_TARGETS,
+    TARGETS,
+    B4MBreak,
+    B4MConfig,
+    FrozenHalf,
+    PLPAdapter,
+    make_basis,
+    save_basis,
+    train_b4m,
+)
 
 
 @pytest.fixture
@@ -52,7 +62,7 @@ def test_mcp_isolation_sends_each_loss_to_its_own_half():
     layer(x).sum().backward()
     assert layer.learnable("A").grad is None and layer.learnable("B").grad is not None
     plp.remove()
-    assert not any(type(m).__name__ == "PLPLinear" for m in unet.modules())
+    assert not any(type(m).__name__ == "PLPLayer" for m in unet.modules())
 
 
 def test_frozen_half_is_not_a_parameter():
@@ -78,7 +88,7 @@ def test_b4m_writes_content_style_and_made_adapters(tmp_path, shape_images, styl
     # the content run trained its down half (content lr) and its up half (aux lr): both moved from the basis
     assert not torch.equal(c.down[:, half_in:], s.down[:, half_in:])
     # the base is untouched afterwards
-    assert not any(type(mod).__name__ == "PLPLinear" for mod in base.pipe.unet.modules())
+    assert not any(type(mod).__name__ == "PLPLayer" for mod in base.pipe.unet.modules())
 
 
 def test_make_keeps_the_content_runs_learned_down_half(tmp_path, shape_images, style_images):
@@ -113,3 +123,29 @@ def test_b4m_needs_both_folders(tmp_path):
     with pytest.raises(ConfigError, match="--content DIR and --style DIR"):
         train_b4m(B4MConfig(content=tmp_path), TrainConfig(output="x", output_dir=tmp_path),
                   base=make_random_base())
+
+
+def test_b4m_on_resnet_convolutions_loads_in_a_plain_diffusers_pipeline(tmp_path, shape_images, style_images):
+    """PLP halves on the ResNet convolutions too (A with the conv's kernel, B 1×1); all three files load through
+    diffusers' own ``load_lora_weights`` and change the UNet's output."""
+    base = make_random_base()
+    b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=2,
+                    aux_images_per_set=2, main_learning_rate=1e-2, aux_learning_rate=1e-2, make_learning_rate=1e-2,
+                    target_modules=TARGETS + RESNET_TARGETS)
+    config = TrainConfig(output="conv", output_dir=tmp_path / "out", train_batch_size=2, seed=0)
+    paths = train_b4m(b4m, config, base=base)
+    content, style, made = (read_adapter(p) for p in paths)
+    convs = [p for p, m in made.modules["unet"].items() if m.down.dim() == 4]
+    assert convs and all(p.endswith(("conv1", "conv2")) for p in convs)
+    path = convs[0]
+    half_in, half_out = made.modules["unet"][path].down.shape[1] // 2, made.modules["unet"][path].up.shape[0] // 2
+    assert torch.equal(content.modules["unet"][path].down[:, :half_in], style.modules["unet"][path].down[:, :half_in])
+    assert torch.equal(content.modules["unet"][path].up[:half_out], made.modules["unet"][path].up[:half_out])
+    unet = base.pipe.unet
+    x, hidden, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, unet.config.cross_attention_dim), torch.tensor(500)
+    with torch.no_grad():
+        before = unet(x, t, hidden).sample
+        for index, file in enumerate(paths):
+            base.pipe.load_lora_weights(str(file), adapter_name=f"b4m{index}")
+            base.pipe.set_adapters([f"b4m{index}"])
+            assert (unet(x, t, hidden).sample - before).abs().max() > 1e-6
