@@ -54,7 +54,8 @@ class Studio:
 
     # -- compose ---------------------------------------------------------------------------------------------
     def request(self, rows: Sequence[Any], prompt: str, negative: str, method: str, switch_interval: float,
-                cache_interval: float, perp_neg: bool, perp_neg_weight: float, decor_words: str,
+                cache_interval: float, clora_words: str, clora_fill: bool, perp_neg: bool, perp_neg_weight: float,
+                decor_words: str,
                 decor_alpha: float, seed: float, randomize: bool, steps: float, guidance: float, size: float,
                 batch: float) -> GenerationRequest:
         if not prompt.strip():
@@ -75,6 +76,15 @@ class Studio:
             options["interval"] = int(switch_interval)
         elif method == "cmlora":
             options["cache_interval"] = int(cache_interval)
+        elif method == "clora":
+            groups = [[w.strip() for w in part.split(",") if w.strip()] for part in clora_words.split("|")]
+            if any(groups):
+                if len(groups) != len(adapters) or not all(groups):
+                    raise gr.Error(f"CLoRA concept words: give one group per enabled adapter ({len(adapters)}), "
+                                   "separated by '|'.")
+                options["groups"] = groups
+            if clora_fill:
+                options["uncovered"] = "adapters"
         if perp_neg and not negative.strip():
             raise gr.Error("Perp-Neg needs a negative prompt.")
         return GenerationRequest(
@@ -362,6 +372,10 @@ def build_app(model: str | None = None) -> gr.Blocks:
                         switch_interval = gr.Slider(1, 20, value=5, step=1, label="Switch interval τ")
                         cache_interval = gr.Slider(0, 5, value=0, step=1, label="CMLoRA cache interval (0 = paper)")
                     with gr.Row():
+                        clora_words = gr.Textbox(label="CLoRA concept words, '|' between adapters (empty = triggers)",
+                                                 placeholder="red | blue", scale=3)
+                        clora_fill = gr.Checkbox(label="CLoRA: adapters fill what no mask covers", scale=1)
+                    with gr.Row():
                         decor_words = gr.Textbox(label="DECOR: remove concepts (comma-separated)")
                         decor_alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="DECOR α")
                     with gr.Row():
@@ -381,7 +395,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     info = gr.Markdown()
                     comparison = gr.Gallery(label="Methods side by side", columns=3, height=300,
                                             elem_id="comparison")
-            form = [*rows, prompt, negative, method, switch_interval, cache_interval, perp_neg, perp_weight,
+            form = [*rows, prompt, negative, method, switch_interval, cache_interval, clora_words, clora_fill,
+                    perp_neg, perp_weight,
                     decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch]
             event = run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
             stop.click(None, None, None, cancels=[event])

@@ -79,12 +79,20 @@ def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:
 
 
 def parse_option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as int, float, true/false, or kept as text."""
+    """``KEY=VALUE`` with VALUE read as int, float, true/false, a JSON list (``groups=[["red"],["blue"]]``), or
+    kept as text."""
+    import json
+
     from studio.errors import ConfigError
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"method option {text!r} must look like KEY=VALUE")
+    if value.startswith("["):
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"method option {key}: {value!r} is not a JSON list ({error.msg})") from None
     for cast in (int, float):
         try:
             return key, cast(value)

@@ -48,3 +48,6 @@ def test_argument_parsers():
     assert parse_weighted_text("a striped shape:2") == ("a striped shape", 2.0)
     assert parse_weighted_text("a striped shape") == ("a striped shape", 1.5)
     assert json.dumps(parse_option("mode=paper")) == '["mode", "paper"]'
+    assert parse_option('groups=[["red"], ["blue"]]') == ("groups", [["red"], ["blue"]])
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        parse_option("groups=[red]")

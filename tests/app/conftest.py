@@ -37,7 +37,7 @@ def studio_env(tmp_path, monkeypatch):
 
 
 def form(prompt="a red solid sks on a white background", rows=None, method="merge", negative="", perp_neg=False,
-         seed=3, batch=1, weight="1.0"):
+         seed=3, batch=1, weight="1.0", clora_words="", clora_fill=False):
     """Values of the Compose form in the order the handlers take them."""
     cells = []
     chosen = rows or []
@@ -46,4 +46,4 @@ def form(prompt="a red solid sks on a white background", rows=None, method="merg
             cells += [True, chosen[index], weight, ""]
         else:
             cells += [False, None, "1.0", ""]
-    return [*cells, prompt, negative, method, 5, 0, perp_neg, 1.5, "", 1.0, seed, False, 3, 5.0, 64, batch]
+    return [*cells, prompt, negative, method, 5, 0, clora_words, clora_fill, perp_neg, 1.5, "", 1.0, seed, False, 3, 5.0, 64, batch]

@@ -26,6 +26,14 @@ def test_clora_shows_masks(studio_env):
     _, masks, _ = studio.generate("", *form(prompt="a oneword and a twoword", rows=["one", "two"], method="clora"),
                                   progress=NoProgress())
     assert len(masks) == 3 and all(Image.open(path).size == (128, 128) for path, _ in masks)
+    gallery, _, _ = studio.generate("", *form(prompt="a oneword and a twoword", rows=["one", "two"], method="clora",
+                                              clora_words="oneword | twoword", clora_fill=True),
+                                    progress=NoProgress())
+    recipe = read_recipe(gallery[0][0])[1]
+    options = recipe["method_options"]
+    assert options == {"groups": [["oneword"], ["twoword"]], "uncovered": "adapters"}
+    with pytest.raises(gr.Error, match="one group per enabled adapter"):
+        studio.generate("", *form(rows=["one", "two"], method="clora", clora_words="oneword"), progress=NoProgress())
 
 
 def test_bad_weight_and_missing_prompt_are_readable_errors(studio_env):
