@@ -46,4 +46,5 @@ def form(prompt="a red solid sks on a white background", rows=None, method="merg
             cells += [True, chosen[index], weight, ""]
         else:
             cells += [False, None, "1.0", ""]
-    return [*cells, prompt, negative, method, 5, 0, clora_words, clora_fill, perp_neg, 1.5, "", 1.0, seed, False, 3, 5.0, 64, batch]
+    return [*cells, prompt, negative, method, 5, 0, clora_words, clora_fill, perp_neg, 1.5, "", 1.0, seed, False, 3,
+            5.0, 64, batch]
