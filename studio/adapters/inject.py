@@ -58,6 +58,7 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
     if name in attached_adapters(base):
         raise AdapterError(f"an adapter named '{name}' is already attached; detach it first or pick another name")
     validate_adapter(adapter, base)
+    previous = {id(layer): list(layer.active_adapters) for _, _, layer in lora_layers(base)}
     for component, modules in adapter.modules.items():
         model = getattr(base.pipe, component)
         located = {module_path_in(model, p): m for p, m in modules.items()}
@@ -80,8 +81,14 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
                     raise AdapterError(f"adapter '{name}': could not attach {component}.{path}")
                 layer.lora_A[name].weight.copy_(module.down.to(dtype))
                 layer.lora_B[name].weight.copy_(module.up.to(dtype))
-        model.requires_grad_(False)
-    set_adapter_weights(base, {})
+    # peft activates the newcomer in every layer; each layer gets its own active set back, so the next
+    # generation need not re-activate (peft's set_adapter walks every adapter's modules in the layer)
+    for _, _, layer in lora_layers(base):
+        wanted = [n for n in previous.get(id(layer), []) if n in layer.lora_A]
+        if list(layer.active_adapters) != wanted:
+            layer.set_adapter(wanted)
+    for component in adapter.modules:
+        getattr(base.pipe, component).requires_grad_(False)
     return name
 
 
@@ -98,13 +105,16 @@ def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[st
     controlled = set(weights) | (set(managed) if managed is not None else set(attached_adapters(base)))
     for _, _, layer in lora_layers(base):
         kept = [n for n in layer.active_adapters if n not in controlled and n in layer.lora_A]
-        layer.set_adapter(kept + [n for n in weights if n in layer.lora_A])
+        wanted = kept + [n for n in weights if n in layer.lora_A]
+        if list(layer.active_adapters) != wanted:  # peft's set_adapter walks every adapter's modules
+            layer.set_adapter(wanted)
         for name in weights:
             if name in layer.lora_A:
                 layer.set_scale(name, float(weights[name]))
-        for name in controlled & set(layer.lora_A):  # inference adapters stay frozen (set_adapter unfreezes)
-            layer.lora_A[name].requires_grad_(False)
-            layer.lora_B[name].requires_grad_(False)
+        for name in controlled & set(wanted):  # inference adapters stay frozen (set_adapter unfreezes)
+            if layer.lora_A[name].weight.requires_grad or layer.lora_B[name].weight.requires_grad:
+                layer.lora_A[name].requires_grad_(False)
+                layer.lora_B[name].requires_grad_(False)
 
 
 def detach_adapter(base, name: str) -> None:

@@ -200,3 +200,18 @@ def test_cli_inspect_and_convert(tmp_path, random_base, capsys):
     assert main(["adapters", "convert", str(path), "--to", "kohya", "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as handle:
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in handle.keys())
+
+
+def test_attaching_an_adapter_leaves_the_active_ones_active(random_base):
+    """Attaching deactivates only the newcomer: re-activating the others would walk every adapter's modules in
+    every layer on the next generation (that walk made 20 attached adapters 6% slower per step)."""
+    from studio.adapters.inject import attach_adapter, detach_adapter, lora_layers, set_adapter_weights
+
+    attach_adapter(random_base, make_adapter(random_base, seed=1), "keep-a")
+    set_adapter_weights(random_base, {"keep-a": 0.5})
+    attach_adapter(random_base, make_adapter(random_base, seed=2), "keep-b")
+    layers = [layer for _, _, layer in lora_layers(random_base) if "keep-a" in layer.lora_A]
+    assert layers and all(layer.active_adapters == ["keep-a"] for layer in layers)
+    assert all(layer.scaling["keep-a"] == 0.5 * layer.lora_alpha["keep-a"] / layer.r["keep-a"] for layer in layers)
+    for name in ("keep-a", "keep-b"):
+        detach_adapter(random_base, name)

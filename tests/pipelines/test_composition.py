@@ -220,3 +220,10 @@ def test_prompt_embeds_stand_for_their_text(setup):
         pipe(prompt_embeds=cond[0], num_inference_steps=2)
     with pytest.raises(ConfigError, match="reads prompt text"):
         pipe(prompt_embeds=cond, num_inference_steps=2, adapters=adapters, method="clora")
+
+
+def test_execution_device_agrees_with_diffusers(setup):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = setup[0]
+    assert pipe._execution_device == StableDiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")
