@@ -43,5 +43,6 @@ queue_b
 wait
 run compose_speed bench.compose speed --repeats 3
 run compose_loaded bench.compose loaded --repeats 5
+run train_memory_tiny bench.train_memory --arch tiny
 run compose_capture bench.compose capture --repeats 10
 grep -h "^|\|^n =\|two objects\|UNet\|loaded" "$out"/*.txt
