@@ -68,7 +68,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
     content_file, style_file, made = train_b4m(B4MConfig(
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
-        style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets]), config, base=base)
+        style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
+        make_optimizer=args.make_optimizer), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe)
     plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe)
@@ -79,7 +80,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
     print(f"B4M pipeline ({args.b4m_targets}, rank {args.rank}, break {args.break_steps} + make {args.make_steps} "
-          f"steps, lr {args.lr}, style lr {args.style_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
+          f"steps ({args.make_optimizer}), "
+          f"lr {args.lr}, style lr {args.style_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
+    parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")
     args = parser.parse_args()
