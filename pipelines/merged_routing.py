@@ -112,7 +112,8 @@ def _supported(layer: LoraLayer) -> bool:
 @contextlib.contextmanager
 def merged_routing(unet: torch.nn.Module, adapters: Iterable[str],
                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Iterator[MergedRouting | None]:
-    """Install merged routing on ``unet`` for one generation that routes through ``adapters``.
+    """Install merged routing on ``unet`` for one generation that routes through ``adapters``: inside a routed
+call each base layer runs its slices on merged weights, and peft's own LoRA branches are told to add nothing.
 
     Yields None (and changes nothing: routed calls keep peft's mixed batch) when a layer is not a plain
     Linear/Conv2d LoRA or the merged copies would take more than ``budget_bytes``.
@@ -126,6 +127,13 @@ def merged_routing(unet: torch.nn.Module, adapters: Iterable[str],
         yield None
         return
     routing = MergedRouting()
+
+    def base_only(module, args, kwargs):  # peft adds no LoRA branch of its own to a routed call
+        if routing.runs is not None:
+            kwargs["adapter_names"] = [BASE] * routing.runs[-1][1]
+        return args, kwargs
+
+    handles = [layer.register_forward_pre_hook(base_only, with_kwargs=True) for layer in layers]
     patched = []
     for layer in layers:
         base = layer.get_base_layer()
@@ -144,6 +152,8 @@ def merged_routing(unet: torch.nn.Module, adapters: Iterable[str],
         yield routing
     finally:
         del unet.__dict__["_studio_merged_routing"]
+        for handle in handles:
+            handle.remove()
         for base, own in patched:
             if own is None:
                 del base.forward

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipelines.merged_routing import BASE, active_merged_routing
+from pipelines.merged_routing import BASE as BASE  # re-exported: the routes name it
+from pipelines.merged_routing import active_merged_routing
 
 
 @dataclass
@@ -50,7 +51,11 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
         yield
         return
     merged = active_merged_routing(unet)
-    names = [BASE] * len(adapter_names) if merged is not None else list(adapter_names)
+    if merged is not None:
+        with merged.route(adapter_names):
+            yield
+        return
+    names = list(adapter_names)
 
     def inject(module, args, kwargs):
         kwargs["adapter_names"] = names
@@ -60,8 +65,7 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
 
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True) for _, module in lora_modules(unet)]
     try:
-        with merged.route(adapter_names) if merged is not None else contextlib.nullcontext():
-            yield
+        yield
     finally:
         for handle in handles:
             handle.remove()

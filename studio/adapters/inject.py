@@ -84,12 +84,17 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
     # peft activates the newcomer in every layer; each layer gets its own active set back, so the next
     # generation need not re-activate (peft's set_adapter walks every adapter's modules in the layer)
     for _, _, layer in lora_layers(base):
-        wanted = [n for n in previous.get(id(layer), []) if n in layer.lora_A]
-        if list(layer.active_adapters) != wanted:
-            layer.set_adapter(wanted)
+        _activate(layer, [n for n in previous.get(id(layer), []) if n in layer.lora_A])
     for component in adapter.modules:
         getattr(base.pipe, component).requires_grad_(False)
     return name
+
+
+def _activate(layer: LoraLayer, names: list[str]) -> None:
+    """Make ``names`` the layer's active adapters, only if they are not already: peft's ``set_adapter`` walks
+    every adapter's modules in the layer (and unfreezes the active ones)."""
+    if list(layer.active_adapters) != names:
+        layer.set_adapter(names)
 
 
 def _escape(path: str) -> str:
@@ -106,8 +111,7 @@ def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[st
     for _, _, layer in lora_layers(base):
         kept = [n for n in layer.active_adapters if n not in controlled and n in layer.lora_A]
         wanted = kept + [n for n in weights if n in layer.lora_A]
-        if list(layer.active_adapters) != wanted:  # peft's set_adapter walks every adapter's modules
-            layer.set_adapter(wanted)
+        _activate(layer, wanted)
         for name in weights:
             if name in layer.lora_A:
                 layer.set_scale(name, float(weights[name]))
