@@ -26,6 +26,7 @@ queue_a() {
     run two_subjects bench.two_subjects --n 60
     run perp_neg_texture bench.perp_neg --case texture
     run perp_neg_color bench.perp_neg --case color
+    run perp_neg_full bench.perp_neg --case full
     run disentangle_b4m bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide --style_lr 3e-3
     run clip_vs_accuracy bench.clip_vs_accuracy --n 200
 }
@@ -34,6 +35,7 @@ queue_b() {
     run codec bench.codec
     run compose_quality bench.compose quality --seeds 100
     run disentangle_leakage bench.disentangle leakage
+    run disentangle_leakage_wide bench.disentangle leakage --recipe wide --no-prior --lora_steps 600
     run efficient_zigzag bench.efficient --n 50 --sara_lr 4e-3 --colora_score weight_change
     run efficient_waves bench.efficient --n 50 --texture waves --trigger qwe --sara_lr 4e-3 --colora_score weight_change
 }

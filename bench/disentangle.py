@@ -67,7 +67,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
     config = TrainConfig(output="b4m", output_dir=work / "out", seed=0, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
-        make_learning_rate=args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
+        make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer), config, base=base)
     minutes = (time.perf_counter() - start) / 60
@@ -81,7 +81,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
     }
     print(f"B4M pipeline ({args.b4m_targets}, rank {args.rank}, break {args.break_steps} + make {args.make_steps} "
           f"steps ({args.make_optimizer}), "
-          f"lr {args.lr}, style lr {args.style_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
+          f"lr {args.lr}, style lr {args.style_lr or args.lr}, make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
@@ -133,6 +133,9 @@ def leakage(args, base, evaluator, work: Path) -> None:
     row("LoRA trained with DECOR (remove 'circle')", decor)
     for alpha in (0.25, 0.5, 0.75, 1.0):
         row(f"plain LoRA, DECOR at inference α = {alpha}", plain, decor_remove=["circle"], decor_alpha=alpha)
+    for alpha in (0.5, 1.0):
+        row(f"LoRA trained with DECOR, DECOR at inference α = {alpha}", decor, decor_remove=["circle"],
+            decor_alpha=alpha)
 
 
 def main() -> None:
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="B4M rank")
     parser.add_argument("--lr", type=float, default=1e-3, help="B4M main and make learning rate")
     parser.add_argument("--style_lr", type=float, default=None, help="B4M style break rate (default: --lr)")
+    parser.add_argument("--make_lr", type=float, default=None, help="B4M make-stage rate (default: --lr)")
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)
     parser.add_argument("--lora_steps", type=int, default=400)

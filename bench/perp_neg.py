@@ -1,6 +1,6 @@
 """Negative prompts that overlap the positive: ordinary negative prompting vs Perp-Neg, on the embedded model.
 
-    .venv/bin/python -m bench.perp_neg [--case texture|color] [--n 96]
+    .venv/bin/python -m bench.perp_neg [--case texture|color|full] [--n 96]
 
 ``texture``: positive "a {color} {texture} {shape} on a {background} background", negative "a {texture} {shape}",
 which shares the shape the user wants. Removal: the texture is gone; retention: shape and color still as asked.
@@ -8,6 +8,10 @@ which shares the shape the user wants. Removal: the texture is gone; retention: 
 ``color``: positive "a {texture} {shape} on a {background} background" (no color named, so the model picks one,
 most often orange), negative "a orange {shape}", which again shares the shape. Removal: the object is not orange;
 retention: shape and texture still as asked.
+
+``full``: as ``color``, but the negative is the whole positive with the unwanted color added ("a orange {texture}
+{shape} on a {background} background"): the largest overlap, the paper's "boy wearing sunglasses" vs "sunglasses
+with black frame" kind.
 
 Rows: no negative, the ordinary ``negative_prompt`` (it replaces the unconditional prediction), and Perp-Neg at
 several weights (only the part of the negative perpendicular to the positive is subtracted).
@@ -35,10 +39,11 @@ def cases_for(case: str, n: int) -> dict[str, list[tuple[str, str, str, str]]]:
     per_pair = max(1, n // len(pairs))
     groups: dict[str, list[tuple[str, str, str, str]]] = {}
     for texture, shape in pairs:
-        negative = f"a {texture} {shape}" if case == "texture" else f"a {UNNAMED_COLOR} {shape}"
         for _ in range(per_pair):
             color = str(rng.choice(list(procedural.COLORS))) if case == "texture" else ""
             background = str(rng.choice(list(procedural.BACKGROUNDS)))
+            negative = {"texture": f"a {texture} {shape}", "color": f"a {UNNAMED_COLOR} {shape}",
+                        "full": prompt(UNNAMED_COLOR, texture, shape, background)}[case]
             groups.setdefault(negative, []).append((color, texture, shape, background))
     return groups
 
@@ -49,7 +54,7 @@ def prompt(color: str, texture: str, shape: str, background: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=["texture", "color"], default="texture")
+    parser.add_argument("--case", choices=["texture", "color", "full"], default="texture")
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
