@@ -80,8 +80,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
     print(f"B4M pipeline ({args.b4m_targets}, rank {args.rank}, break {args.break_steps} + make {args.make_steps} "
-          f"steps ({args.make_optimizer}), "
-          f"lr {args.lr}, style lr {args.style_lr or args.lr}, make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
+          f"steps ({args.make_optimizer}), lr {args.lr}, style lr {args.style_lr or args.lr}, "
+          f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
