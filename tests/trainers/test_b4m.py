@@ -16,6 +16,7 @@ from trainers.b4m import (
     FrozenHalf,
     PLPAdapter,
     make_basis,
+    procedural_aux_sets,
     save_basis,
     train_b4m,
 )
@@ -45,6 +46,19 @@ def test_basis_is_deterministic_and_orthogonal_on_square_layers():
     assert torch.allclose(gram, torch.eye(8), atol=1e-5)  # rows of one orthonormal Q
     cross = next(k for k in first if k.endswith("attn2.to_k.B_frozen"))
     assert first[cross].abs().sum() == 0  # non-square: B_f = 0 stays frozen
+
+
+def test_auxiliary_sets_are_captioned_with_the_other_runs_trigger(tmp_path):
+    """METHODS §2.1: the content run's style sets read "… in w@z yarn art style", the style run's content sets
+    "a photo of snq teapot": the other run's trigger beside each set's own concept."""
+    style_sets = procedural_aux_sets("style", tmp_path, per_set=2, seed=0, trigger="zwx")
+    content_sets = procedural_aux_sets("content", tmp_path, per_set=2, seed=0, trigger="sks")
+    for sets, pattern in ((style_sets, "zwx {value} "), (content_sets, "sks {value} ")):
+        assert len(sets) == 3
+        for folder in sets:
+            value = folder.name.rsplit("-", 1)[1]
+            captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
+            assert len(captions) == 2 and all(pattern.format(value=value) in c for c in captions), captions
 
 
 def test_mcp_isolation_sends_each_loss_to_its_own_half():
