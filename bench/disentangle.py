@@ -108,7 +108,7 @@ def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") ->
 
 
 def leakage(args, base, evaluator, work: Path) -> None:
-    images = circle_style_images(work / "circles", caption=args.caption)
+    images = circle_style_images(work / "circles", count=args.images, caption=args.caption)
     plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
                  recipe=args.recipe)
     decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
@@ -124,7 +124,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
         print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
 
-    print(f"style adapter trained on 5 zigzag circles ({args.caption} captions, {args.recipe} recipe, "
+    print(f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
           f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
           f"other shapes; n = {args.n}")
     print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
@@ -154,6 +154,7 @@ def main() -> None:
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
+    parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
