@@ -251,12 +251,12 @@ def _train_b4m(args: argparse.Namespace) -> int:
 
     _single_thread_on_cpu()
     config = train_config_from_args(args)
+    rate = args.learning_rate or 1e-4
     b4m = B4MConfig(content=args.content, style=args.style, content_trigger=args.content_trigger,
                     style_trigger=args.style_trigger, content_prompt=args.content_prompt,
                     style_prompt=args.style_prompt, aux_style=args.aux_style, aux_content=args.aux_content,
-                    rank=args.b4m_rank, main_learning_rate=args.learning_rate or 1e-4,
-                    aux_learning_rate=args.aux_learning_rate,
-                    style_learning_rate=args.style_learning_rate, make_learning_rate=args.learning_rate or 1e-4,
+                    rank=args.b4m_rank, main_learning_rate=rate, aux_learning_rate=args.aux_learning_rate,
+                    style_learning_rate=args.style_learning_rate, make_learning_rate=args.make_learning_rate or rate,
                     break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
                     target_modules=tuple(args.target_modules or TARGETS))
     for path in train_b4m(b4m, config):
@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--aux_learning_rate", type=float, default=1e-5)
     b4m.add_argument("--style_learning_rate", type=float, default=None,
                      help="the style break run's rate (default: --learning_rate)")
+    b4m.add_argument("--make_learning_rate", type=float, default=None,
+                     help="the make stage's rate (default: --learning_rate)")
     b4m.add_argument("--break_steps", type=int, default=1000)
     b4m.add_argument("--make_steps", type=int, default=1000)
     b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
