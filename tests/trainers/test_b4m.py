@@ -15,6 +15,7 @@ from trainers.b4m import (
     B4MConfig,
     FrozenHalf,
     PLPAdapter,
+    generated_aux_sets,
     make_basis,
     procedural_aux_sets,
     save_basis,
@@ -59,6 +60,15 @@ def test_auxiliary_sets_are_captioned_with_the_other_runs_trigger(tmp_path):
             value = folder.name.rsplit("-", 1)[1]
             captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
             assert len(captions) == 2 and all(pattern.format(value=value) in c for c in captions), captions
+
+
+def test_generated_auxiliary_sets_for_a_real_base_carry_the_trigger(tmp_path):
+    base = make_random_base(family="sd15")
+    sets = generated_aux_sets(base, "content", tmp_path, per_set=1, seed=0, trigger="sks")
+    assert [p.name for p in sets] == ["aux-content-0", "aux-content-1", "aux-content-2"]
+    assert [(folder / "0.txt").read_text() for folder in sets] == [
+        "a photo of sks teapot", "a photo of sks vase", "a photo of sks backpack"]
+    assert all(Image.open(folder / "0.png").size == (64, 64) for folder in sets)
 
 
 def test_mcp_isolation_sends_each_loss_to_its_own_half():
