@@ -12,7 +12,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from studio.adapters.inject import cached_modules
 
 
 class MapStore:
@@ -56,13 +58,10 @@ class CaptureProcessor:
 
 
 def cross_attention_modules(unet) -> list:
-    """The UNet's cross-attention (``attn2``) modules, found once per UNet: walking every module on each call
-    cost about 5 ms, as much as the capture itself."""
-    modules = getattr(unet, "_studio_cross_attention", None)
-    if modules is None:
-        modules = [module for name, module in unet.named_modules() if name.endswith("attn2")]
-        unet._studio_cross_attention = modules
-    return modules
+    """The UNet's cross-attention modules, found once per UNet: walking every module on each call cost about
+    5 ms, as much as the capture itself."""
+    return [module for _, module in cached_modules(
+        unet, "_studio_cross_attention", lambda m: isinstance(m, Attention) and m.is_cross_attention)]
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from collections.abc import Hashable, Iterator
 
 import torch
 
+from pipelines.attention_capture import cross_attention_modules
+
 
 class CrossKVCache:
     """K/V outputs per (projection, call key, input shape). ``key`` None means: do not cache this call."""
@@ -46,15 +48,8 @@ class CrossKVCache:
 
 def text_projections(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The to_k and to_v modules of every cross-attention layer (LoRA wrappers included). The attention layers
-    are found once per UNet: a walk of every module grows with the attached adapters (each LoRA layer holds
-    several modules per adapter); their projections are read on every call, as attaching replaces them."""
-    from diffusers.models.attention_processor import Attention
-
-    layers = unet.__dict__.get("_studio_cross_attention")
-    if layers is None:
-        layers = unet.__dict__["_studio_cross_attention"] = [
-            module for module in unet.modules() if isinstance(module, Attention) and module.is_cross_attention]
-    return [proj for module in layers for proj in (module.to_k, module.to_v)]
+    are found once per UNet; their projections are read on every call, as attaching an adapter replaces them."""
+    return [proj for module in cross_attention_modules(unet) for proj in (module.to_k, module.to_v)]
 
 
 @contextlib.contextmanager

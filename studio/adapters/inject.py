@@ -8,7 +8,7 @@ the active set and a weight per adapter (ΔW_i scaled by weight_i · alpha_i / r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -20,14 +20,20 @@ from studio.adapters.validate import validate_adapter
 from studio.errors import AdapterError
 
 
-def lora_modules(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
-    """The peft LoRA layers of ``model``, found once and cached: walking the module tree on every forward grew
-    with the number of attached adapters (their ModuleDict entries are modules too)."""
-    cached = model.__dict__.get("_studio_lora_layers")
+def cached_modules(model: torch.nn.Module, key: str,
+                   predicate: Callable[[torch.nn.Module], bool]) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) for the modules of ``model`` matching ``predicate``, found once and kept on the model under
+    ``key``: walking the module tree on every call grew with the number of attached adapters (their ModuleDict
+    entries are modules too)."""
+    cached = model.__dict__.get(key)
     if cached is None:
-        cached = [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLayer)]
-        model.__dict__["_studio_lora_layers"] = cached
+        cached = model.__dict__[key] = [(path, m) for path, m in model.named_modules() if predicate(m)]
     return cached
+
+
+def lora_modules(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
+    """The peft LoRA layers of ``model`` (cached; :func:`forget_lora_modules` after injecting new ones)."""
+    return cached_modules(model, "_studio_lora_layers", lambda module: isinstance(module, LoraLayer))
 
 
 def forget_lora_modules(model: torch.nn.Module) -> None:
