@@ -69,7 +69,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
-        make_optimizer=args.make_optimizer), config, base=base)
+        make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe)
     plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe)
@@ -79,8 +79,9 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
-    print(f"B4M pipeline ({args.b4m_targets}, rank {args.rank}, break {args.break_steps} + make {args.make_steps} "
-          f"steps ({args.make_optimizer}), lr {args.lr}, style lr {args.style_lr or args.lr}, "
+    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers, rank {args.rank}, "
+          f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
+          f"style lr {args.style_lr or args.lr}, "
           f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
           f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
+    parser.add_argument("--prior_layers", choices=["square", "all"], default="square",
+                        help="B4M's orthogonal prior on square layers (the paper's) or on all layers")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")
     args = parser.parse_args()

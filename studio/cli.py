@@ -258,7 +258,7 @@ def _train_b4m(args: argparse.Namespace) -> int:
                     rank=args.b4m_rank, main_learning_rate=rate, aux_learning_rate=args.aux_learning_rate,
                     style_learning_rate=args.style_learning_rate, make_learning_rate=args.make_learning_rate or rate,
                     break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
-                    target_modules=tuple(args.target_modules or TARGETS))
+                    target_modules=tuple(args.target_modules or TARGETS), prior=args.b4m_prior)
     for path in train_b4m(b4m, config):
         print(path)
     return 0
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--target_modules", nargs="+", default=None,
                      help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, the default) "
                           "and/or ResNet convolutions (conv1 conv2)")
+    b4m.add_argument("--b4m_prior", choices=["square", "all"], default="square",
+                     help="orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all "
+                          "layers, so the content run can learn where the paper's B_f = 0")
     b4m.set_defaults(handler=_train_b4m)
 
     colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")

@@ -61,9 +61,11 @@ def test_train_b4m_flags_reach_the_b4m_config(tmp_path, shape_images, monkeypatc
     monkeypatch.setattr(trainers.b4m, "train_b4m", lambda b4m, config: seen.append((b4m, config)) or [])
     common = ["train", "b4m", "--content", str(shape_images), "--style", str(shape_images), "--output", "duo",
               "--output_dir", str(tmp_path), "--learning_rate", "1e-3", "--style_learning_rate", "3e-3"]
-    assert main([*common, "--make_learning_rate", "3e-4", "--target_modules", "to_q", "conv1"]) == 0
+    assert main([*common, "--make_learning_rate", "3e-4", "--target_modules", "to_q", "conv1",
+                 "--b4m_prior", "all"]) == 0
     assert main(common) == 0
     (first, config), (second, _) = seen
     assert (first.main_learning_rate, first.style_learning_rate, first.make_learning_rate) == (1e-3, 3e-3, 3e-4)
     assert first.target_modules == ("to_q", "conv1") and config.output == "duo"
     assert second.make_learning_rate == 1e-3
+    assert (first.prior, second.prior) == ("all", "square")

@@ -4,7 +4,10 @@
   buffers outside the optimizer (concatenated in a parametrization), shared by the content and style runs
   through one stored basis file, so the make stage can check they are bitwise equal.
 * Orthogonal prior on square projections: Q (d × r) orthonormal, S1/S2 disjoint random halves of the rows;
-  A_f = Q[S1]ᵀ, B_f = Q[S2]. Other layers: Gaussian A, zero B, same halves frozen.
+  A_f = Q[S1]ᵀ, B_f = Q[S2]. Other layers: Gaussian A, zero B, same halves frozen. With that zero B_f the content
+  run (which learns only A_l) cannot reach a layer until the auxiliary loss has grown B_l; on the embedded model,
+  where most cross-attention keys/values and every convolution are non-square, its content adapter drew 3% moons.
+  ``prior="all"`` (an option, not the paper's) gives those layers orthonormal frozen halves too: 100% moons.
 * Break, content run: the content loss trains A_l (content lr); the auxiliary style sets, with the same noise
   and timestep, train B_l (auxiliary lr) — multi-correspondence projection learning. Each loss reaches only its
   own half (the official code leaks gradients across; ``mcp_isolation``). The style run mirrors it.
@@ -64,6 +67,7 @@ class B4MConfig:
     mcp_isolation: bool = True
     aux_images_per_set: int = 8
     target_modules: tuple[str, ...] = TARGETS  # attention projections (Linear) and/or ResNet convs (Conv2d)
+    prior: str = "square"  # orthogonal prior on square layers (the paper's) or on "all" layers
 
 
 # --- PLP layers ---------------------------------------------------------------------------------------------
@@ -94,10 +98,13 @@ def _is_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
-def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] = TARGETS) -> dict[str, torch.Tensor]:
+def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] = TARGETS,
+               prior: str = "square") -> dict[str, torch.Tensor]:
     """Frozen halves (and initial learnable halves) for every target layer, deterministic in ``seed``.
 
-    A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1)."""
+    A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1).
+    ``prior="all"`` also gives the other layers a non-zero frozen B_f (and A_f) from orthonormal bases of their
+    output and input spaces, so the content run's down half is reachable there too."""
     generator = torch.Generator().manual_seed(seed)
     basis = {}
     for path, module in unet.named_modules():
@@ -114,6 +121,11 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
             s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
             a[:, : d_in // 2] = q[s1].T
             b[: d_out // 2] = q[s2]
+        elif prior == "all":
+            q_in, _ = torch.linalg.qr(torch.randn(a[0].numel(), rank, generator=generator))
+            q_out, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=generator))
+            a[:, : d_in // 2] = q_in.T.reshape(a.shape)[:, : d_in // 2]
+            b[: d_out // 2] = q_out[: d_out // 2].reshape(b[: d_out // 2].shape)
         basis[f"{path}.A_frozen"] = a[:, : d_in // 2].contiguous()
         basis[f"{path}.A_learn"] = a[:, d_in // 2 :].contiguous()
         basis[f"{path}.B_frozen"] = b[: d_out // 2].contiguous()
@@ -438,7 +450,7 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> 
                   style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     if not basis_path.exists():
-        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules)), basis_path,
+        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior), basis_path,
                    {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
                     "studio.b4m_plp_split": "0.5"})
 

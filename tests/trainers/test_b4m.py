@@ -49,6 +49,25 @@ def test_basis_is_deterministic_and_orthogonal_on_square_layers():
     assert first[cross].abs().sum() == 0  # non-square: B_f = 0 stays frozen
 
 
+def test_prior_on_all_layers_gives_every_layer_orthonormal_frozen_halves():
+    """``prior="all"``: the layers without the paper's square prior (cross-attention keys and values, convolutions)
+    get a non-zero frozen B_f and A_f, halves of orthonormal bases of their output and input spaces."""
+    unet = make_random_base().pipe.unet
+    paper, everywhere = (make_basis(unet, 4, seed=0, targets=TARGETS + RESNET_TARGETS, prior=prior)
+                         for prior in ("square", "all"))
+    for suffix in ("attn2.to_k", "conv1"):
+        path = next(k for k in everywhere if k.endswith(f"{suffix}.B_frozen")).removesuffix(".B_frozen")
+        assert paper[f"{path}.B_frozen"].abs().sum() == 0
+        b_frozen = everywhere[f"{path}.B_frozen"].flatten(1)
+        a_frozen = everywhere[f"{path}.A_frozen"].flatten(1)
+        for gram in (b_frozen.T @ b_frozen, a_frozen @ a_frozen.T):
+            eigenvalues = torch.linalg.eigvalsh(gram)
+            assert eigenvalues.max() <= 1 + 1e-5 and eigenvalues.max() > 0.1
+    square = [k for k in everywhere if k.endswith("attn1.to_q.B_frozen")][-1].removesuffix(".B_frozen")
+    joined = torch.cat([everywhere[f"{square}.A_frozen"].T, everywhere[f"{square}.B_frozen"]])
+    assert torch.allclose(joined.T @ joined, torch.eye(4), atol=1e-5)  # square layers: the paper's single Q
+
+
 def test_auxiliary_sets_are_captioned_with_the_other_runs_trigger(tmp_path):
     """METHODS §2.1: the content run's style sets read "… in w@z yarn art style", the style run's content sets
     "a photo of snq teapot": the other run's trigger beside each set's own concept."""
