@@ -47,12 +47,12 @@ B4M_TARGETS = {"attention": TARGETS, "attention+resnet": TARGETS + RESNET_TARGET
 
 
 def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True,
-         recipe: str = "kv", **extra) -> Path:
+         recipe: str = "kv", seed: int = 0, **extra) -> Path:
     """A plain rank-8 LoRA with one of the :data:`RECIPES`."""
     from trainers import TrainConfig, get_method, train
 
     config = TrainConfig(images=images, output=name, output_dir=out, kind=kind, rank=8, max_train_steps=steps,
-                         train_batch_size=4, seed=0, with_prior_preservation=prior, num_class_images=96,
+                         train_batch_size=4, seed=seed, with_prior_preservation=prior, num_class_images=96,
                          lr_scheduler="cosine", lr_warmup_steps=20, **RECIPES[recipe][kind], **extra)
     return train(config, get_method("lora"), base=base).outputs[0]
 
@@ -64,15 +64,17 @@ def b4m(args, base, evaluator, work: Path) -> None:
     content = render_demo_images(work / "content", "content", count=5)
     style = render_demo_images(work / "style", "style", count=5)
     start = time.perf_counter()
-    config = TrainConfig(output="b4m", output_dir=work / "out", seed=0, train_batch_size=4)
+    config = TrainConfig(output="b4m", output_dir=work / "out", seed=args.seed, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)
     minutes = (time.perf_counter() - start) / 60
-    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe)
-    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe)
+    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe,
+                         seed=args.seed)
+    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
+                       seed=args.seed)
     prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
     rows = {
         "B4M made adapter": [(str(made), 1.0)],
@@ -83,7 +85,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
           f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
-          f"5 + 5 images): {minutes:.1f} min on one CPU thread; n = {args.n}, {args.steps} steps")
+          f"5 + 5 images, training seed {args.seed}): {minutes:.1f} min on one CPU thread; n = {args.n}, "
+          f"{args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
     print("|---|---|---|---|")
     for label, adapters in rows.items():
@@ -111,9 +114,9 @@ def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") ->
 def leakage(args, base, evaluator, work: Path) -> None:
     images = circle_style_images(work / "circles", count=args.images, caption=args.caption)
     plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe)
+                 recipe=args.recipe, seed=args.seed)
     decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe, decor_remove=["circle"])
+                 recipe=args.recipe, seed=args.seed, decor_remove=["circle"])
     others = [s for s in procedural.BASE_SHAPES if s != "circle"]
     cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
@@ -127,7 +130,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
 
     print(f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
           f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
-          f"other shapes; n = {args.n}")
+          f"other shapes; training seed {args.seed}; n = {args.n}")
     print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
     print("|---|---|---|---|")
     row("plain LoRA", plain)
@@ -144,6 +147,7 @@ def main() -> None:
     parser.add_argument("part", choices=["b4m", "leakage"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="the training runs' seed (noise, timesteps, order)")
     parser.add_argument("--rank", type=int, default=16, help="B4M rank")
     parser.add_argument("--lr", type=float, default=1e-3, help="B4M main and make learning rate")
     parser.add_argument("--style_lr", type=float, default=None, help="B4M style break rate (default: --lr)")
