@@ -27,7 +27,7 @@ queue_a() {
     run perp_neg_texture bench.perp_neg --case texture
     run perp_neg_color bench.perp_neg --case color
     run perp_neg_full bench.perp_neg --case full
-    run disentangle_b4m bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide --style_lr 2e-3 --make_lr 3e-4
+    run disentangle_b4m bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide --style_lr 3e-3 --make_lr 3e-4 --prior_layers all
     run clip_vs_accuracy bench.clip_vs_accuracy --n 200
 }
 
