@@ -105,6 +105,8 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
     A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1).
     ``prior="all"`` also gives the other layers a non-zero frozen B_f (and A_f) from orthonormal bases of their
     output and input spaces, so the content run's down half is reachable there too."""
+    if prior not in ("square", "all"):
+        raise ConfigError(f"B4M: unknown orthogonal prior {prior!r}; use 'square' (the paper's) or 'all'")
     generator = torch.Generator().manual_seed(seed)
     basis = {}
     for path, module in unet.named_modules():
@@ -121,7 +123,7 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
             s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
             a[:, : d_in // 2] = q[s1].T
             b[: d_out // 2] = q[s2]
-        elif prior == "all":
+        elif prior == "all" and min(a[0].numel(), d_out) >= rank:
             q_in, _ = torch.linalg.qr(torch.randn(a[0].numel(), rank, generator=generator))
             q_out, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=generator))
             a[:, : d_in // 2] = q_in.T.reshape(a.shape)[:, : d_in // 2]
@@ -450,9 +452,9 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> 
                   style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     if not basis_path.exists():
-        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior), basis_path,
-                   {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
-                    "studio.b4m_plp_split": "0.5"})
+        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior),
+                   basis_path, {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
+                                "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior})
 
     def aux(kind: str, given: list[Path]) -> list[Path]:
         if given:

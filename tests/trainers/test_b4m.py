@@ -63,6 +63,8 @@ def test_prior_on_all_layers_gives_every_layer_orthonormal_frozen_halves():
         for gram in (b_frozen.T @ b_frozen, a_frozen @ a_frozen.T):
             eigenvalues = torch.linalg.eigvalsh(gram)
             assert eigenvalues.max() <= 1 + 1e-5 and eigenvalues.max() > 0.1
+    with pytest.raises(ConfigError, match="unknown orthogonal prior"):
+        make_basis(unet, 4, seed=0, prior="everywhere")
     square = [k for k in everywhere if k.endswith("attn1.to_q.B_frozen")][-1].removesuffix(".B_frozen")
     joined = torch.cat([everywhere[f"{square}.A_frozen"].T, everywhere[f"{square}.B_frozen"]])
     assert torch.allclose(joined.T @ joined, torch.eye(4), atol=1e-5)  # square layers: the paper's single Q
