@@ -30,7 +30,7 @@ from studio.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.models import load_base
-from trainers.b4m import RESNET_TARGETS, TARGETS
+from trainers.b4m import PRIORS, RESNET_TARGETS, TARGETS
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
-    parser.add_argument("--prior_layers", choices=["square", "all"], default="square",
+    parser.add_argument("--prior_layers", choices=PRIORS, default="square",
                         help="B4M's orthogonal prior on square layers (the paper's) or on all layers")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")

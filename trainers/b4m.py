@@ -43,6 +43,7 @@ from trainers.lora import output_path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
 RESNET_TARGETS = ("conv1", "conv2")  # the ResNet convolutions, which adapters on the embedded model also need
+PRIORS = ("square", "all")  # where the orthogonal prior goes: the paper's square layers, or every layer
 
 
 @dataclass
@@ -105,9 +106,13 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
     A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1).
     ``prior="all"`` also gives the other layers a non-zero frozen B_f (and A_f) from orthonormal bases of their
     output and input spaces, so the content run's down half is reachable there too."""
-    if prior not in ("square", "all"):
+    if prior not in PRIORS:
         raise ConfigError(f"B4M: unknown orthogonal prior {prior!r}; use 'square' (the paper's) or 'all'")
     generator = torch.Generator().manual_seed(seed)
+
+    def orthonormal(rows: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(rows, rank, generator=generator))[0]
+
     basis = {}
     for path, module in unet.named_modules():
         if not _is_target(path, module, targets):
@@ -118,16 +123,14 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
         a = torch.randn(rank, d_in, *kernel, generator=generator) / rank
         b = torch.zeros(d_out, rank, *((1, 1) if conv else ()))
         if d_in == d_out and not conv:
-            q, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=generator))
+            q = orthonormal(d_in)
             rows = torch.randperm(d_in, generator=generator)
             s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
             a[:, : d_in // 2] = q[s1].T
             b[: d_out // 2] = q[s2]
         elif prior == "all" and min(a[0].numel(), d_out) >= rank:
-            q_in, _ = torch.linalg.qr(torch.randn(a[0].numel(), rank, generator=generator))
-            q_out, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=generator))
-            a[:, : d_in // 2] = q_in.T.reshape(a.shape)[:, : d_in // 2]
-            b[: d_out // 2] = q_out[: d_out // 2].reshape(b[: d_out // 2].shape)
+            a[:, : d_in // 2] = orthonormal(a[0].numel()).T.reshape(a.shape)[:, : d_in // 2]
+            b[: d_out // 2] = orthonormal(d_out)[: d_out // 2].reshape(b[: d_out // 2].shape)
         basis[f"{path}.A_frozen"] = a[:, : d_in // 2].contiguous()
         basis[f"{path}.A_learn"] = a[:, d_in // 2 :].contiguous()
         basis[f"{path}.B_frozen"] = b[: d_out // 2].contiguous()
