@@ -3,12 +3,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
+# The install takes about 6.5 GB (torch 2.14.1 is a CUDA build). pip unpacks into a folder on the venv's own disk,
+# keeps no cache copy, and a failed install reports the free space, since a full disk is its usual cause.
+PIP_TMP := $(VENV)/.pip-tmp
+PIP := TMPDIR=$(abspath $(PIP_TMP)) PIP_NO_CACHE_DIR=1 $(BIN)/pip install --quiet
+DISK_REPORT := { echo "install failed; free space (it needs about 6.5 GB):" >&2; df -h . $(PIP_TMP) >&2; exit 1; }
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	mkdir -p $(PIP_TMP)
+	$(PIP) --upgrade pip || $(DISK_REPORT)
 	# the CPU machines serve these two wheels from disk; uv/poetry would download gigabytes
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(PIP) torch==2.14.1 torchvision==0.29.1 || $(DISK_REPORT)
+	$(PIP) -e ".[dev]" || $(DISK_REPORT)
+	rm -rf $(PIP_TMP)
 	touch $@
 
 .PHONY: install app test lint browser
