@@ -137,7 +137,8 @@ class Studio:
     # -- train -------------------------------------------------------------------------------------------------
     def train(self, model: str, files: list[Any] | None, captions: Any, style_files: list[Any] | None,
               method: str, kind: str, trigger: str, steps: float, rank: float, learning_rate: float,
-              threshold: float, decor_words: str) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
+              threshold: float, decor_words: str,
+              b4m_prior: str = "square") -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
         if not files:
             raise gr.Error("Upload a handful of images (3–20) first.")
         if method == "b4m" and not style_files:
@@ -157,7 +158,8 @@ class Studio:
             try:
                 outcome["paths"] = run_training(self.base(model), method, folder, style_files, kind, trigger,
                                                 int(steps), int(rank), float(learning_rate), float(threshold),
-                                                decor_words, name, progress, self.stop_training.is_set)
+                                                decor_words, name, progress, self.stop_training.is_set,
+                                                b4m_prior)
             except Exception as error:  # reported in the page; the app keeps serving
                 outcome["error"] = error
 
@@ -215,7 +217,7 @@ def _library_action(action, verb: str):
 
 def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: str, trigger: str, steps: int,
                  rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
-                 should_stop) -> list[Path]:
+                 should_stop, b4m_prior: str = "square") -> list[Path]:
     """The Train tab's job: one of the studio's trainers on the staged images."""
     from trainers import TrainConfig, get_method, train
 
@@ -231,8 +233,8 @@ def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: 
 
         style = _staged_images(style_files, None, trigger)
         b4m = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
-                        rank=rank, break_steps=steps, make_steps=steps)
-        return train_b4m(b4m, config, base=base, progress=progress)
+                        rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
+        return train_b4m(b4m, config, base=base, progress=progress, should_stop=should_stop)
     if method == "sara":
         from trainers.sara import SaraConfig, SaraMethod
 
@@ -426,6 +428,9 @@ def build_app(model: str | None = None) -> gr.Blocks:
                         learning_rate = gr.Number(label="Learning rate", value=1e-3)
                         threshold = gr.Number(label="SaRA threshold θ", value=2e-3)
                     train_decor = gr.Textbox(label="DECOR during training: remove concepts (comma-separated)")
+                    b4m_prior = gr.Radio(["square", "all"], value="square",
+                                         label="Break-for-Make orthogonal prior: the paper's square layers, or all "
+                                               "layers (better on the embedded model)")
                     with gr.Row():
                         start = gr.Button("Train", variant="primary", elem_id="train")
                         stop_train = gr.Button("Stop")
@@ -434,7 +439,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     previews = gr.Gallery(label="Previews", columns=4, height=300)
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
             start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
-                                       train_steps, rank, learning_rate, threshold, train_decor],
+                                       train_steps, rank, learning_rate, threshold, train_decor, b4m_prior],
                         [status, previews, rows[1]], concurrency_id="gpu")
             stop_train.click(lambda: studio.stop_training.set(), None, None)
         with gr.Tab("Library"):

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -441,8 +442,12 @@ def b4m_metadata(ctx: TrainingContext, kind: str, triggers: list[str], started_a
     )
 
 
-def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> list[Path]:
-    """The three B4M runs on one base: content break, style break, make. Returns [content, style, made]."""
+def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
+              should_stop: Callable[[], bool] | None = None) -> list[Path]:
+    """The three B4M runs on one base: content break, style break, make. Returns [content, style, made].
+
+    ``should_stop`` (the app's Stop button) ends the running stage early, writes its adapter, and starts no later
+    stage, so a stop returns only the files of the stages begun."""
     from studio.models import load_base
 
     if b4m.content is None or b4m.style is None:
@@ -475,10 +480,12 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None) -> 
         stage = replace(config, images=folder, instance_prompt=prompt, output=f"{config.output}-{main}",
                         max_train_steps=b4m.break_steps, kind=main, output_dir=output_dir,
                         trigger_words=[b4m.content_trigger if main == "content" else b4m.style_trigger])
-        runs += train(stage, B4MBreak(main, b4m, basis_path, aux_sets), progress, base).outputs
+        runs += train(stage, B4MBreak(main, b4m, basis_path, aux_sets), progress, base, should_stop).outputs
+        if should_stop is not None and should_stop():
+            return runs
     content_file = output_dir / f"{config.output}-content.safetensors"
     style_file = output_dir / f"{config.output}-style.safetensors"
     make = replace(config, images=b4m.content, instance_prompt=b4m.content_prompt, max_train_steps=b4m.make_steps,
                    output_dir=output_dir, kind="content")
-    runs += train(make, B4MMake(b4m, basis_path, content_file, style_file), progress, base).outputs
+    runs += train(make, B4MMake(b4m, basis_path, content_file, style_file), progress, base, should_stop).outputs
     return runs

@@ -109,3 +109,20 @@ def test_training_stop_and_bad_input(studio_env, shape_images):
     last = list(run)[-1]
     assert "stopped early" in last[0]
     assert np.isfinite(len(last[1]))
+
+
+def test_b4m_from_the_app_takes_the_prior_and_its_stop_ends_the_pipeline(studio_env, shape_images):
+    from safetensors import safe_open
+
+    studio, home = studio_env
+    files = sorted(str(p) for p in shape_images.glob("*.png"))
+    run = studio.train("", files, None, files, "b4m", "content", "sks", 50, 2, 1e-3, 2e-3, "", "all")
+    next(run)
+    studio.stop_training.set()
+    last = list(run)[-1]
+    assert last[0] == "done (stopped early): sks-b4m-content-content.safetensors"
+    written = sorted(p.name for p in (home / "adapters").glob("*.safetensors"))
+    assert written == ["one.safetensors", "sks-b4m-content-content.safetensors", "two.safetensors"]
+    basis = home / "adapters" / "sks-b4m-content-work" / "sks-b4m-content.b4m-basis.safetensors"
+    with safe_open(str(basis), "pt") as handle:
+        assert handle.metadata()["studio.b4m_prior"] == "all"
