@@ -21,6 +21,19 @@ def test_embedded_model_loads_offline_without_touching_the_network(monkeypatch):
     assert len(base.fingerprint) == 16
 
 
+def test_shipped_model_runs_in_plain_diffusers_without_a_dtype():
+    """Its weights are stored in fp16; a plain from_pretrained must still give one dtype throughout."""
+    from diffusers import StableDiffusionPipeline
+
+    from studio.models import EMBEDDED_MODEL
+
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None)
+    assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {torch.float32}
+    image = pipe("a red solid star on a white background", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0.01
+
+
 def test_fingerprint_is_stable_and_does_not_depend_on_where_the_model_lies(tiny_base, tmp_path):
     import shutil
 

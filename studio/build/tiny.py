@@ -337,6 +337,7 @@ class TinyBuilder:
         staging = self.export_dir.with_name(self.export_dir.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
+        _declare_float32(staging / "text_encoder" / "config.json")
         domain = {
             "name": "adapter-studio tiny-sd",
             "build_step": step,
@@ -423,6 +424,15 @@ def _half_copy(module: torch.nn.Module, factory: Callable[[], torch.nn.Module]) 
     copy = factory()
     copy.load_state_dict(module.state_dict())
     return copy.half()
+
+
+def _declare_float32(config_file: Path) -> None:
+    """The weights are stored in fp16 to keep the repository small, and transformers would load the text encoder
+    in its config's dtype while diffusers loads the UNet and VAE in fp32: declaring fp32 lets a plain
+    ``from_pretrained`` (no ``torch_dtype``) run in one dtype."""
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny(config: TinyBuildConfig | None = None, work_dir: Path | None = None,

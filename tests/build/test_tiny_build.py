@@ -1,5 +1,7 @@
 """The embedded model's build: seeded, resumable, exports a loadable diffusers folder."""
 
+import json
+
 import torch
 from safetensors.torch import load_file
 
@@ -35,6 +37,7 @@ def test_exported_model_loads_and_generates(tmp_path):
     image = base.pipe("a red solid circle on a white background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
     assert not list(folder.parent.glob("*.staging"))
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
 
 
 def _weights(component: str) -> str:
