@@ -79,10 +79,7 @@ class Studio:
         elif method == "clora":
             groups = [[w.strip() for w in part.split(",") if w.strip()] for part in clora_words.split("|")]
             if any(groups):
-                if len(groups) != len(adapters) or not all(groups):
-                    raise gr.Error(f"CLoRA concept words: give one group per enabled adapter ({len(adapters)}), "
-                                   "separated by '|'.")
-                options["groups"] = groups
+                options["groups"] = groups  # the pipeline checks them against the adapters and the prompt
             if clora_fill:
                 options["uncovered"] = "adapters"
         if perp_neg and not negative.strip():

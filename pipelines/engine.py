@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
 from pipelines.methods import make_method
 from pipelines.methods.base import Prediction, Route
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
+from studio.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +103,12 @@ class CompositionEngine:
         from studio.adapters.file import read_adapter
         from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
         from studio.adapters.library import resolve_adapter
-        from studio.errors import ConfigError
 
+        if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
+            adapters = [adapters]
         resolved = []
         for spec in adapters or []:
-            source, weight = (spec, 1.0) if isinstance(spec, str | Path) else spec
-            if isinstance(weight, bool) or not isinstance(weight, Real):
-                raise ConfigError(f"adapter weight for {source} must be a number, not {weight!r}")
+            source, weight = adapter_spec(spec)
             path = resolve_adapter(source)
             key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
             loaded = self._loaded()
@@ -275,10 +276,11 @@ class CompositionEngine:
         negative_prompt_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        from studio.errors import ConfigError
-
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
+        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_rank)
+        if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
+            decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
         method_name = method or self.default_method
         composer = make_method(method_name, **dict(method_options or {}))
         given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
@@ -361,8 +363,6 @@ def check_given_embeddings(pipe, prompt, prompt_embeds: torch.Tensor | None, neg
     """diffusers' ``prompt_embeds`` / ``negative_prompt_embeds``: each replaces its text, never joins it; they
     work where the text encoder's output is all a method needs (not SDXL, which also needs pooled embeddings,
     and not methods that give each adapter its own prompt text)."""
-    from studio.errors import ConfigError
-
     if prompt_embeds is None and negative_prompt_embeds is None:
         return None, None
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -391,12 +391,45 @@ def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative
         texts = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
         terms = [(t, default_weight) for t in texts if t]
     else:
-        terms = [(str(text), float(weight)) for text, weight in perp_neg]
+        terms = []
+        for entry in perp_neg:
+            if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+                raise ConfigError(f"Perp-Neg: each negative is (text, weight), not {entry!r}")
+            terms.append((str(entry[0]), _finite_number(entry[1], f"Perp-Neg weight of {entry[0]!r}")))
     if not terms:
-        from studio.errors import ConfigError
-
         raise ConfigError("Perp-Neg is on but there is no negative prompt to apply")
     return terms
+
+
+def adapter_spec(spec: Any) -> tuple[str | Path, float]:
+    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair."""
+    if isinstance(spec, str | Path):
+        return spec, 1.0
+    if not isinstance(spec, Sequence) or len(spec) != 2 or not isinstance(spec[0], str | Path):
+        raise ConfigError(f"each adapter is a file or name, or a (file or name, weight) pair, not {spec!r}")
+    return spec[0], _finite_number(spec[1], f"adapter weight for {spec[0]}")
+
+
+def _finite_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int,
+                         decor_rank: int | None) -> None:
+    """diffusers' ``check_inputs`` for what the engine reads itself: clear errors instead of failures deep in the
+    loop (a batch mismatch inside attention, a division by zero inside the scheduler)."""
+    if prompt is None and prompt_embeds is None:
+        raise ConfigError("Provide either `prompt` or `prompt_embeds`")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be a whole number ≥ 1, not {num_inference_steps!r}")
+    if decor_rank is not None and decor_rank < 1:
+        raise ConfigError(f"decor_rank must be at least 1 (or None for every direction), not {decor_rank!r}")
+    if prompt is not None and isinstance(negative_prompt, list):
+        prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if len(negative_prompt) != prompts:
+            raise ConfigError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {prompts}")
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

@@ -70,7 +70,7 @@ class CompositionMethod(ABC):
         self.num_steps = num_steps
 
     def bind(self, pipe, prompts: Sequence[str]) -> None:
-        """The pipeline and the prompts (main first, then one per adapter), before :meth:`prepare`."""
+        """The pipeline and the prompts (main first, then one per adapter), after :meth:`prepare`."""
 
     def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions: Sequence) -> torch.Tensor:
         """Return the latents this step denoises (default: unchanged)."""

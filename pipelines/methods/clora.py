@@ -99,10 +99,23 @@ class CLoRA(CompositionMethod):
     # -- setup ---------------------------------------------------------------------------------------------------
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         self.prompts = list(prompts)
+        if self.groups is not None:
+            self._check_groups(pipe.tokenizer)
         groups = self.groups or [[trigger] for trigger in self._triggers(pipe)]
         self.indices = [[(pos, label) for label, words in enumerate(groups) for word in words
                          for pos in token_positions(pipe.tokenizer, prompt, word)] for prompt in self.prompts]
         self.masks, self.mask_history, self.losses = {}, [], []
+
+    def _check_groups(self, tokenizer) -> None:
+        """Given groups must name each adapter's concept with words of the prompt: a word the prompt lacks would
+        leave that adapter's mask empty, and the adapter silently unused."""
+        if len(self.groups) != len(self.adapters) or not all(self.groups):
+            raise ConfigError(f"CLoRA: {len(self.groups)} concept groups for {len(self.adapters)} adapters; give "
+                              "each adapter one non-empty group of prompt words")
+        missing = [word for words in self.groups for word in words
+                   if not any(token_positions(tokenizer, prompt, word) for prompt in self.prompts)]
+        if missing:
+            raise ConfigError(f"CLoRA: concept words not in the prompt: {', '.join(map(repr, missing))}")
 
     def _triggers(self, pipe) -> list[str]:
         """Default concept groups: each adapter's first trigger word (its name when it has none)."""

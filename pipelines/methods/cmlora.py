@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
+from studio.errors import ConfigError
 
 
 def refresh_steps(num_steps: int, interval: int = 0, c1: int = 2, c2: int = 3) -> set[int]:
@@ -39,6 +40,9 @@ class CMLoRA(CompositionMethod):
 
     def __init__(self, cache_interval: int = 0, phase_boundary: float = 0.55, use_cache: bool = True) -> None:
         super().__init__()
+        if not 0 <= phase_boundary <= 1 or cache_interval < 0:
+            raise ConfigError("CMLoRA: phase_boundary is a fraction of the steps between 0 and 1 and cache_interval "
+                              f"is ≥ 0, not {phase_boundary!r} and {cache_interval!r}")
         self.cache_interval = cache_interval
         self.phase_boundary = phase_boundary
         self.use_cache = use_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pipelines.methods.base import CompositionMethod, Prediction, Route
+from studio.errors import ConfigError
 
 
 class Switch(CompositionMethod):
@@ -17,7 +18,7 @@ class Switch(CompositionMethod):
     def __init__(self, interval: int = 5) -> None:
         super().__init__()
         if interval < 1:
-            raise ValueError("switch interval must be at least 1")
+            raise ConfigError(f"switch interval must be at least 1, not {interval!r}")
         self.interval = interval
 
     def active_index(self, step: int) -> int:

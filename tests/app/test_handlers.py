@@ -32,7 +32,7 @@ def test_clora_shows_masks(studio_env):
     recipe = read_recipe(gallery[0][0])[1]
     options = recipe["method_options"]
     assert options == {"groups": [["oneword"], ["twoword"]], "uncovered": "adapters"}
-    with pytest.raises(gr.Error, match="one group per enabled adapter"):
+    with pytest.raises(gr.Error, match="1 concept groups for 2 adapters"):
         studio.generate("", *form(rows=["one", "two"], method="clora", clora_words="oneword"), progress=NoProgress())
 
 

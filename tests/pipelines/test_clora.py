@@ -51,9 +51,23 @@ def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, t
 def test_clora_groups_are_configurable(setup, tmp_path):  # noqa: F811
     pipe, paths = setup
     method = CLoRA(groups=[["red"], ["blue"]], extra_rounds=0)
-    method.prepare([("a", 1.0)], 4, {})
-    method.bind(pipe, [PROMPT, PROMPT])
+    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    method.bind(pipe, [PROMPT, PROMPT, PROMPT])
     assert method.indices[0] == [(2, 0), (7, 1)]
+
+
+@pytest.mark.parametrize("groups, message", [
+    ([["red"]], "1 concept groups for 2 adapters"),
+    ([["red"], ["blue"], ["white"]], "3 concept groups for 2 adapters"),
+    ([["red"], []], "one non-empty group"),
+    ([["red"], ["purple", "blue"]], "concept words not in the prompt: 'purple'"),
+])
+def test_given_groups_that_would_leave_an_adapter_unused_are_refused(setup, groups, message):  # noqa: F811
+    pipe, _ = setup
+    method = CLoRA(groups=groups)
+    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    with pytest.raises(ConfigError, match=message):
+        method.bind(pipe, [PROMPT] * 3)
 
 
 @pytest.mark.parametrize("uncovered", ["base", "adapters"])

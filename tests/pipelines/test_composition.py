@@ -174,13 +174,38 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         run(pipe, adapters=[(paths[0], 1.0)], method="blend")
     with pytest.raises(ConfigError, match="composes adapters"):
         run(pipe, adapters=[], method="composite")
-    with pytest.raises(ConfigError, match="must be a number"):
+    with pytest.raises(ConfigError, match="must be a finite number"):
         run(pipe, adapters=[(paths[0], "strong")], method="merge")
+    with pytest.raises(ConfigError, match="must be a finite number, not nan"):
+        run(pipe, adapters=[(paths[0], float("nan"))], method="merge")
+    with pytest.raises(ConfigError, match=r"a \(file or name, weight\) pair, not"):
+        run(pipe, adapters=[(paths[0], 1.0, 0.5)], method="merge")
+    with pytest.raises(ConfigError, match="each negative is \\(text, weight\\)"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="composite", perp_neg=["a striped shape"])
+    with pytest.raises(ConfigError, match="negative_prompt has 3 entries but prompt has 2"):
+        pipe([PROMPT, PROMPT], negative_prompt=["a", "b", "c"], num_inference_steps=2)
+    with pytest.raises(ConfigError, match="num_inference_steps must be a whole number"):
+        run(pipe, steps=0)
+    with pytest.raises(ConfigError, match="Provide either `prompt` or `prompt_embeds`"):
+        pipe(num_inference_steps=2)
+    with pytest.raises(ConfigError, match="decor_rank must be at least 1"):
+        run(pipe, decor_remove=["red"], decor_rank=0)
+    with pytest.raises(ConfigError, match="switch interval must be at least 1, not 0"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": 0})
+    with pytest.raises(ConfigError, match="phase_boundary is a fraction"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="cmlora", method_options={"phase_boundary": 2.0})
     other = make_random_base()
     foreign = make_adapter(other)
     foreign.metadata["studio.base_family"] = "sdxl"
     with pytest.raises(AdapterError, match="sdxl"):
         run(pipe, adapters=[(save_adapter(foreign, tmp_path / "xl.safetensors"), 1.0)], method="merge")
+
+
+def test_one_adapter_and_a_decor_word_list_may_be_given_as_strings(setup):
+    pipe, paths = setup
+    assert np.array_equal(run(pipe, adapters=str(paths[0]), decor_remove="red, star"),
+                          run(pipe, adapters=[(paths[0], 1.0)], decor_remove=["red", "star"]))
+    assert pipe.last_recipe["decor_remove"] == ["red", "star"]
 
 
 def test_custom_pipeline_file_loads_through_diffusers(tmp_path, setup):
