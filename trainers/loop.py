@@ -487,6 +487,8 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:
         method.cleanup(ctx)
+    if not any(work_dir.iterdir()):  # no checkpoints, samples or class images: leave no empty folder behind
+        work_dir.rmdir()
     result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
     _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
     return result

@@ -31,6 +31,7 @@ def test_training_writes_an_adapter_with_full_metadata(tmp_path, random_base, sh
                    base=random_base)
     [path] = result.outputs
     assert path == tmp_path / "out" / "demo.safetensors" and result.steps == 4
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo.safetensors"]  # no empty work folder
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
     for key in ("ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
