@@ -462,17 +462,19 @@ def build_app(model: str | None = None) -> gr.Blocks:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from studio.cli import add_app_flags
+
     parser = argparse.ArgumentParser(description="Adapter Studio web app")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
-    parser.add_argument("--auth", default=None, help="user:password")
-    parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
+    add_app_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    serve(parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Launch the app with parsed flags (``--host --port --share --auth --model``)."""
     import torch
 
     if not torch.cuda.is_available():

@@ -121,8 +121,17 @@ def _app(args: argparse.Namespace) -> int:
         return 2
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(args.app_args)
+    module.serve(args)
     return 0
+
+
+def add_app_flags(parser: argparse.ArgumentParser) -> None:
+    """The web app's flags, shared by ``studio app`` and ``python app.py``."""
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
+    parser.add_argument("--auth", default=None, help="user:password")
+    parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
 
 
 def _adapters_list(args: argparse.Namespace) -> int:
@@ -482,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=None, help="JSON report (default: IMAGES/eval.json)")
     evaluate.set_defaults(handler=_eval)
 
-    app = commands.add_parser("app", help="launch the Gradio app (flags: --host --port --share --auth --model)")
-    app.add_argument("app_args", nargs=argparse.REMAINDER)
+    app = commands.add_parser("app", help="launch the Gradio app")
+    add_app_flags(app)
     app.set_defaults(handler=_app)
 
     return parser

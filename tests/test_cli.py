@@ -69,3 +69,13 @@ def test_train_b4m_flags_reach_the_b4m_config(tmp_path, shape_images, monkeypatc
     assert first.target_modules == ("to_q", "conv1") and config.output == "duo"
     assert second.make_learning_rate == 1e-3
     assert (first.prior, second.prior) == ("all", "square")
+
+
+def test_app_command_takes_the_documented_flags(tmp_path, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
+    assert main(["app", "--host", "0.0.0.0", "--port", "8080", "--auth", "user:pass"]) == 0
+    assert (seen["server_name"], seen["server_port"], seen["auth"]) == ("0.0.0.0", 8080, ("user", "pass"))
