@@ -125,6 +125,26 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (steps, ranks, sizes, counts)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number ≥ 0 (0 = off, or none)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+    return value
+
+
 def add_app_flags(parser: argparse.ArgumentParser) -> None:
     """The web app's flags, shared by ``studio app`` and ``python app.py``."""
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
@@ -189,36 +209,36 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--output_dir", type=Path, default=None, help="default: the adapter library")
     parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--resolution", type=positive_int, default=None)
     parser.add_argument("--no_center_crop", dest="center_crop", action="store_false")
     parser.add_argument("--random_flip", action="store_true")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--rank", "--network_dim", dest="rank", type=int, default=defaults.rank)
+    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
+    parser.add_argument("--rank", "--network_dim", dest="rank", type=positive_int, default=defaults.rank)
     parser.add_argument("--network_alpha", "--lora_alpha", dest="network_alpha", type=float, default=None)
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help=f"default {defaults.learning_rate:g} (SaRA: 1e-3·exp(−350θ))")
     parser.add_argument("--text_encoder_lr", type=float, default=None)
     parser.add_argument("--lr_scheduler", default=defaults.lr_scheduler)
-    parser.add_argument("--lr_warmup_steps", type=int, default=defaults.lr_warmup_steps)
-    parser.add_argument("--max_train_steps", type=int, default=defaults.max_train_steps)
-    parser.add_argument("--train_batch_size", type=int, default=defaults.train_batch_size)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=defaults.lr_warmup_steps)
+    parser.add_argument("--max_train_steps", type=positive_int, default=defaults.max_train_steps)
+    parser.add_argument("--train_batch_size", type=positive_int, default=defaults.train_batch_size)
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--max_grad_norm", type=float, default=defaults.max_grad_norm)
     parser.add_argument("--use_8bit_adam", action="store_true")
     parser.add_argument("--snr_gamma", type=float, default=None)
     parser.add_argument("--with_prior_preservation", action="store_true")
     parser.add_argument("--prior_loss_weight", type=float, default=defaults.prior_loss_weight)
     parser.add_argument("--class_prompt", default=None)
-    parser.add_argument("--num_class_images", type=int, default=defaults.num_class_images)
+    parser.add_argument("--num_class_images", type=non_negative_int, default=defaults.num_class_images)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--checkpointing_steps", type=int, default=0)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=defaults.checkpoints_total_limit)
+    parser.add_argument("--checkpointing_steps", type=non_negative_int, default=0)
+    parser.add_argument("--checkpoints_total_limit", type=non_negative_int, default=defaults.checkpoints_total_limit)
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     parser.add_argument("--validation_prompt", default=None)
-    parser.add_argument("--validation_steps", type=int, default=0)
-    parser.add_argument("--num_validation_images", type=int, default=defaults.num_validation_images)
+    parser.add_argument("--validation_steps", type=non_negative_int, default=0)
+    parser.add_argument("--num_validation_images", type=positive_int, default=defaults.num_validation_images)
     parser.add_argument("--decor-remove", "--decor_remove", dest="decor_remove", action="append", default=[],
                         metavar="WORDS", help="DECOR: comma-separated words projected out of the captions")
     parser.add_argument("--decor-alpha", "--decor_alpha", dest="decor_alpha", type=float, default=None)
@@ -348,7 +368,7 @@ def _build_command(commands, name: str, description: str, handler, steps: int | 
     """A ``build-*`` command: seeded, with a step count and an output folder under assets/."""
     parser = commands.add_parser(name, help=description)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_train_steps", type=int, default=steps)
+    parser.add_argument("--max_train_steps", type=positive_int, default=steps)
     parser.add_argument("--output", type=Path, default=None, help=f"folder (default: {output})")
     parser.set_defaults(handler=handler)
     return parser
@@ -367,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                            _build_demo_adapters, None, "assets/adapters")
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
-    demos.add_argument("--pairs", type=int, default=None,
+    demos.add_argument("--pairs", type=positive_int, default=None,
                        help="how many of a content adapter's images show the subject beside another object")
-    demos.add_argument("--images", type=int, default=None, help="training images per adapter")
+    demos.add_argument("--images", type=positive_int, default=None, help="training images per adapter")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
 
@@ -377,11 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", "--num_inference_steps", dest="steps", type=int, default=None)
+    gen.add_argument("--steps", "--num_inference_steps", dest="steps", type=positive_int, default=None)
     gen.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=1)
+    gen.add_argument("--width", type=positive_int, default=None)
+    gen.add_argument("--height", type=positive_int, default=None)
+    gen.add_argument("--num-images", "--num_images", dest="num_images", type=positive_int, default=1)
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="an adapter file or library name, repeatable")
     gen.add_argument("--method", default="merge", help="merge, switch, composite, cmlora or clora")
@@ -409,12 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     sara = methods.add_parser("sara", help="SaRA: train the smallest pretrained weights (sparse)")
     add_training_flags(sara)
     sara.add_argument("--threshold", type=float, default=2e-3, help="θ: train weights with |w| < θ")
-    sara.add_argument("--target_params", type=int, default=None, help="train exactly the N smallest-|w| weights")
+    sara.add_argument("--target_params", type=positive_int, default=None,
+                      help="train exactly the N smallest-|w| weights")
     sara.add_argument("--lambda_rank", type=float, default=5e-4)
     sara.add_argument("--rank_penalty_layers", choices=["random_one", "all"], default="random_one")
     sara.add_argument("--no_progressive", dest="progressive", action="store_false")
     sara.add_argument("--scope", choices=["all", "weights_only", "attention_only"], default="all")
-    sara.add_argument("--lora_rank", type=int, default=None, help="rank of the extracted LoRA (default: energy)")
+    sara.add_argument("--lora_rank", type=positive_int, default=None,
+                      help="rank of the extracted LoRA (default: energy)")
     sara.set_defaults(handler=_train, make_method=_make_sara)
 
     b4m = methods.add_parser("b4m", help="Break-for-Make: content, style and the made content+style adapter")
@@ -427,14 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--style_prompt", default=None, help="caption for style images without .txt")
     b4m.add_argument("--aux-style", "--aux_style", dest="aux_style", type=Path, action="append", default=[])
     b4m.add_argument("--aux-content", "--aux_content", dest="aux_content", type=Path, action="append", default=[])
-    b4m.add_argument("--b4m_rank", type=int, default=64)
+    b4m.add_argument("--b4m_rank", type=positive_int, default=64)
     b4m.add_argument("--aux_learning_rate", type=float, default=1e-5)
     b4m.add_argument("--style_learning_rate", type=float, default=None,
                      help="the style break run's rate (default: --learning_rate)")
     b4m.add_argument("--make_learning_rate", type=float, default=None,
                      help="the make stage's rate (default: --learning_rate)")
-    b4m.add_argument("--break_steps", type=int, default=1000)
-    b4m.add_argument("--make_steps", type=int, default=1000)
+    b4m.add_argument("--break_steps", type=positive_int, default=1000)
+    b4m.add_argument("--make_steps", type=non_negative_int, default=1000)
     b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     b4m.add_argument("--target_modules", nargs="+", default=None,
                      help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, the default) "
@@ -446,15 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")
     add_training_flags(colora)
-    colora.add_argument("--budget_rank", type=int, default=16, help="budget = a uniform LoRA of this rank")
+    colora.add_argument("--budget_rank", type=positive_int, default=16, help="budget = a uniform LoRA of this rank")
     colora.add_argument("--score", choices=["faig", "taylor", "weight_change", "fisher"], default="weight_change",
                         help="contribution score (faig: the paper's path integral; weight_change measured best here)")
-    colora.add_argument("--probe_rank", type=int, default=64)
-    colora.add_argument("--probe_steps", type=int, default=200)
+    colora.add_argument("--probe_rank", type=positive_int, default=64)
+    colora.add_argument("--probe_steps", type=positive_int, default=200)
     colora.add_argument("--probe_learning_rate", type=float, default=None,
                         help="the probe run's rate (default: --learning_rate)")
-    colora.add_argument("--min_rank", type=int, default=4)
-    colora.add_argument("--max_rank", type=int, default=128)
+    colora.add_argument("--min_rank", type=positive_int, default=4)
+    colora.add_argument("--max_rank", type=positive_int, default=128)
     colora.set_defaults(handler=_train, make_method=_make_colora)
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
@@ -475,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("file")
     profile.add_argument("--model", default=None)
     profile.add_argument("--device", default=None)
-    profile.add_argument("--steps", type=int, default=30)
+    profile.add_argument("--steps", type=positive_int, default=30)
     profile.add_argument("--tau-h", dest="tau_h", type=float, default=0.0, help="ΔH threshold between L and H")
     profile.add_argument("--class", dest="frequency_class", choices=["H", "L"], default=None,
                          help="override the measured class")

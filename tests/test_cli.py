@@ -79,3 +79,15 @@ def test_app_command_takes_the_documented_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
     assert main(["app", "--host", "0.0.0.0", "--port", "8080", "--auth", "user:pass"]) == 0
     assert (seen["server_name"], seen["server_port"], seen["auth"]) == ("0.0.0.0", 8080, ("user", "pass"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "lora", "--images", ".", "--max_train_steps", "-5"], "--max_train_steps: must be at least 1, not -5"),
+    (["train", "lora", "--images", ".", "--rank", "0"], "--rank/--network_dim: must be at least 1, not 0"),
+    (["generate", "--prompt", "a star", "--steps", "0"], "--steps/--num_inference_steps: must be at least 1, not 0"),
+    (["train", "b4m", "--content", ".", "--style", ".", "--make_steps", "x"], "'x' is not a whole number"),
+])
+def test_counts_out_of_range_are_refused_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -147,6 +147,19 @@ def save_basis(basis: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
     return path
 
 
+def check_basis_recipe(path: Path, recipe: dict[str, str]) -> None:
+    """A resumed run must continue on the basis it started with: refuse one drawn for other settings."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        stored = handle.metadata() or {}
+    differ = [f"{key.removeprefix('studio.')} {stored[key]} (now {value})" for key, value in recipe.items()
+              if key in stored and stored[key] != value]
+    if differ:
+        raise ConfigError(f"B4M: cannot resume, {path.name} was drawn for other settings: {', '.join(differ)}; "
+                          "resume with the same settings or start a new run")
+
+
 class PLPAdapter:
     """PLP LoRA branches on the UNet (our own wrappers: the halves stay separate tensors)."""
 
@@ -452,6 +465,9 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
 
     if b4m.content is None or b4m.style is None:
         raise ConfigError("B4M needs --content DIR and --style DIR")
+    if b4m.rank < 1 or b4m.break_steps < 1 or b4m.make_steps < 0:
+        raise ConfigError(f"B4M needs rank ≥ 1, break steps ≥ 1 and make steps ≥ 0 (0: assemble only), not "
+                          f"{b4m.rank}, {b4m.break_steps} and {b4m.make_steps}")
     base = base or load_base(config.model, device=config.device)
     output_dir = Path(config.output_dir) if config.output_dir else library_dir()
     work = output_dir / f"{config.output}-work"
@@ -459,10 +475,14 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
     b4m = replace(b4m, content_prompt=b4m.content_prompt or f"a {b4m.content_trigger} shape",
                   style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
-    if not basis_path.exists():
+    recipe = {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
+              "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior, "studio.b4m_seed": str(config.seed),
+              "studio.b4m_targets": ",".join(b4m.target_modules)}
+    if config.resume_from_checkpoint and basis_path.exists():
+        check_basis_recipe(basis_path, recipe)
+    else:  # a new run draws its own basis, never an earlier run's under the same name
         save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior),
-                   basis_path, {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
-                                "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior})
+                   basis_path, recipe)
 
     def aux(kind: str, given: list[Path]) -> list[Path]:
         if given:

@@ -54,3 +54,13 @@ class TrainConfig:
     decor_alpha: float = 1.0
     export_layout: str = "diffusers"  # diffusers | kohya
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        from studio.errors import ConfigError
+
+        low = {"rank": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1, "repeats": 1,
+               "max_train_steps": 0, "checkpointing_steps": 0, "validation_steps": 0, "lr_warmup_steps": 0}
+        wrong = [f"{name} must be at least {least}, not {getattr(self, name)!r}" for name, least in low.items()
+                 if getattr(self, name) < least]
+        if wrong:
+            raise ConfigError("; ".join(wrong))

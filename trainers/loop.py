@@ -384,12 +384,26 @@ def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list
 
 def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None = None,
           base=None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train ``method`` on ``config``; returns the written adapter files. ``should_stop`` lets the app stop it."""
+    """Train ``method`` on ``config``; returns the written adapter files. ``should_stop`` lets the app stop it.
+
+    Checkpoints, previews and class images go to ``<output>-work`` beside the adapter; a run that leaves nothing
+    there (finished or failed) removes the folder."""
+    from studio.adapters.library import library_dir
+
+    work_dir = (Path(config.output_dir) if config.output_dir else library_dir()) / f"{config.output}-work"
+    try:
+        return _train(config, method, progress, base, should_stop, work_dir)
+    finally:
+        if work_dir.is_dir() and not any(work_dir.iterdir()):
+            work_dir.rmdir()
+
+
+def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None, base,
+           should_stop: Callable[[], bool] | None, work_dir: Path) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from studio.adapters.library import library_dir
     from studio.models import load_base
 
     start_time = time.time()
@@ -405,8 +419,6 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
     resolution = config.resolution or base.default_size
-    output_dir = Path(config.output_dir) if config.output_dir else library_dir()
-    work_dir = output_dir / f"{config.output}-work"
     work_dir.mkdir(parents=True, exist_ok=True)
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
@@ -435,9 +447,14 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(work_dir, config.resume_from_checkpoint)
         state = torch.load(checkpoint / "state.pt", weights_only=True)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        try:
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"{checkpoint} does not fit this run (was it trained with another rank, method or "
+                              f"target modules?): {reason}") from None
         step = int(state["step"])
         logger.info("resumed from %s at step %d", checkpoint, step)
     total = config.max_train_steps
@@ -487,8 +504,6 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:
         method.cleanup(ctx)
-    if not any(work_dir.iterdir()):  # no checkpoints, samples or class images: leave no empty folder behind
-        work_dir.rmdir()
     result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
     _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
     return result

@@ -194,3 +194,26 @@ def test_b4m_on_resnet_convolutions_loads_in_a_plain_diffusers_pipeline(tmp_path
             base.pipe.load_lora_weights(str(file), adapter_name=f"b4m{index}")
             base.pipe.set_adapters([f"b4m{index}"])
             assert (unet(x, t, hidden).sample - before).abs().max() > 1e-6
+
+
+def test_a_new_run_draws_its_own_basis_and_a_resume_refuses_another(tmp_path, shape_images, style_images):
+    base = make_random_base()
+
+    def run(rank: int, **extra):
+        b4m = B4MConfig(content=shape_images, style=style_images, rank=rank, break_steps=1, make_steps=0,
+                        aux_images_per_set=2)
+        config = TrainConfig(output="again", output_dir=tmp_path, train_batch_size=2, **extra)
+        return train_b4m(b4m, config, base=base)
+
+    run(4)
+    made = run(2)[2]  # same name, other rank: not the first run's basis
+    assert {m.rank for m in read_adapter(made).modules["unet"].values()} == {2}
+    with pytest.raises(ConfigError, match=r"b4m_rank 2 \(now 4\)"):
+        run(4, resume_from_checkpoint="latest")
+
+
+def test_bad_sizes_and_step_counts_are_refused():
+    with pytest.raises(ConfigError, match="rank must be at least 1, not 0; max_train_steps must be at least 0"):
+        TrainConfig(rank=0, max_train_steps=-5)
+    with pytest.raises(ConfigError, match="break steps ≥ 1"):
+        train_b4m(B4MConfig(content=".", style=".", break_steps=0), TrainConfig(output="x"), base=make_random_base())

@@ -78,6 +78,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, shape_images):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key][0], b[key][0], atol=1e-5) and torch.allclose(a[key][1], b[key][1], atol=1e-5)
+    with pytest.raises(ConfigError, match="latest: no checkpoint in"):
+        train(config(shape_images, tmp_path / "fresh", resume_from_checkpoint="latest"), get_method("lora"),
+              base=make_random_base())
+    assert not (tmp_path / "fresh" / "demo-work").exists()  # a failed run leaves no empty folder
+    with pytest.raises(ConfigError, match="checkpoint-3 does not fit this run"):
+        train(config(shape_images, tmp_path / "resumed", max_train_steps=6, rank=8, resume_from_checkpoint="latest"),
+              get_method("lora"), base=make_random_base())
 
 
 def test_empty_folder_and_non_images(tmp_path, random_base):
