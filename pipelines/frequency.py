@@ -60,30 +60,32 @@ def default_profile_prompts(adapter, domain: dict | None) -> list[str]:
 
 @torch.no_grad()
 def profile_adapter(pipe, path: str | Path, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
-                    steps: int = 30, h: float = 0.2, tau_h: float = 0.0) -> dict:
+                    steps: int = 30, h: float = 0.2, tau_h: float = 0.0, show_progress: bool = False) -> dict:
     """ΔH of an adapter over prompts × seeds (same seed with and without it) and its H/L class."""
+    from tqdm import tqdm
+
     from studio.adapters.file import read_adapter
 
     adapter = read_adapter(path)
     base = pipe.studio_base()
     prompts = list(prompts or default_profile_prompts(adapter, base.domain))
     with_adapter, without = [], []
-    for prompt in prompts:
-        for seed in seeds:
-            for adapters, bucket in (([(str(path), 1.0)], with_adapter), ([], without)):
-                image = pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                             adapters=adapters, method="merge", output_type="np").images
-                bucket.append(image[0])
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    for prompt, seed in tqdm(pairs, desc="profile", disable=not show_progress):
+        for adapters, bucket in (([(str(path), 1.0)], with_adapter), ([], without)):
+            image = pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                         adapters=adapters, method="merge", output_type="np").images
+            bucket.append(image[0])
     delta = hf_score(np.stack(with_adapter), h) - hf_score(np.stack(without), h)
     return {"delta_h": delta, "class": "H" if delta > tau_h else "L", "h": h, "base_model": base.fingerprint,
             "n_pairs": len(prompts) * len(seeds), "tau_h": tau_h}
 
 
-def store_profile(path: str | Path, profile: dict) -> Path:
-    """Write ``studio.freq_profile`` into the adapter file (atomically, same layout)."""
+def store_profile(path: str | Path, profile: dict, out: str | Path | None = None) -> Path:
+    """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically, same layout)."""
     from studio.adapters.file import read_adapter, save_adapter
 
     adapter = read_adapter(path)
     adapter.metadata["studio.freq_profile"] = json.dumps(profile)
     layout = adapter.metadata.get("studio.layout", "diffusers")
-    return save_adapter(adapter, Path(path), layout=layout)
+    return save_adapter(adapter, Path(out or path), layout=layout)

@@ -310,17 +310,19 @@ def _adapters_profile(args: argparse.Namespace) -> int:
     import json
 
     from pipelines.frequency import profile_adapter, store_profile
-    from studio.adapters.library import resolve_adapter
+    from studio.adapters.library import SHIPPED, library_dir, resolve_adapter
     from studio.models import load_base
 
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device)
     path = resolve_adapter(args.file)
-    profile = profile_adapter(base.pipe, path, steps=args.steps, tau_h=args.tau_h)
+    profile = profile_adapter(base.pipe, path, steps=args.steps, tau_h=args.tau_h, show_progress=True)
     if args.frequency_class:
         profile["class"] = args.frequency_class
-    store_profile(path, profile)
+    shipped = path.resolve().is_relative_to(SHIPPED.resolve())  # the install's files stay as installed
+    out = store_profile(path, profile, library_dir() / path.name if shipped else path)
     print(json.dumps(profile))
+    print(f"stored in {out}", file=sys.stderr)
     return 0
 
 

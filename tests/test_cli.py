@@ -91,3 +91,16 @@ def test_counts_out_of_range_are_refused_before_anything_loads(argv, message, ca
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_profiling_a_shipped_adapter_leaves_it_as_installed_and_stores_a_library_copy(tmp_path, monkeypatch):
+    from studio.adapters.file import read_adapter
+    from studio.adapters.library import SHIPPED
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    shipped = SHIPPED / "zwx-zigzag.safetensors"
+    before = shipped.read_bytes()
+    assert main(["adapters", "profile", "zwx-zigzag", "--steps", "2"]) == 0
+    assert shipped.read_bytes() == before
+    copy = read_adapter(tmp_path / "home" / "adapters" / "zwx-zigzag.safetensors")
+    assert json.loads(copy.metadata["studio.freq_profile"])["n_pairs"] == 8
