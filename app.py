@@ -27,9 +27,9 @@ from studio.adapters.library import (
 from studio.errors import StudioError
 from studio.generate import GenerationRequest, generate
 from studio.models import BaseModel, load_base
-from studio.png import read_recipe, save_png
+from studio.png import default_outputs, numbered_png, read_recipe, save_png
 
-OUTPUTS = Path(os.environ.get("STUDIO_OUTPUTS", "outputs"))
+OUTPUTS = default_outputs()
 ROWS = 4  # adapter stack rows, as in Fooocus
 METHODS = ["merge", "switch", "composite", "cmlora", "clora"]
 TRAIN_METHODS = ["lora", "b4m", "sara", "colora"]
@@ -263,8 +263,7 @@ def _staged_images(files: Sequence[Any], captions: Any, trigger: str) -> Path:
 
 
 def _output_path(seed: int) -> Path:
-    OUTPUTS.mkdir(parents=True, exist_ok=True)
-    return OUTPUTS / f"{len(list(OUTPUTS.glob('*.png'))):05d}-{seed}.png"
+    return numbered_png(OUTPUTS, seed)
 
 
 def _mask_images(base: BaseModel) -> list[tuple[str, str]]:

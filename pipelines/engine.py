@@ -295,6 +295,8 @@ class CompositionEngine:
         self._active_weights = tuple(sorted(resolved))
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ConfigError(f"height and width must be multiples of {self.vae_scale_factor}, not {height}×{width}")
         if given[0] is not None:
             prompts = [""] * len(given[0])  # placeholders: the embeddings stand for the text
         else:

@@ -34,7 +34,7 @@ def _build_evaluator(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from studio.generate import GenerationRequest, generate
     from studio.models import load_base
-    from studio.png import save_png
+    from studio.png import default_outputs, numbered_png, save_png
 
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device, scheduler=args.scheduler)
@@ -46,9 +46,12 @@ def _generate(args: argparse.Namespace) -> int:
                                 perp_neg=[parse_weighted_text(t) for t in args.perp_neg],
                                 decor_remove=[w.strip() for w in ",".join(args.decor_remove).split(",") if w.strip()],
                                 decor_alpha=args.decor_alpha, adapter_prompts=args.adapter_prompt)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else None
     for index, result in enumerate(generate(base, request)):
-        path = out if request.num_images == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix}")
+        if out is None:
+            path = numbered_png(default_outputs(), result.recipe["seed"])
+        else:
+            path = out if request.num_images == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix}")
         save_png(result.image, path, result.parameters, result.recipe)
         print(path)
     return 0
@@ -419,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="model folder, .safetensors file or hub id (default: embedded)")
     gen.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++, unipc, …")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    gen.add_argument("--out", default="outputs/image.png", help="PNG path")
+    gen.add_argument("--out", default=None, help="PNG path (default: outputs/NNNNN-SEED.png, numbered as A1111)")
     gen.set_defaults(handler=_generate)
 
     train = commands.add_parser("train", help="train an adapter from a folder of images")

@@ -72,3 +72,17 @@ def read_recipe(path: str | os.PathLike) -> tuple[str | None, dict[str, Any] | N
         text = dict(getattr(image, "text", {}) or image.info)
     recipe = text.get("studio")
     return text.get("parameters"), json.loads(recipe) if recipe else None
+
+
+def default_outputs() -> Path:
+    """Where generated images go unless told: ``$STUDIO_OUTPUTS``, else ``outputs`` in the working folder."""
+    return Path(os.environ.get("STUDIO_OUTPUTS", "outputs"))
+
+
+def numbered_png(folder: str | os.PathLike, seed: int) -> Path:
+    """A1111's file naming: the next 5-digit number in ``folder``, then the seed (``00012-1234.png``).
+    Numbers continue after the highest one present, so a deleted image never lets a new one overwrite another."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"

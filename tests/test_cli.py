@@ -104,3 +104,16 @@ def test_profiling_a_shipped_adapter_leaves_it_as_installed_and_stores_a_library
     assert shipped.read_bytes() == before
     copy = read_adapter(tmp_path / "home" / "adapters" / "zwx-zigzag.safetensors")
     assert json.loads(copy.metadata["studio.freq_profile"])["n_pairs"] == 8
+
+
+def test_generate_without_out_numbers_images_as_a1111_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STUDIO_OUTPUTS", str(tmp_path / "outputs"))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "00007-3.png").write_bytes(b"kept")
+    for seed in (1, 1):
+        assert main(["generate", "--prompt", "a red solid star on a white background", "--steps", "2",
+                     "--seed", str(seed)]) == 0
+    names = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert names == ["00007-3.png", "00008-1.png", "00009-1.png"]
+    assert (tmp_path / "outputs" / "00007-3.png").read_bytes() == b"kept"
+    assert read_recipe(tmp_path / "outputs" / "00009-1.png")[1]["seed"] == 1

@@ -188,6 +188,8 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         run(pipe, steps=0)
     with pytest.raises(ConfigError, match="Provide either `prompt` or `prompt_embeds`"):
         pipe(num_inference_steps=2)
+    with pytest.raises(ConfigError, match=f"multiples of {pipe.vae_scale_factor}, not 50×64"):
+        run(pipe, height=50, width=64)
     with pytest.raises(ConfigError, match="decor_rank must be at least 1"):
         run(pipe, decor_remove=["red"], decor_rank=0)
     with pytest.raises(ConfigError, match="switch interval must be at least 1, not 0"):
