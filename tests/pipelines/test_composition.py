@@ -192,6 +192,10 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         run(pipe, height=50, width=64)
     with pytest.raises(ConfigError, match="decor_rank must be at least 1"):
         run(pipe, decor_remove=["red"], decor_rank=0)
+    with pytest.raises(ConfigError, match="method 'switch' has no option intervall; its options: interval"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"intervall": 3})
+    with pytest.raises(ConfigError, match="option interval of method 'switch' is a number, not 'abc'"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": "abc"})
     with pytest.raises(ConfigError, match="switch interval must be at least 1, not 0"):
         run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": 0})
     with pytest.raises(ConfigError, match="phase_boundary is a fraction"):
