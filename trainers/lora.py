@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig
 
 from studio.adapters.file import AdapterFile, save_adapter
 from studio.adapters.inject import (
     adapter_from_layers,
     detach_adapter,
     forget_lora_modules,
+    inject_lora,
     lora_layers,
     set_adapter_weights,
 )
@@ -71,7 +72,7 @@ class LoraMethod(TrainingMethod):
             lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian",
                                      rank_pattern=patterns, alpha_pattern=patterns if self.scale_one else {})
             try:
-                inject_adapter_in_model(lora_config, model, adapter_name=self.adapter_name)
+                inject_lora(lora_config, model, self.adapter_name)
             except ValueError as error:  # peft: "Target modules … not found in the base model"
                 raise ConfigError(f"cannot train a LoRA on this base's {component}: {error}") from error
             forget_lora_modules(model)

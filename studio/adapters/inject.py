@@ -8,6 +8,7 @@ the active set and a weight per adapter (ΔW_i scaled by weight_i · alpha_i / r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -58,6 +59,14 @@ def attached_adapters(base) -> list[str]:
     return sorted(names)
 
 
+def inject_lora(lora_config: LoraConfig, model: torch.nn.Module, name: str) -> None:
+    """peft's ``inject_adapter_in_model``, without its warning that the model already holds a ``peft_config``:
+    several adapters on one model is what the studio does on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        inject_adapter_in_model(lora_config, model, adapter_name=name)
+
+
 def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
     """Validate ``adapter`` against ``base`` and attach it (inactive until :func:`set_adapter_weights`)."""
     name = name or adapter.name
@@ -77,7 +86,7 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
             rank_pattern={patterns[p]: m.rank for p, m in located.items()},
             alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
         )
-        inject_adapter_in_model(lora_config, model, adapter_name=name)
+        inject_lora(lora_config, model, name)
         forget_lora_modules(model)
         dtype = next(model.parameters()).dtype
         with torch.no_grad():

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -209,7 +210,9 @@ def test_attaching_an_adapter_leaves_the_active_ones_active(random_base):
 
     attach_adapter(random_base, make_adapter(random_base, seed=1), "keep-a")
     set_adapter_weights(random_base, {"keep-a": 0.5})
-    attach_adapter(random_base, make_adapter(random_base, seed=2), "keep-b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second adapter is no reason for peft's "already found" warning
+        attach_adapter(random_base, make_adapter(random_base, seed=2), "keep-b")
     layers = [layer for _, _, layer in lora_layers(random_base) if "keep-a" in layer.lora_A]
     assert layers and all(layer.active_adapters == ["keep-a"] for layer in layers)
     assert all(layer.scaling["keep-a"] == 0.5 * layer.lora_alpha["keep-a"] / layer.r["keep-a"] for layer in layers)
