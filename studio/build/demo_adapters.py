@@ -91,26 +91,26 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, seed: int = 0, base=None, o
                         **overrides) -> list[Path]:
     """Train the demo adapters (``only`` those named) on the embedded model with their kind's :data:`RECIPES`
     (``overrides`` replace recipe fields for every adapter, e.g. ``steps=1``); returns the written files."""
+    import shutil
     import tempfile
 
     from trainers import TrainConfig, get_method, train
 
     written = []
-    work = Path(tempfile.mkdtemp(prefix="studio-demo-"))
-    for name, trigger, concept, kind in DEMOS:
-        if only and name not in only:
-            continue
-        recipe = replace(RECIPES[kind], **overrides)
-        folder = render_demo_images(work / name, kind, count=recipe.images, seed=seed, trigger=trigger,
-                                    concept=concept, pairs=recipe.pairs)
-        config = TrainConfig(images=folder, output=name, output_dir=work / "out", kind=kind, trigger_words=[trigger],
-                             rank=8, max_train_steps=recipe.steps, train_batch_size=4, seed=seed,
-                             learning_rate=recipe.learning_rate, target_modules=recipe.target_modules,
-                             with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
-                             lr_scheduler="cosine", lr_warmup_steps=20)
-        [path] = train(config, get_method("lora"), base=base).outputs
-        output_dir.mkdir(parents=True, exist_ok=True)
-        target = output_dir / path.name
-        path.replace(target)
-        written.append(target)
+    with tempfile.TemporaryDirectory(prefix="studio-demo-") as tmp:  # training images and class images
+        work = Path(tmp)
+        for name, trigger, concept, kind in DEMOS:
+            if only and name not in only:
+                continue
+            recipe = replace(RECIPES[kind], **overrides)
+            folder = render_demo_images(work / name, kind, count=recipe.images, seed=seed, trigger=trigger,
+                                        concept=concept, pairs=recipe.pairs)
+            config = TrainConfig(images=folder, output=name, output_dir=work / "out", kind=kind,
+                                 trigger_words=[trigger], rank=8, max_train_steps=recipe.steps, train_batch_size=4,
+                                 seed=seed, learning_rate=recipe.learning_rate, target_modules=recipe.target_modules,
+                                 with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
+                                 lr_scheduler="cosine", lr_warmup_steps=20)
+            [path] = train(config, get_method("lora"), base=base).outputs
+            output_dir.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.move(path, output_dir / path.name)))
     return written

@@ -9,6 +9,7 @@ box on the embedded model and read in the same form as the papers' numbers (100 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,11 @@ def _register_domain_config() -> None:
     import open_clip
 
     if DOMAIN_CLIP_NAME not in open_clip.list_models():
-        folder = Path(__import__("tempfile").mkdtemp(prefix="studio-clip-config-"))
-        (folder / f"{DOMAIN_CLIP_NAME}.json").write_text(json.dumps(DOMAIN_CLIP_CONFIG))
-        open_clip.add_model_config(folder)
+        # open_clip registers configs from files; it reads them at once, so the file need not outlive the call
+        with tempfile.TemporaryDirectory(prefix="studio-clip-config-") as folder:
+            config = Path(folder) / f"{DOMAIN_CLIP_NAME}.json"
+            config.write_text(json.dumps(DOMAIN_CLIP_CONFIG))
+            open_clip.add_model_config(config)
 
 
 def load_clip(model_name: str | None = None, weights: str | Path | None = None) -> ClipScorer:

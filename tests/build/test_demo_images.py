@@ -23,12 +23,19 @@ def test_demo_content_sets_can_show_the_subject_beside_another_object(tmp_path):
         assert read_shapes == tuple("moon" if s == "sks" else s for s in shapes)  # the trigger names the subject
 
 
-def test_demo_recipes_train_convolutions_and_every_attention_projection(tmp_path, random_base):
+def test_demo_recipes_train_convolutions_and_every_attention_projection(tmp_path, random_base, monkeypatch):
+    import tempfile
+
     from studio.adapters.file import read_adapter
     from studio.build.demo_adapters import build_demo_adapters
 
-    paths = build_demo_adapters(tmp_path, base=random_base, only=["sks-moon", "zwx-zigzag"], steps=1, images=3,
-                                pairs=1)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    paths = build_demo_adapters(tmp_path / "out", base=random_base, only=["sks-moon", "zwx-zigzag"], steps=1,
+                                images=3, pairs=1)
+    assert [p.name for p in paths] == ["sks-moon.safetensors", "zwx-zigzag.safetensors"]
+    assert not list(scratch.iterdir())  # the training images and class images are gone
     for path in paths:
         modules = set(read_adapter(path).modules["unet"])
         assert any(m.endswith("conv1") for m in modules) and any("attn1.to_q" in m for m in modules)
