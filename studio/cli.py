@@ -343,6 +343,17 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_images(args: argparse.Namespace) -> int:
+    from studio.build.demo_adapters import render_demo_images
+    from studio.data import procedural
+
+    kind = "content" if args.concept in procedural.RESERVED_SHAPES else "style"
+    render_demo_images(args.folder, kind, count=args.count, seed=args.seed, trigger=args.trigger,
+                       concept=args.concept, pairs=args.pairs if kind == "content" else 0)
+    print(args.folder)
+    return 0
+
+
 def _build_clip(args: argparse.Namespace) -> int:
     from studio.eval.clip import DOMAIN_CLIP, train_domain_clip
 
@@ -392,11 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
                            _build_demo_adapters, None, "assets/adapters")
     demos.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these (e.g. xyz-cross)")
     demos.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
-    demos.add_argument("--pairs", type=positive_int, default=None,
+    demos.add_argument("--pairs", type=non_negative_int, default=None,
                        help="how many of a content adapter's images show the subject beside another object")
     demos.add_argument("--images", type=positive_int, default=None, help="training images per adapter")
     _build_command(commands, "build-evaluator", "train the embedded domain's evaluator", _build_evaluator, 3000,
                    "assets/evaluator")
+
+    images = commands.add_parser("demo-images", help="render captioned training images of one of the embedded "
+                                 "domain's reserved concepts (shapes: content; textures: style)")
+    images.add_argument("folder", type=Path)
+    images.add_argument("--concept", required=True, choices=["moon", "cross", "zigzag", "waves"])
+    images.add_argument("--trigger", required=True, help="the word the captions use for the concept, e.g. sks")
+    images.add_argument("--count", type=positive_int, default=5)
+    images.add_argument("--pairs", type=non_negative_int, default=0,
+                        help="content: how many images show the subject beside another object")
+    images.add_argument("--seed", type=int, default=0)
+    images.set_defaults(handler=_demo_images)
 
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
     gen.add_argument("--prompt", required=True)

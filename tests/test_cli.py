@@ -117,3 +117,14 @@ def test_generate_without_out_numbers_images_as_a1111_and_never_overwrites(tmp_p
     assert names == ["00007-3.png", "00008-1.png", "00009-1.png"]
     assert (tmp_path / "outputs" / "00007-3.png").read_bytes() == b"kept"
     assert read_recipe(tmp_path / "outputs" / "00009-1.png")[1]["seed"] == 1
+
+
+def test_demo_images_render_a_captioned_folder_for_every_reserved_concept(tmp_path):
+    from studio.data import procedural
+
+    for concept in procedural.RESERVED_SHAPES + procedural.RESERVED_TEXTURES:
+        folder = tmp_path / concept
+        assert main(["demo-images", str(folder), "--concept", concept, "--trigger", "qqq", "--count", "3"]) == 0
+        captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
+        assert len(captions) == 3 == len(list(folder.glob("*.png"))) and all("qqq" in c for c in captions)
+        assert not any(concept in c for c in captions)  # the trigger stands for the concept
