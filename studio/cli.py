@@ -160,13 +160,21 @@ def add_app_flags(parser: argparse.ArgumentParser) -> None:
 def _adapters_list(args: argparse.Namespace) -> int:
     from studio.adapters.library import list_adapters
 
-    rows = list_adapters()
+    skipped: list[tuple[Path, str]] = []
+    rows = list_adapters(skipped=skipped)
     if not rows:
         print("no adapters found")
-    for row in rows:
-        ranks = "/".join(map(str, row.ranks))
-        print(f"{row.name:24} {row.kind or '-':8} {row.method:8} rank {ranks:8} {row.base_family or '-':6} "
-              f"{', '.join(row.trigger_words) or '-':16} {row.path}")
+    else:
+        table = [("NAME", "KIND", "METHOD", "RANK", "BASE", "TRIGGERS", "FILE")]
+        for row in rows:
+            ranks = str(row.ranks[0]) if len(row.ranks) == 1 else f"{min(row.ranks)}-{max(row.ranks)}"
+            table.append((row.name, row.kind or "-", row.method, ranks, row.base_family or "-",
+                          ", ".join(row.trigger_words) or "-", str(row.path)))
+        widths = [max(len(line[column]) for line in table) for column in range(len(table[0]) - 1)]
+        for line in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0
 
 

@@ -128,3 +128,23 @@ def test_demo_images_render_a_captioned_folder_for_every_reserved_concept(tmp_pa
         captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
         assert len(captions) == 3 == len(list(folder.glob("*.png"))) and all("qqq" in c for c in captions)
         assert not any(concept in c for c in captions)  # the trigger stands for the concept
+
+
+def test_adapters_list_names_files_as_they_are_used_and_reports_unreadable_ones(tmp_path, monkeypatch, capsys):
+    from studio.adapters.file import save_adapter
+    from tests.adapters.test_files import make_adapter
+    from tests.conftest import make_random_base
+
+    library = tmp_path / "home" / "adapters"
+    library.mkdir(parents=True)
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    adapter = make_adapter(make_random_base())
+    adapter.metadata["ss_output_name"] = "last"  # kohya's name for the final epoch, not the file's
+    save_adapter(adapter, library / "my-style_v2.safetensors")
+    (library / "junk.safetensors").write_bytes(b"\x00" * 40)
+    assert main(["adapters", "list"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "KIND", "METHOD", "RANK"]
+    assert lines[1].startswith("my-style_v2 ") and not any(line.startswith("last ") for line in lines)
+    assert "skipped" in err and "junk.safetensors" in err

@@ -35,7 +35,7 @@ class AdapterSummary:
     def of(cls, adapter: AdapterFile) -> AdapterSummary:
         assert adapter.path is not None
         return cls(
-            name=adapter.name,
+            name=adapter.path.stem,  # what resolve_adapter and A1111's <lora:NAME:w> know it by, not ss_output_name
             path=adapter.path,
             kind=adapter.kind,
             method=adapter.method,
@@ -47,15 +47,18 @@ class AdapterSummary:
         )
 
 
-def list_adapters(folders: list[Path] | None = None) -> list[AdapterSummary]:
-    """Every readable adapter in the library and the shipped demo folder; unreadable files are skipped."""
+def list_adapters(folders: list[Path] | None = None,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[AdapterSummary]:
+    """Every readable adapter in the library and the shipped demo folder; an unreadable file is left out, and
+    (path, reason) goes to ``skipped`` when given."""
     found = []
     for folder in folders if folders is not None else [library_dir(), SHIPPED]:
         for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
             try:
                 found.append(AdapterSummary.of(read_adapter(path)))
-            except AdapterError:
-                continue
+            except AdapterError as error:
+                if skipped is not None:
+                    skipped.append((path, str(error)))
     return found
 
 

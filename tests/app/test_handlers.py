@@ -77,7 +77,7 @@ def test_library_import_export_delete(studio_env, tmp_path):
     outside = tmp_path / "three.safetensors"
     (home / "adapters" / "one.safetensors").rename(outside)
     table, message = studio.import_file("", str(outside))
-    assert message == "imported three.safetensors" and any(row[0] == "one" for row in table)
+    assert message == "imported three.safetensors" and any(row[0] == "three" for row in table)
     table, message = studio.export_file("three")
     assert (home / "adapters" / "three.kohya.safetensors").exists()
     table, message = studio.delete_file("three")
