@@ -74,13 +74,16 @@ def seeded_generator(seed: int) -> torch.Generator:
 def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
              ) -> tuple[str, dict[str, Any]]:
     """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
-    sampler = SAMPLER_LABELS.get(type(base.pipe.scheduler).__name__, type(base.pipe.scheduler).__name__)
     fields: dict[str, Any] = {}
     if request.adapters:
         fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(a)}" for a, _ in request.adapters)
         fields["Composition"] = request.method
+    if request.perp_neg:
+        fields["Perp-Neg"] = "; ".join(f"{text}: {weight:g}" for text, weight in request.perp_neg)
+    if request.decor_remove:
+        fields["DECOR"] = f"{', '.join(request.decor_remove)} (alpha {request.decor_alpha:g})"
     parameters = a1111_parameters(
-        _with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps, sampler,
+        with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps, sampler_label(base),
         request.guidance_scale, seed, request.width, request.height, base.name, base.fingerprint,
         {**fields, "Version": f"adapter-studio {__version__}", **request.extra},
     )
@@ -108,7 +111,13 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
     return parameters, recipe
 
 
-def _with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
+def sampler_label(base: BaseModel) -> str:
+    """The scheduler under A1111's sampler name (``DDIM``, ``Euler a``, …)."""
+    name = type(base.pipe.scheduler).__name__
+    return SAMPLER_LABELS.get(name, name)
+
+
+def with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
     """A1111 writes active LoRAs into the prompt as ``<lora:name:weight>``."""
     tags = " ".join(f"<lora:{Path(str(a)).stem}:{w:g}>" for a, w in adapters)
     return f"{prompt} {tags}".strip() if tags else prompt

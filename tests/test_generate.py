@@ -26,6 +26,11 @@ def test_parameters_follow_a1111(tiny_base):
     assert lines[1] == "Negative prompt: blurry"
     assert "Steps: 5" in lines[2] and "Seed: 7" in lines[2] and "Size: 64x64" in lines[2]
     assert "Sampler: DDIM" in lines[2]
+    guided = generate(tiny_base, GenerationRequest(prompt=PROMPT, negative_prompt="a striped shape", seed=7, steps=2,
+                                                   perp_neg=[("a striped shape", 1.5)], decor_remove=["star"],
+                                                   decor_alpha=0.5))[0]
+    assert 'Perp-Neg: "a striped shape: 1.5"' in guided.parameters
+    assert 'DECOR: star (alpha 0.5)' in guided.parameters
 
 
 def test_cli_generate_writes_a_reproducible_png(tmp_path, tiny_base):

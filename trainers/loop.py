@@ -360,8 +360,8 @@ def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.
 
 
 def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
-    from studio.generate import seeded_generator
-    from studio.png import save_png
+    from studio.generate import sampler_label, seeded_generator, with_lora_tags
+    from studio.png import a1111_parameters, save_png
     from studio.text import clean_prompt
 
     config = ctx.config
@@ -375,8 +375,10 @@ def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list
             ).images
         for index, image in enumerate(images):
             path = ctx.work_dir / "samples" / f"step-{step:06d}-w{weight:g}-{index}.png"
-            text = (f"{config.validation_prompt}\nSteps: {ctx.base.default_steps}, Seed: {config.seed + index}, "
-                    f"Lora: {config.output}:{weight:g}, Training step: {step}")
+            text = a1111_parameters(
+                with_lora_tags(config.validation_prompt, [(config.output, weight)]), None, ctx.base.default_steps,
+                sampler_label(ctx.base), ctx.base.default_guidance_scale, config.seed + index, image.width,
+                image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
             save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
             paths.append(path)
     return paths

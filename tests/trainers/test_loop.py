@@ -145,7 +145,10 @@ def test_validation_previews_are_written_with_parameters(tmp_path, random_base, 
                    get_method("lora"), base=random_base)
     assert len(result.samples) == 2
     with Image.open(result.samples[0]) as image:
-        assert "Lora: demo:0.5" in image.info["parameters"]
+        prompt, settings = image.info["parameters"].splitlines()
+    assert prompt == f"{CAPTION} <lora:demo:0.5>"
+    for field in ("Steps: ", "Sampler: ", "CFG scale: ", "Seed: 3", "Size: 64x64", "Model hash: ", "Training step: 2"):
+        assert field in settings, field
 
 
 def test_decor_during_training_projects_captions_and_records_the_words(tmp_path, random_base, shape_images):
