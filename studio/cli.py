@@ -387,12 +387,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_command(commands, name: str, description: str, handler, steps: int | None, output: str
-                   ) -> argparse.ArgumentParser:
+def _build_command(commands, name: str, description: str, handler, steps: int | None, output: str,
+                   steps_help: str = "training steps") -> argparse.ArgumentParser:
     """A ``build-*`` command: seeded, with a step count and an output folder under assets/."""
     parser = commands.add_parser(name, help=description)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_train_steps", type=positive_int, default=steps)
+    parser.add_argument("--max_train_steps", type=positive_int, default=steps, help=steps_help)
     parser.add_argument("--output", type=Path, default=None, help=f"folder (default: {output})")
     parser.set_defaults(handler=handler)
     return parser
@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = _build_command(commands, "build-tiny", "build (or resume building) the embedded base model",
-                           _build_tiny, None, "assets/tiny-sd")
+                           _build_tiny, None, "assets/tiny-sd",
+                           "the diffusion stage's steps (the VAE and decoder stages keep their own counts)")
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     _build_command(commands, "build-clip", "train the embedded domain's small CLIP", _build_clip, 2000, "assets/clip")
     demos = _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",

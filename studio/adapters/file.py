@@ -116,6 +116,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         tensors, metadata = _read_safetensors(path)
     if not tensors:
         raise AdapterError(f"adapter {path.name} holds no tensors")
+    if metadata.get("studio.format") == "sparse_delta":
+        lora = path.name.replace(".sara.safetensors", ".safetensors")
+        raise AdapterError(f"{path.name} is SaRA's sparse weight delta, not a LoRA: use the LoRA extracted beside it "
+                           f"({lora}), or apply the delta with trainers.sara.apply_sparse_delta")
     lycoris = [k for k in tensors if any(marker in k for marker in _LYCORIS_MARKERS)]
     if lycoris:
         raise AdapterError(

@@ -54,6 +54,8 @@ def list_adapters(folders: list[Path] | None = None,
     found = []
     for folder in folders if folders is not None else [library_dir(), SHIPPED]:
         for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+            if path.name.endswith(".sara.safetensors"):  # SaRA's sparse delta: its LoRA is listed beside it
+                continue
             try:
                 found.append(AdapterSummary.of(read_adapter(path)))
             except AdapterError as error:

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from studio.adapters.file import read_adapter
-from studio.errors import ConfigError
+from studio.errors import AdapterError, ConfigError
 from tests.conftest import make_random_base
 from trainers import TrainConfig, train
 from trainers.sara import SaraConfig, SaraMethod, apply_sparse_delta, read_sparse_delta, sara_learning_rate
@@ -125,6 +125,9 @@ def test_sparse_file_metadata(tmp_path, shape_images):
     with safe_open(str(result.outputs[0]), "pt") as handle:
         meta = handle.metadata()
     assert meta["studio.format"] == "sparse_delta" and "studio.base_fingerprint" in meta
+    lora = result.outputs[0].name.replace(".sara.safetensors", ".safetensors")
+    with pytest.raises(AdapterError, match=f"SaRA's sparse weight delta, not a LoRA: use the LoRA .* \\({lora}\\)"):
+        read_adapter(result.outputs[0])
 
 
 def test_threshold_that_selects_nothing_is_a_clear_error(tmp_path, shape_images):
