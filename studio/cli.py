@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -299,8 +300,10 @@ def _train_b4m(args: argparse.Namespace) -> int:
                     style_learning_rate=args.style_learning_rate, make_learning_rate=args.make_learning_rate or rate,
                     break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
                     target_modules=tuple(args.target_modules or TARGETS), prior=args.b4m_prior)
+    start = time.perf_counter()
     for path in train_b4m(b4m, config):
         print(path)
+    print(f"content, style and made adapters in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from studio.adapters.inject import lora_layers
 from studio.errors import ConfigError
@@ -133,7 +134,7 @@ class CoLoRAMethod(LoraMethod):
         probe = LoraMethod(rank=self.colora.probe_rank, adapter_name=PROBE_ADAPTER)
         groups = probe.setup(ctx)
         optimizer = torch.optim.AdamW(groups, lr=self.colora.probe_learning_rate or ctx.config.learning_rate)
-        for step in range(self.colora.probe_steps):
+        for step in tqdm(range(self.colora.probe_steps), desc="colora probe", leave=False, disable=None):
             loss = probe.training_loss(ctx, 10_000_000 + step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
