@@ -30,12 +30,17 @@ def unwanted_basis(word_embeddings: Sequence[torch.Tensor], rank: int | None = N
     return vh[:keep].T.contiguous()
 
 
-def project_out(embeddings: torch.Tensor, basis: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """X − α·X·V·Vᵀ over every row (token) of ``embeddings`` (… × d); α = 1 is an exact projection."""
+def check_alpha(alpha: float) -> None:
+    """DECOR's strength is a fraction: 0 keeps the embeddings, 1 removes the directions exactly."""
     if not 0.0 <= alpha <= 1.0:
         from studio.errors import ConfigError
 
         raise ConfigError(f"DECOR α must be between 0 and 1, not {alpha}")
+
+
+def project_out(embeddings: torch.Tensor, basis: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """X − α·X·V·Vᵀ over every row (token) of ``embeddings`` (… × d); α = 1 is an exact projection."""
+    check_alpha(alpha)
     basis = basis.to(embeddings.device, torch.float32)
     projected = embeddings.float() @ basis @ basis.T
     return (embeddings.float() - alpha * projected).to(embeddings.dtype)

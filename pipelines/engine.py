@@ -23,6 +23,7 @@ import torch
 
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
+from pipelines.decor import check_alpha
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
@@ -278,7 +279,7 @@ class CompositionEngine:
     ):
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
-        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_rank)
+        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
             decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
         method_name = method or self.default_method
@@ -419,13 +420,14 @@ def _finite_number(value: Any, what: str) -> float:
 
 
 def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int,
-                         decor_rank: int | None) -> None:
+                         decor_alpha: float, decor_rank: int | None) -> None:
     """diffusers' ``check_inputs`` for what the engine reads itself: clear errors instead of failures deep in the
     loop (a batch mismatch inside attention, a division by zero inside the scheduler)."""
     if prompt is None and prompt_embeds is None:
         raise ConfigError("Provide either `prompt` or `prompt_embeds`")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ConfigError(f"num_inference_steps must be a whole number ≥ 1, not {num_inference_steps!r}")
+    check_alpha(decor_alpha)  # also without words to remove: a wrong α is a mistake either way
     if decor_rank is not None and decor_rank < 1:
         raise ConfigError(f"decor_rank must be at least 1 (or None for every direction), not {decor_rank!r}")
     if prompt is not None and isinstance(negative_prompt, list):

@@ -190,6 +190,8 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         pipe(num_inference_steps=2)
     with pytest.raises(ConfigError, match=f"multiples of {pipe.vae_scale_factor}, not 50×64"):
         run(pipe, height=50, width=64)
+    with pytest.raises(ConfigError, match="DECOR α must be between 0 and 1, not 2.0"):
+        run(pipe, decor_alpha=2.0)
     with pytest.raises(ConfigError, match="decor_rank must be at least 1"):
         run(pipe, decor_remove=["red"], decor_rank=0)
     with pytest.raises(ConfigError, match="method 'switch' has no option intervall; its options: interval"):
