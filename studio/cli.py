@@ -129,6 +129,10 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
+#: pipelines.methods.METHODS' names, literal so that ``studio --help`` does not import torch (a test pins them)
+COMPOSITION_METHODS = ("merge", "switch", "composite", "cmlora", "clora")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number ≥ 1 (steps, ranks, sizes, counts)."""
     return _int_at_least(text, 1)
@@ -443,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", "--num_images", dest="num_images", type=positive_int, default=1)
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="an adapter file or library name, repeatable")
-    gen.add_argument("--method", default="merge", help="merge, switch, composite, cmlora or clora")
+    gen.add_argument("--method", default="merge", choices=COMPOSITION_METHODS)
     gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
     gen.add_argument("--adapter-prompt", dest="adapter_prompt", action="append", default=[],

@@ -32,9 +32,9 @@ def test_train_then_generate_with_the_adapter(tmp_path, shape_images, monkeypatc
 def test_cli_errors_are_messages(tmp_path, capsys):
     assert main(["generate", "--prompt", "x", "--adapter", "missing-adapter", "--out", str(tmp_path / "x.png")]) == 2
     assert "no adapter 'missing-adapter'" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--method", "blend", "--adapter", "sks-moon",
-                 "--out", str(tmp_path / "y.png")]) == 2
-    assert "unknown composition method 'blend'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused by the parser, before the model loads
+        main(["generate", "--prompt", "x", "--method", "blend", "--adapter", "sks-moon"])
+    assert "argument --method: invalid choice: 'blend'" in capsys.readouterr().err
     assert main(["train", "lora", "--images", str(tmp_path / "none"), "--output", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -148,3 +148,10 @@ def test_adapters_list_names_files_as_they_are_used_and_reports_unreadable_ones(
     assert lines[0].split()[:4] == ["NAME", "KIND", "METHOD", "RANK"]
     assert lines[1].startswith("my-style_v2 ") and not any(line.startswith("last ") for line in lines)
     assert "skipped" in err and "junk.safetensors" in err
+
+
+def test_the_cli_offers_exactly_the_pipelines_composition_methods():
+    from pipelines.methods import METHODS
+    from studio.cli import COMPOSITION_METHODS
+
+    assert COMPOSITION_METHODS == tuple(METHODS)
