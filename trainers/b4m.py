@@ -92,9 +92,16 @@ class FrozenHalf(nn.Module):
         return full.narrow(self.dim, self.frozen.shape[self.dim], full.shape[self.dim] - self.frozen.shape[self.dim])
 
 
+def _plain(module: nn.Module) -> nn.Module:
+    """The layer itself, out of peft's wrapper: on a base that has held adapters (the app composes and trains on
+    one base), peft leaves its wrappers on every layer an adapter touched."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 def _is_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
     if not path.endswith(tuple(f".{t}" for t in targets)):
         return False
+    module = _plain(module)
     if isinstance(module, nn.Linear):
         return ".attn" in path
     return isinstance(module, nn.Conv2d) and module.groups == 1
@@ -118,6 +125,7 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
     for path, module in unet.named_modules():
         if not _is_target(path, module, targets):
             continue
+        module = _plain(module)
         conv = isinstance(module, nn.Conv2d)
         d_in, d_out = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
         kernel = tuple(module.kernel_size) if conv else ()
@@ -161,17 +169,20 @@ def check_basis_recipe(path: Path, recipe: dict[str, str]) -> None:
 
 
 class PLPAdapter:
-    """PLP LoRA branches on the UNet (our own wrappers: the halves stay separate tensors)."""
+    """PLP LoRA branches on the UNet (our own wrappers: the halves stay separate tensors). A layer peft has
+    wrapped is trained on its plain base layer (other adapters stay out of B4M's runs) and given back wrapped."""
 
     def __init__(self, unet: nn.Module, basis: dict[str, torch.Tensor]) -> None:
         self.unet = unet
         self.layers: dict[str, PLPLayer] = {}
+        self.originals: dict[str, nn.Module] = {}
         for key in basis:
             if key.endswith(".A_frozen"):
                 path = key.removesuffix(".A_frozen")
                 parent, _, child = path.rpartition(".")
                 owner = unet.get_submodule(parent)
-                layer = PLPLayer(getattr(owner, child), basis, path)
+                self.originals[path] = getattr(owner, child)
+                layer = PLPLayer(_plain(self.originals[path]), basis, path)
                 setattr(owner, child, layer)
                 self.layers[path] = layer
 
@@ -186,10 +197,11 @@ class PLPAdapter:
             layer.up_half.detach_learnable = learn == "A"
 
     def remove(self) -> None:
-        for path, layer in self.layers.items():
+        for path in self.layers:
             parent, _, child = path.rpartition(".")
-            setattr(self.unet.get_submodule(parent), child, layer.base)
+            setattr(self.unet.get_submodule(parent), child, self.originals[path])
         self.layers.clear()
+        self.originals.clear()
 
     def adapter_file(self) -> AdapterFile:
         modules = {path: LoraModule(layer.down.weight.detach().clone(), layer.up.weight.detach().clone(),

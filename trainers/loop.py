@@ -406,6 +406,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    from studio.adapters.inject import set_adapter_weights
     from studio.models import load_base
 
     start_time = time.time()
@@ -415,6 +416,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     base = base or load_base(config.model, device=config.device)
+    set_adapter_weights(base, {})  # adapters the app composed with stay attached, but out of training and captions
     accelerator = Accelerator(mixed_precision=config.mixed_precision if base.device.type == "cuda" else "no",
                               cpu=base.device.type == "cpu")
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each

@@ -217,3 +217,28 @@ def test_bad_sizes_and_step_counts_are_refused():
         TrainConfig(rank=0, max_train_steps=-5)
     with pytest.raises(ConfigError, match="break steps ≥ 1"):
         train_b4m(B4MConfig(content=".", style=".", break_steps=0), TrainConfig(output="x"), base=make_random_base())
+
+
+def test_b4m_runs_on_a_base_that_has_held_other_adapters(tmp_path, shape_images, style_images):
+    """The app trains on the base it composes with: peft's wrappers stay on layers an adapter ever touched.
+    B4M finds its layers through them, trains beside them, and hands them back unchanged."""
+    from studio.adapters.inject import attach_adapter, set_adapter_weights
+    from tests.adapters.test_files import make_adapter
+    from trainers import get_method, train
+
+    base = make_random_base()
+    train(TrainConfig(images=shape_images, output="lora", output_dir=tmp_path, max_train_steps=1, rank=2,
+                      train_batch_size=2), get_method("lora"), base=base)
+    attach_adapter(base, make_adapter(base, seed=2), "kept")  # the composer keeps recent adapters loaded
+    set_adapter_weights(base, {"kept": 1.0})
+    before = {name: type(module) for name, module in base.pipe.unet.named_modules()}
+    b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=1, make_steps=1,
+                    aux_images_per_set=2)
+    paths = train_b4m(b4m, TrainConfig(output="after", output_dir=tmp_path, train_batch_size=2), base=base)
+    made = read_adapter(paths[2]).modules["unet"]
+    assert any(path.endswith("attn1.to_q") for path in made) and not any("base_layer" in path for path in made)
+    assert {name: type(module) for name, module in base.pipe.unet.named_modules()} == before
+    fresh = train_b4m(b4m, TrainConfig(output="fresh", output_dir=tmp_path, train_batch_size=2),
+                      base=make_random_base())
+    alone = read_adapter(fresh[2]).modules["unet"]  # the kept adapter took no part in training
+    assert all(torch.equal(made[p].up, alone[p].up) and torch.equal(made[p].down, alone[p].down) for p in made)
