@@ -37,12 +37,13 @@ LIBRARY_COLUMNS = ["name", "kind", "method", "trigger words", "rank", "frequency
 
 
 class Studio:
-    """Server-side state: the loaded base (reloaded only when the user picks another) and the training stop flag."""
+    """Server-side state: the loaded base (reloaded only when the user picks another) and the stop flags."""
 
     def __init__(self, model: str | None = None) -> None:
         self.model_spec = model
         self._base: BaseModel | None = None
         self.stop_training = threading.Event()
+        self.stop_generation = threading.Event()
         self.lock = threading.Lock()
 
     def base(self, spec: str | None = None) -> BaseModel:
@@ -97,10 +98,13 @@ class Studio:
         rows, rest = values[: 4 * ROWS], values[4 * ROWS :]
         request = self.request(rows, *rest)
         progress(0, desc="loading model")
+        self.stop_generation.clear()
         try:
             base = self.base(model)
             gallery, masks = [], []
             for index in progress.tqdm(range(request.num_images), desc="generating"):
+                if self.stop_generation.is_set():
+                    break
                 single = replace(request, seed=request.seed + index, num_images=1)
                 result = generate(base, single)[0]
                 path = save_png(result.image, _output_path(result.recipe["seed"]), result.parameters, result.recipe)
@@ -108,7 +112,10 @@ class Studio:
                 masks += _mask_images(base)
         except StudioError as error:
             raise gr.Error(str(error)) from error
-        return gallery, masks, f"{len(gallery)} image(s) · seed {request.seed} · {request.method}"
+        extras = [label for label, used in (("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove)) if used]
+        stopped = " · stopped" if self.stop_generation.is_set() else ""
+        return gallery, masks, " · ".join([f"{len(gallery)} image(s)", f"seed {request.seed}", request.method,
+                                           *extras]) + stopped
 
     def compare(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
         from studio.eval.compare import COMPOSITION_METHODS, compare_methods
@@ -143,8 +150,9 @@ class Studio:
         if not trigger.strip():
             raise gr.Error("Give the adapter a trigger word, e.g. sks.")
         self.stop_training.clear()
-        folder = _staged_images(files, captions, trigger)
-        name = f"{trigger.strip()}-{method}-{kind}"
+        folder = _staged_images(files, captions)
+        style = _staged_images(style_files, None) if method == "b4m" else None
+        name = _free_name(f"{trigger.strip()}-{method}-{kind}")
         events: queue.Queue = queue.Queue()
         outcome: dict[str, Any] = {}
 
@@ -153,12 +161,16 @@ class Studio:
 
         def work() -> None:
             try:
-                outcome["paths"] = run_training(self.base(model), method, folder, style_files, kind, trigger,
+                outcome["paths"] = run_training(self.base(model), method, folder, style, kind, trigger,
                                                 int(steps), int(rank), float(learning_rate), float(threshold),
                                                 decor_words, name, progress, self.stop_training.is_set,
                                                 b4m_prior)
             except Exception as error:  # reported in the page; the app keeps serving
                 outcome["error"] = error
+            finally:
+                for staged in (folder, style):
+                    if staged is not None:
+                        shutil.rmtree(staged, ignore_errors=True)
 
         with self.lock:
             worker = threading.Thread(target=work, daemon=True)
@@ -171,16 +183,16 @@ class Studio:
                 except queue.Empty:
                     continue
                 if event == "step":
-                    status = f"step {step}/{total} — loss {logs.get('loss', float('nan')):.4f}"
+                    status = f"{logs['method']}: step {step}/{total} — loss {logs.get('loss', float('nan')):.4f}"
                 elif event == "validation":
                     previews += [(p, f"step {step}") for p in logs["images"]]
-                yield status, previews, gr.update()
+                yield status, previews, *_unchanged_lists()
             worker.join()
         if "error" in outcome:
             raise gr.Error(f"Training failed: {outcome['error']}")
         stopped = " (stopped early)" if self.stop_training.is_set() else ""
         written = ", ".join(Path(p).name for p in outcome["paths"])
-        yield f"done{stopped}: {written}", previews, gr.update(choices=adapter_choices())
+        yield f"done{stopped}: {written}", previews, *library_views()
 
     # -- library -----------------------------------------------------------------------------------------------
     def import_file(self, model: str, file: Any):
@@ -190,7 +202,12 @@ class Studio:
 
     @staticmethod
     def export_file(name: str):
-        return _library_action(lambda: export_kohya(_picked(name)), "wrote")
+        """Writes the kohya copy under exports/ and offers it for download."""
+        try:
+            path = export_kohya(_picked(name))
+        except StudioError as error:
+            raise gr.Error(str(error)) from error
+        return f"wrote {path} (kohya layout, for A1111/ComfyUI)", str(path)
 
     @staticmethod
     def delete_file(name: str):
@@ -204,15 +221,36 @@ def _picked(name: str) -> str:
 
 
 def _library_action(action, verb: str):
-    """Run a library operation; studio errors become messages in the page."""
+    """Run a library operation; studio errors become messages in the page. Returns the message and every view of
+    the library (table, the rows' adapter lists, the Library tab's list)."""
     try:
         path = action()
     except StudioError as error:
         raise gr.Error(str(error)) from error
-    return library_table(), f"{verb} {Path(path).name}"
+    return f"{verb} {Path(path).name}", *library_views()
 
 
-def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: str, trigger: str, steps: int,
+def library_views() -> list[Any]:
+    """Fresh values for every view of the library: its table, each Compose row's list and the Library tab's."""
+    choices = adapter_choices()
+    return [library_table(), *[gr.update(choices=choices) for _ in range(ROWS + 1)]]
+
+
+def _unchanged_lists() -> list[Any]:
+    return [gr.update() for _ in range(ROWS + 2)]
+
+
+def _free_name(name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``… when the library already holds it: training never overwrites."""
+    from studio.adapters.library import library_dir
+
+    candidate, index = name, 2
+    while (library_dir() / f"{candidate}.safetensors").exists():
+        candidate, index = f"{name}-{index}", index + 1
+    return candidate
+
+
+def run_training(base: BaseModel, method: str, folder: Path, style: Path | None, kind: str, trigger: str, steps: int,
                  rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
                  should_stop, b4m_prior: str = "square") -> list[Path]:
     """The Train tab's job: one of the studio's trainers on the staged images."""
@@ -228,7 +266,6 @@ def run_training(base: BaseModel, method: str, folder: Path, style_files, kind: 
     if method == "b4m":
         from trainers.b4m import B4MConfig, train_b4m
 
-        style = _staged_images(style_files, None, trigger)
         b4m = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
                         rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
         return train_b4m(b4m, config, base=base, progress=progress, should_stop=should_stop)
@@ -248,7 +285,7 @@ def _file_path(item: Any) -> Path:
     return Path(item if isinstance(item, str | Path) else getattr(item, "name", item["path"]))
 
 
-def _staged_images(files: Sequence[Any], captions: Any, trigger: str) -> Path:
+def _staged_images(files: Sequence[Any], captions: Any) -> Path:
     """Copy uploads into a fresh folder with .txt captions from the caption table (where filled in)."""
     folder = Path(tempfile.mkdtemp(prefix="studio-train-"))
     table = {}
@@ -256,9 +293,12 @@ def _staged_images(files: Sequence[Any], captions: Any, trigger: str) -> Path:
         table = {str(row[0]): str(row[1]) for row in captions.values.tolist() if len(row) > 1 and row[1]}
     for item in files:
         source = _file_path(item)
-        shutil.copyfile(source, folder / source.name)
+        target = folder / source.name
+        if target.exists():  # two uploads of the same name (e.g. 0.png from two folders): keep both
+            target = folder / f"{len(list(folder.iterdir()))}-{source.name}"
+        shutil.copyfile(source, target)
         if table.get(source.name):
-            (folder / source.with_suffix(".txt").name).write_text(table[source.name])
+            target.with_suffix(".txt").write_text(table[source.name])
     return folder
 
 
@@ -314,7 +354,8 @@ def move_row(index: int, delta: int, *values: Any) -> list[Any]:
 
 
 def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
-    """Send a gallery image back to the form (prompt, seed, settings, adapters) from its PNG recipe."""
+    """Send a gallery image back to the form from its PNG recipe: adapters, prompts, seed and settings, and the
+    method's options, Perp-Neg and DECOR, so that Generate draws the same image again."""
     item = gallery[event.index]
     image = item[0] if isinstance(item, list | tuple) else item
     path = image.get("image", {}).get("path") if isinstance(image, dict) else image
@@ -323,13 +364,22 @@ def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
         raise gr.Error("This image carries no studio recipe.")
     rows = []
     adapters = recipe.get("adapters", [])
+    own = recipe.get("adapter_prompts") or []
     for index in range(ROWS):
         if index < len(adapters):
-            rows += [True, Path(str(adapters[index][0])).stem, adapters[index][1], ""]
+            prompt = own[index] if index < len(own) and own[index] != recipe["prompt"] else ""
+            rows += [True, Path(str(adapters[index][0])).stem, adapters[index][1], prompt]
         else:
             rows += [False, None, 1.0, ""]
-    return rows + [recipe["prompt"], recipe.get("negative_prompt", ""), recipe.get("method", "merge"),
-                   recipe["seed"], False, recipe["steps"], recipe["guidance_scale"], recipe["width"]]
+    options = recipe.get("method_options") or {}
+    perp_neg = recipe.get("perp_neg") or []
+    negative = perp_neg[0][0] if perp_neg else recipe.get("negative_prompt", "")
+    return rows + [recipe["prompt"], negative, recipe.get("method", "merge"), recipe["seed"], False,
+                   recipe["steps"], recipe["guidance_scale"], recipe["width"], bool(perp_neg),
+                   perp_neg[0][1] if perp_neg else 1.5, ", ".join(recipe.get("decor_remove") or []),
+                   recipe.get("decor_alpha", 1.0), options.get("interval", 5), options.get("cache_interval", 0),
+                   " | ".join(", ".join(group) for group in options.get("groups") or []),
+                   options.get("uncovered") == "adapters"]
 
 
 # -- layout ----------------------------------------------------------------------------------------------------
@@ -352,7 +402,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
                             enabled = gr.Checkbox(label="on", value=False, scale=0, elem_id=f"row{index}-on")
                             name = gr.Dropdown(choices, value=None, label=f"Adapter {index + 1}",
                                                allow_custom_value=True, scale=3, elem_id=f"row{index}-adapter")
-                            weight = gr.Textbox(label="Weight (−2…2)", value="1.0", scale=1,
+                            weight = gr.Textbox(label="Weight", value="1.0", scale=1,
                                                 elem_id=f"row{index}-weight")
                             own = gr.Textbox(label="Own prompt (CLoRA)", scale=3)
                             up, down = gr.Button("↑", scale=0, min_width=40), gr.Button("↓", scale=0, min_width=40)
@@ -396,8 +446,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
             form = [*rows, prompt, negative, method, switch_interval, cache_interval, clora_words, clora_fill,
                     perp_neg, perp_weight,
                     decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch]
-            event = run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
-            stop.click(None, None, None, cancels=[event])
+            run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
+            stop.click(lambda: studio.stop_generation.set(), None, None)  # ends the batch after the current image
             compare.click(studio.compare, [model_box, *form], comparison, concurrency_id="gpu")
             triggers.click(triggers_for, [prompt, *[c for i in range(ROWS) for c in rows[4 * i : 4 * i + 2]]],
                            prompt)
@@ -405,7 +455,9 @@ def build_app(model: str | None = None) -> gr.Blocks:
                 up.click(lambda *v, i=index: move_row(i, -1, *v), rows, rows)
                 down.click(lambda *v, i=index: move_row(i, 1, *v), rows, rows)
             gallery.select(recipe_to_form, gallery, [*rows, prompt, negative, method, seed, randomize, steps,
-                                                      guidance, size])
+                                                      guidance, size, perp_neg, perp_weight, decor_words,
+                                                      decor_alpha, switch_interval, cache_interval, clora_words,
+                                                      clora_fill])
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column():
@@ -434,28 +486,29 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     status = gr.Markdown(elem_id="train-status")
                     previews = gr.Gallery(label="Previews", columns=4, height=300)
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
-            start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
-                                       train_steps, rank, learning_rate, threshold, train_decor, b4m_prior],
-                        [status, previews, rows[1]], concurrency_id="gpu")
             stop_train.click(lambda: studio.stop_training.set(), None, None)
         with gr.Tab("Library"):
             library = gr.Dataframe(value=library_table(), headers=LIBRARY_COLUMNS, interactive=False,
                                    elem_id="library")
             with gr.Row():
                 upload = gr.File(label="Import adapter (.safetensors)", file_types=[".safetensors"])
-                selected = gr.Dropdown(choices, label="Adapter", allow_custom_value=True)
+                selected = gr.Dropdown(choices, value=None, label="Adapter", allow_custom_value=True)
             with gr.Row():
                 do_import = gr.Button("Import")
                 do_export = gr.Button("Export to kohya (A1111/ComfyUI)")
                 do_delete = gr.Button("Delete", variant="stop")
                 refresh = gr.Button("Refresh")
             library_info = gr.Markdown()
-            do_import.click(studio.import_file, [model_box, upload], [library, library_info])
-            do_export.click(studio.export_file, selected, [library, library_info])
-            do_delete.click(studio.delete_file, selected, [library, library_info])
-            refresh.click(library_table, None, library)
-            refresh.click(lambda: [gr.update(choices=adapter_choices())] * (ROWS + 1), None,
-                          [*[rows[4 * i + 1] for i in range(ROWS)], selected])
+            exported = gr.File(label="Exported file", interactive=False)
+        # every view of the library, refreshed together after training, import, delete and refresh
+        views = [library, *[rows[4 * i + 1] for i in range(ROWS)], selected]
+        start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
+                                   train_steps, rank, learning_rate, threshold, train_decor, b4m_prior],
+                    [status, previews, *views], concurrency_id="gpu")
+        do_import.click(studio.import_file, [model_box, upload], [library_info, *views])
+        do_export.click(studio.export_file, selected, [library_info, exported])
+        do_delete.click(studio.delete_file, selected, [library_info, *views])
+        refresh.click(library_views, None, views)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -200,11 +200,11 @@ def _adapters_inspect(args: argparse.Namespace) -> int:
 
 def _adapters_convert(args: argparse.Namespace) -> int:
     from studio.adapters.file import read_adapter, save_adapter
-    from studio.adapters.library import resolve_adapter
+    from studio.adapters.library import exports_dir, resolve_adapter
 
     source = resolve_adapter(args.file)
     adapter = read_adapter(source)
-    out = Path(args.out) if args.out else source.with_name(f"{source.stem}.{args.to}.safetensors")
+    out = Path(args.out) if args.out else exports_dir() / f"{source.stem}.safetensors"
     if out.resolve() == source.resolve():
         print("studio: error: --out must differ from the input file", file=sys.stderr)
         return 2
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = adapter_commands.add_parser("convert", help="rewrite an adapter in another layout")
     convert.add_argument("file")
     convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
-    convert.add_argument("--out", default=None)
+    convert.add_argument("--out", default=None, help="default: exports/NAME.safetensors under $STUDIO_HOME")
     convert.set_defaults(handler=_adapters_convert)
 
     profile = adapter_commands.add_parser("profile", help="measure and store the CMLoRA frequency profile")

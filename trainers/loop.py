@@ -490,7 +490,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         step += 1
         method.after_step(ctx, step)
         loss_value = accumulated
-        logs = {**ctx.logs, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"method": method.name, **ctx.logs, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         _emit(progress, "step", step, total, logs)

@@ -129,12 +129,18 @@ def delete_adapter(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
+def exports_dir() -> Path:
+    """Where converted copies go (``$STUDIO_HOME/exports``): outside the library, so a copy is not listed as a
+    second adapter, and never beside a shipped file."""
+    return Path(os.environ.get("STUDIO_HOME", ".")) / "exports"
+
+
 def export_kohya(name_or_path: str | os.PathLike) -> Path:
-    """Write ``<name>.kohya.safetensors`` beside the adapter, for A1111/ComfyUI."""
+    """Write the adapter in kohya's layout to ``exports/<name>.safetensors``, ready for A1111/ComfyUI's Lora folder."""
     from studio.adapters.file import save_adapter
 
     path = resolve_adapter(name_or_path)
-    return save_adapter(read_adapter(path), path.with_name(f"{path.stem}.kohya.safetensors"), layout="kohya")
+    return save_adapter(read_adapter(path), exports_dir() / f"{path.stem}.safetensors", layout="kohya")
 
 
 def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:

@@ -62,6 +62,18 @@ def test_recipe_goes_back_to_the_form(studio_env):
     values = app.recipe_to_form(Event(), gallery)
     assert values[:3] == [True, "two", 1.0] and values[16] == "a red solid sks on a white background"
     assert values[19] == 11
+    # Perp-Neg, DECOR and the method's options come back too, and the same form draws the same image
+    settings = form(rows=["one", "two"], method="switch", seed=5, perp_neg=True, negative="a striped shape")
+    settings[25], settings[26] = "red", 0.5  # DECOR words and α
+    settings[19] = 2  # switch interval
+    first, _, _ = studio.generate("", *settings, progress=NoProgress())
+    values = app.recipe_to_form(Event(), first)
+    assert values[16:19] == ["a red solid sks on a white background", "a striped shape", "switch"]
+    assert values[24:30] == [True, 1.5, "red", 0.5, 2, 0]
+    again = form(rows=["one", "two"], method="switch", seed=values[19], perp_neg=values[24], negative=values[17])
+    again[25], again[26], again[19] = values[26], values[27], values[28]
+    second, _, _ = studio.generate("", *again, progress=NoProgress())
+    assert np.array_equal(np.asarray(Image.open(first[0][0])), np.asarray(Image.open(second[0][0])))
 
 
 def test_move_rows_and_trigger_words(studio_env):
@@ -76,12 +88,15 @@ def test_library_import_export_delete(studio_env, tmp_path):
     studio, home = studio_env
     outside = tmp_path / "three.safetensors"
     (home / "adapters" / "one.safetensors").rename(outside)
-    table, message = studio.import_file("", str(outside))
+    message, table, *lists = studio.import_file("", str(outside))
     assert message == "imported three.safetensors" and any(row[0] == "three" for row in table)
-    table, message = studio.export_file("three")
-    assert (home / "adapters" / "three.kohya.safetensors").exists()
-    table, message = studio.delete_file("three")
+    assert len(lists) == app.ROWS + 1 and all("three" in update["choices"] for update in lists)
+    message, download = studio.export_file("three")
+    assert download == str(home / "exports" / "three.safetensors") and download in message
+    assert not (home / "adapters" / "three.kohya.safetensors").exists()  # not a second library entry
+    message, table, *lists = studio.delete_file("three")
     assert not (home / "adapters" / "three.safetensors").exists()
+    assert all("three" not in update["choices"] for update in lists)
     bad = tmp_path / "evil.ckpt"
     bad.write_bytes(b"not safe")
     with pytest.raises(gr.Error, match="only .safetensors"):
@@ -93,9 +108,11 @@ def test_training_from_uploads_reports_progress_and_lands_in_the_library(studio_
     files = sorted(str(p) for p in shape_images.glob("*.png"))
     updates = list(studio.train("", files, None, None, "lora", "content", "sks", 4, 2, 1e-3, 2e-3, ""))
     assert updates[-1][0].startswith("done") and "sks-lora-content.safetensors" in updates[-1][0]
-    assert any(u[0].startswith("step") for u in updates)
+    assert any(u[0].startswith("lora: step ") for u in updates)
     assert (home / "adapters" / "sks-lora-content.safetensors").exists()
-    assert "sks-lora-content" in app.adapter_choices()
+    assert all("sks-lora-content" in update["choices"] for update in updates[-1][3:])  # every adapter list
+    again = list(studio.train("", files, None, None, "lora", "content", "sks", 1, 2, 1e-3, 2e-3, ""))[-1]
+    assert again[0] == "done: sks-lora-content-2.safetensors"  # the first one is not overwritten
 
 
 def test_training_stop_and_bad_input(studio_env, shape_images):
@@ -126,3 +143,19 @@ def test_b4m_from_the_app_takes_the_prior_and_its_stop_ends_the_pipeline(studio_
     basis = home / "adapters" / "sks-b4m-content-work" / "sks-b4m-content.b4m-basis.safetensors"
     with safe_open(str(basis), "pt") as handle:
         assert handle.metadata()["studio.b4m_prior"] == "all"
+
+
+def test_stop_ends_a_batch_after_the_current_image(studio_env):
+    studio, _ = studio_env
+
+    class StopAfterFirst(NoProgress):
+        def tqdm(self, iterable, *args, **kwargs):
+            for index, item in enumerate(iterable):
+                if index == 1:
+                    studio.stop_generation.set()  # the Stop button, pressed while the first image is drawn
+                yield item
+
+    gallery, _, info = studio.generate("", *form(batch=3), progress=StopAfterFirst())
+    assert len(gallery) == 1 and info.endswith("· stopped")
+    gallery, _, info = studio.generate("", *form(batch=2), progress=NoProgress())  # the next run starts afresh
+    assert len(gallery) == 2 and "stopped" not in info
