@@ -405,7 +405,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
                             weight = gr.Textbox(label="Weight", value="1.0", scale=1,
                                                 elem_id=f"row{index}-weight")
                             own = gr.Textbox(label="Own prompt (CLoRA)", scale=3)
-                            up, down = gr.Button("↑", scale=0, min_width=40), gr.Button("↓", scale=0, min_width=40)
+                            with gr.Column(scale=0, min_width=48):  # the two movers stacked, inside the row
+                                up, down = gr.Button("↑", size="sm"), gr.Button("↓", size="sm")
                         rows += [enabled, name, weight, own]
                         movers.append((index, up, down))
                     prompt = gr.Textbox(label="Prompt", value="a red solid sks on a white background",
@@ -429,10 +430,11 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=1, precision=0)
                         randomize = gr.Checkbox(label="Random seed", value=False)
+                        batch = gr.Slider(1, 16, value=2, step=1, label="Batch count")
+                    with gr.Row():
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale")
                         size = gr.Slider(64, 1024, value=64, step=64, label="Size")
-                        batch = gr.Slider(1, 16, value=2, step=1, label="Batch count")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Stop")
@@ -499,7 +501,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
                 do_delete = gr.Button("Delete", variant="stop")
                 refresh = gr.Button("Refresh")
             library_info = gr.Markdown()
-            exported = gr.File(label="Exported file", interactive=False)
+            exported = gr.File(label="Exported file", interactive=False, height=100)
         # every view of the library, refreshed together after training, import, delete and refresh
         views = [library, *[rows[4 * i + 1] for i in range(ROWS)], selected]
         start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
