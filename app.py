@@ -470,8 +470,9 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     style_files = gr.File(label="Style images (Break-for-Make only)", file_count="multiple",
                                           file_types=["image"])
                     train_method = gr.Radio(TRAIN_METHODS, value="lora", label="Method", elem_id="train-method")
-                    kind = gr.Radio(["content", "style"], value="content", label="Kind")
-                    trigger = gr.Textbox(label="Trigger word", value="sks", elem_id="trigger")
+                    kind = gr.Radio(["content", "style"], value="content", label="Kind (not used by Break-for-Make)")
+                    trigger = gr.Textbox(label="Trigger word (Break-for-Make: the content's; the style's is this "
+                                               "word + \"style\", e.g. sksstyle)", value="sks", elem_id="trigger")
                     with gr.Row():
                         train_steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
                         rank = gr.Slider(1, 64, value=4, step=1, label="Rank")
