@@ -314,7 +314,9 @@ def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
     shown = []
     for name, mask in masks.items():
         array = (mask[0].numpy() * 255).astype("uint8")
-        path = OUTPUTS / f"mask-{name}-{len(list(OUTPUTS.glob('mask-*.png'))):05d}.png"
+        folder = OUTPUTS / "masks"  # beside, not among, the images: `studio eval --images outputs/` reads those
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"mask-{name}-{len(list(folder.glob('mask-*.png'))):05d}.png"
         Image.fromarray(array).resize((128, 128), Image.Resampling.NEAREST).save(path)
         shown.append((str(path), "base prompt" if name.startswith("__") else name))
     return shown

@@ -212,7 +212,8 @@ def _adapters_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True,
+                       learning_rate_help: str | None = None) -> None:
     """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
     from trainers.config import TrainConfig
 
@@ -233,7 +234,7 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--network_alpha", "--lora_alpha", dest="network_alpha", type=float, default=None)
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"default {defaults.learning_rate:g} (SaRA: 1e-3·exp(−350θ))")
+                        help=learning_rate_help or f"default {defaults.learning_rate:g} (SaRA: 1e-3·exp(−350θ))")
     parser.add_argument("--text_encoder_lr", type=float, default=None)
     parser.add_argument("--lr_scheduler", default=defaults.lr_scheduler)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=defaults.lr_warmup_steps)
@@ -483,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sara.set_defaults(handler=_train, make_method=_make_sara)
 
     b4m = methods.add_parser("b4m", help="Break-for-Make: content, style and the made content+style adapter")
-    add_training_flags(b4m, images_required=False)
+    add_training_flags(b4m, images_required=False,
+                       learning_rate_help="the break runs' main rate (default 1e-4, the paper's)")
     b4m.add_argument("--content", type=Path, required=True, help="content images")
     b4m.add_argument("--style", type=Path, required=True, help="style images")
     b4m.add_argument("--content-trigger", "--content_trigger", dest="content_trigger", default="sks")

@@ -135,8 +135,11 @@ def adapter_hash(spec: str) -> str:
 def _file_hash(path: str, mtime_ns: int) -> str:
     import hashlib
 
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:  # hashlib.file_digest would need Python 3.11
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage]:

@@ -103,7 +103,12 @@ def test_profiling_a_shipped_adapter_leaves_it_as_installed_and_stores_a_library
     assert main(["adapters", "profile", "zwx-zigzag", "--steps", "2"]) == 0
     assert shipped.read_bytes() == before
     copy = read_adapter(tmp_path / "home" / "adapters" / "zwx-zigzag.safetensors")
-    assert json.loads(copy.metadata["studio.freq_profile"])["n_pairs"] == 8
+    profile = json.loads(copy.metadata["studio.freq_profile"])
+    assert profile["n_pairs"] == 8
+    from studio.adapters.library import list_adapters
+
+    [row] = [r for r in list_adapters() if r.path == copy.path]
+    assert row.frequency_class == profile["class"]  # the library shows CMLoRA's class once profiled
 
 
 def test_generate_without_out_numbers_images_as_a1111_and_never_overwrites(tmp_path, monkeypatch, capsys):

@@ -43,8 +43,17 @@ class AdapterSummary:
             ranks=tuple(sorted(set(adapter.ranks().values()))),
             base_family=adapter.base_family,
             base_fingerprint=adapter.metadata.get("studio.base_fingerprint"),
-            frequency_class=adapter.metadata.get("studio.frequency_class"),
+            frequency_class=_frequency_class(adapter),
         )
+
+
+def _frequency_class(adapter: AdapterFile) -> str | None:
+    """CMLoRA's H/L class from the profile ``studio adapters profile`` stores (none until profiled)."""
+    raw = adapter.metadata.get("studio.freq_profile")
+    try:
+        return json.loads(raw).get("class") if raw else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def list_adapters(folders: list[Path] | None = None,

@@ -1,5 +1,7 @@
 """The app's handlers called as plain functions."""
 
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ def test_clora_shows_masks(studio_env):
     _, masks, _ = studio.generate("", *form(prompt="a oneword and a twoword", rows=["one", "two"], method="clora"),
                                   progress=NoProgress())
     assert len(masks) == 3 and all(Image.open(path).size == (128, 128) for path, _ in masks)
+    assert all(Path(path).parent.name == "masks" for path, _ in masks)  # not among the images `eval` reads
     gallery, _, _ = studio.generate("", *form(prompt="a oneword and a twoword", rows=["one", "two"], method="clora",
                                               clora_words="oneword | twoword", clora_fill=True),
                                     progress=NoProgress())
