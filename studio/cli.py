@@ -213,7 +213,7 @@ def _adapters_convert(args: argparse.Namespace) -> int:
 
 
 def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True,
-                       learning_rate_help: str | None = None) -> None:
+                       learning_rate_help: str | None = None, target_modules_help: str | None = None) -> None:
     """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
     from trainers.config import TrainConfig
 
@@ -260,6 +260,9 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
                         metavar="WORDS", help="DECOR: comma-separated words projected out of the captions")
     parser.add_argument("--decor-alpha", "--decor_alpha", dest="decor_alpha", type=float, default=None)
     parser.add_argument("--save_as", dest="export_layout", choices=["diffusers", "kohya"], default="diffusers")
+    parser.add_argument("--target_modules", nargs="+", default=None,
+                        help=target_modules_help or "layers the LoRA trains (default: to_q to_k to_v to_out.0; add "
+                        "conv1 conv2 for the ResNet convolutions, as the demo adapters do)")
     parser.add_argument("--device", default=None)
 
 
@@ -270,6 +273,8 @@ def train_config_from_args(args: argparse.Namespace):
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
     values["decor_remove"] = [w.strip() for w in ",".join(values.get("decor_remove", [])).split(",") if w.strip()]
     return TrainConfig(**values)
 
@@ -485,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b4m = methods.add_parser("b4m", help="Break-for-Make: content, style and the made content+style adapter")
     add_training_flags(b4m, images_required=False,
-                       learning_rate_help="the break runs' main rate (default 1e-4, the paper's)")
+                       learning_rate_help="the break runs' main rate (default 1e-4, the paper's)",
+                       target_modules_help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, "
+                                           "the default) and/or ResNet convolutions (conv1 conv2)")
     b4m.add_argument("--content", type=Path, required=True, help="content images")
     b4m.add_argument("--style", type=Path, required=True, help="style images")
     b4m.add_argument("--content-trigger", "--content_trigger", dest="content_trigger", default="sks")
@@ -503,9 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
     b4m.add_argument("--break_steps", type=positive_int, default=1000)
     b4m.add_argument("--make_steps", type=non_negative_int, default=1000)
     b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
-    b4m.add_argument("--target_modules", nargs="+", default=None,
-                     help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, the default) "
-                          "and/or ResNet convolutions (conv1 conv2)")
     b4m.add_argument("--b4m_prior", choices=["square", "all"], default="square",
                      help="orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all "
                           "layers, so the content run can learn where the paper's B_f = 0")

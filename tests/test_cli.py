@@ -160,3 +160,13 @@ def test_the_cli_offers_exactly_the_pipelines_composition_methods():
     from studio.cli import COMPOSITION_METHODS
 
     assert COMPOSITION_METHODS == tuple(METHODS)
+
+
+def test_train_lora_takes_target_modules(tmp_path, shape_images, monkeypatch):
+    from studio.adapters.file import read_adapter
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    assert main(["train", "lora", "--images", str(shape_images), "--output", "wide", "--max_train_steps", "1",
+                 "--rank", "2", "--target_modules", "to_k", "conv1"]) == 0
+    paths = read_adapter(tmp_path / "home" / "adapters" / "wide.safetensors").modules["unet"]
+    assert {path.rsplit(".", 1)[-1] for path in paths} == {"to_k", "conv1"}
