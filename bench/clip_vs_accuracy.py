@@ -32,8 +32,8 @@ def main() -> None:
     torch.set_num_threads(1)
     base, scorer, evaluator = load_base(args.model), load_clip(), DomainEvaluator.load()
     cases = grid_cases(args.n, held_out=False, seed=11)
-    images = np.concatenate([generate_batch(base, [c.prompt for c in cases[i : i + 25]], range(i, i + 25))
-                             for i in range(0, args.n, 25)])[: args.n]
+    images = np.concatenate([generate_batch(base, [c.prompt for c in cases[i : i + 25]], range(i, min(i + 25, args.n)))
+                             for i in range(0, args.n, 25)])
     pictures = [Image.fromarray(a) for a in images]
     right = scorer.clip_t(pictures, [c.prompt for c in cases])
     rng = np.random.default_rng(0)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every README benchmark of the embedded model, on the CPU, in two queues (one per core, one thread each).
+# Every README benchmark of the shipped embedded model, on the CPU, in two queues (one per core, one thread each);
+# bench.token_probe's figures came from an earlier export (`--model DIR`) and are not rerun here.
 #
 #   bash bench/cpu.sh [OUTPUT_DIR]        # default: bench/results/cpu
 #
@@ -21,7 +22,7 @@ run() {  # run NAME ARGS...: one benchmark, its output (tables and errors) to OU
 }
 
 queue_a() {
-    run prompt_following bench.prompt_following --n 300 --pairs 100
+    run prompt_following bench.prompt_following --n 150 --pairs 100
     run adapters bench.adapters --n 50
     run two_subjects bench.two_subjects --n 60
     run perp_neg_texture bench.perp_neg --case texture

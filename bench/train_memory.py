@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image size (tiny: 64, sd15: 256 on CPU)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=None, help="trainable values (default: 1% of the UNet)")
+    parser.add_argument("--budget", type=int, default=None, help="trainable values (default: 1%% of the UNet)")
     parser.add_argument("--one", choices=METHODS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():

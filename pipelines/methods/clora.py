@@ -86,7 +86,7 @@ class CLoRA(CompositionMethod):
         self.step_size, self.temperature, self.mask_threshold = step_size, temperature, mask_threshold
         self.alter_fraction, self.iterative_fractions = alter_fraction, tuple(iterative_fractions)
         self.extra_rounds, self.apply_mask_after = extra_rounds, apply_mask_after
-        self.capture_resolution = capture_resolution
+        self.capture_resolution = self.requested_resolution = capture_resolution
         if uncovered not in ("base", "adapters"):
             raise ConfigError(f"CLoRA: uncovered must be 'base' or 'adapters', not {uncovered!r}")
         self.uncovered = uncovered
@@ -136,6 +136,8 @@ class CLoRA(CompositionMethod):
         return [(BASE_KEY, BASE, 0)] + [(name, name, i + 1) for i, (name, _) in enumerate(self.adapters)]
 
     def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
+        if step == 0:  # an image smaller than the requested maps has no layer that large: use its latent grid
+            self.capture_resolution = min(self.requested_resolution, *latents.shape[-2:])
         last, iterative = self._alter_steps()
         if step >= last or not any(self.indices):
             return latents

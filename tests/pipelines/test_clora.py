@@ -97,3 +97,12 @@ def test_each_mask_comes_from_its_own_concept_and_fusion_fills_the_rest(setup, u
 def test_unknown_uncovered_choice_is_refused():
     with pytest.raises(ConfigError, match="uncovered"):
         CLoRA(uncovered="nowhere")
+
+
+def test_clora_on_an_image_smaller_than_its_maps_captures_at_the_latent_size(setup):  # noqa: F811
+    pipe, paths = setup
+    image = pipe(PROMPT, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                 adapters=[(paths[0], 1.0), (paths[1], 1.0)], method="clora",
+                 method_options={"groups": [["red"], ["blue"]]}, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    assert all(mask.shape[-1] == 32 // pipe.vae_scale_factor for mask in pipe.last_masks.values())
