@@ -27,7 +27,7 @@ def adapter_family(adapter: AdapterFile) -> str | None:
 
 def validate_adapter(adapter: AdapterFile, base) -> None:
     """Raise :class:`AdapterError` unless every module of ``adapter`` fits ``base`` (a ``BaseModel``)."""
-    name = adapter.name
+    name = adapter.path.name if adapter.path else adapter.name  # the file the user passed, not ss_output_name
     declared = adapter_family(adapter)
     if declared and declared != base.family and base.family != "custom":
         raise AdapterError(f"adapter '{name}' was trained for a {declared} base; this base is {base.family}")

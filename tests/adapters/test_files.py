@@ -143,6 +143,10 @@ def test_adapter_for_another_base_is_refused(tmp_path, random_base):
     other.metadata["studio.base_family"] = "sdxl"
     with pytest.raises(AdapterError, match="trained for a sdxl base"):
         attach_adapter(random_base, other, "xl")
+    other.metadata["ss_output_name"] = "last"
+    path = save_adapter(other, tmp_path / "downloaded_v2.safetensors")
+    with pytest.raises(AdapterError, match="adapter 'downloaded_v2.safetensors' was trained for"):  # the user's file
+        attach_adapter(random_base, read_adapter(path), "xl")
 
 
 def test_missing_module_and_nan_are_refused(random_base):
