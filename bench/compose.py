@@ -15,7 +15,9 @@ many adapters attached but few active.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
+import shutil
 import time
 
 import numpy as np
@@ -48,6 +50,7 @@ def setup(args) -> tuple:
     from bench.random_sd import random_loras, sd15_folder
 
     work = Path(tempfile.mkdtemp(prefix="studio-bench-sd15-"))
+    atexit.register(shutil.rmtree, work, True)  # trained files and models are for this run only
     base = load_base(sd15_folder(work / "model"))
     return base, random_loras(base, max(4, args.active), work), "a photo of a red moon in zigzag style"
 

@@ -169,8 +169,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
-    work = Path(tempfile.mkdtemp(prefix=f"studio-bench-{args.part}-"))
-    {"b4m": b4m, "leakage": leakage}[args.part](args, base, evaluator, work)
+    with tempfile.TemporaryDirectory(prefix=f"studio-bench-{args.part}-") as work:
+        {"b4m": b4m, "leakage": leakage}[args.part](args, base, evaluator, Path(work))
 
 
 if __name__ == "__main__":

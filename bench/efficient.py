@@ -12,6 +12,8 @@ without the trigger (all-attribute accuracy, against the base's on the same prom
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +84,7 @@ def main() -> None:
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
+    atexit.register(shutil.rmtree, work, True)  # trained files and models are for this run only
     images = render_demo_images(work / "style", "style", count=5, trigger=args.trigger, concept=args.texture)
     trained = train_all(base, images, work / "out", args.max_train_steps, methods,
                         {"learning_rate": args.sara_lr, "threshold": args.sara_threshold,
