@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
-from studio.adapters.library import library_dir
 from studio.adapters.metadata import adapter_metadata
 from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
@@ -481,8 +480,7 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
         raise ConfigError(f"B4M needs rank ≥ 1, break steps ≥ 1 and make steps ≥ 0 (0: assemble only), not "
                           f"{b4m.rank}, {b4m.break_steps} and {b4m.make_steps}")
     base = base or load_base(config.model, device=config.device)
-    output_dir = Path(config.output_dir) if config.output_dir else library_dir()
-    work = output_dir / f"{config.output}-work"
+    output_dir, work = config.output_folder(), config.work_folder()
     work.mkdir(parents=True, exist_ok=True)
     b4m = replace(b4m, content_prompt=b4m.content_prompt or f"a {b4m.content_trigger} shape",
                   style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")

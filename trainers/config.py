@@ -55,6 +55,16 @@ class TrainConfig:
     export_layout: str = "diffusers"  # diffusers | kohya
     device: str | None = None
 
+    def output_folder(self) -> Path:
+        """Where the adapter goes: ``output_dir``, else the adapter library."""
+        from studio.adapters.library import library_dir
+
+        return Path(self.output_dir) if self.output_dir else library_dir()
+
+    def work_folder(self) -> Path:
+        """The run's checkpoints, previews and class images: ``<output>-work`` beside the adapter."""
+        return self.output_folder() / f"{self.output}-work"
+
     def __post_init__(self) -> None:
         from studio.errors import ConfigError
 

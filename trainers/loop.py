@@ -390,9 +390,7 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
 
     Checkpoints, previews and class images go to ``<output>-work`` beside the adapter; a run that leaves nothing
     there (finished or failed) removes the folder."""
-    from studio.adapters.library import library_dir
-
-    work_dir = (Path(config.output_dir) if config.output_dir else library_dir()) / f"{config.output}-work"
+    work_dir = config.work_folder()
     try:
         return _train(config, method, progress, base, should_stop, work_dir)
     finally:

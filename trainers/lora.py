@@ -125,10 +125,7 @@ class LoraMethod(TrainingMethod):
 
 
 def output_path(ctx: TrainingContext, suffix: str = "") -> Path:
-    from studio.adapters.library import library_dir
-
-    folder = Path(ctx.config.output_dir) if ctx.config.output_dir else library_dir()
-    return folder / f"{ctx.config.output}{suffix}.safetensors"
+    return ctx.config.output_folder() / f"{ctx.config.output}{suffix}.safetensors"
 
 
 def trigger_words(ctx: TrainingContext) -> list[str]:
