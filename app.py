@@ -19,7 +19,7 @@ import gradio as gr
 from studio.adapters.library import (
     AdapterSummary,
     delete_adapter,
-    export_kohya,
+    export_adapter,
     import_adapter,
     list_adapters,
     resolve_adapter,
@@ -204,7 +204,7 @@ class Studio:
     def export_file(name: str):
         """Writes the kohya copy under exports/ and offers it for download."""
         try:
-            path = export_kohya(_picked(name))
+            path = export_adapter(_picked(name))
         except StudioError as error:
             raise gr.Error(str(error)) from error
         return f"wrote {path} (kohya layout, for A1111/ComfyUI)", str(path)

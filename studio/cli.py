@@ -199,16 +199,9 @@ def _adapters_inspect(args: argparse.Namespace) -> int:
 
 
 def _adapters_convert(args: argparse.Namespace) -> int:
-    from studio.adapters.file import read_adapter, save_adapter
-    from studio.adapters.library import exports_dir, resolve_adapter
+    from studio.adapters.library import export_adapter
 
-    source = resolve_adapter(args.file)
-    adapter = read_adapter(source)
-    out = Path(args.out) if args.out else exports_dir() / f"{source.stem}.safetensors"
-    if out.resolve() == source.resolve():
-        print("studio: error: --out must differ from the input file", file=sys.stderr)
-        return 2
-    print(save_adapter(adapter, out, layout=args.to))
+    print(export_adapter(args.file, args.to, args.out))
     return 0
 
 

@@ -13,8 +13,13 @@ from studio.errors import AdapterError
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "adapters"
 
 
+def studio_home() -> Path:
+    """The studio's own folder: ``$STUDIO_HOME``, else the working folder."""
+    return Path(os.environ.get("STUDIO_HOME", "."))
+
+
 def library_dir() -> Path:
-    return Path(os.environ.get("STUDIO_HOME", ".")) / "adapters"
+    return studio_home() / "adapters"
 
 
 @dataclass(frozen=True)
@@ -138,18 +143,18 @@ def delete_adapter(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def exports_dir() -> Path:
-    """Where converted copies go (``$STUDIO_HOME/exports``): outside the library, so a copy is not listed as a
-    second adapter, and never beside a shipped file."""
-    return Path(os.environ.get("STUDIO_HOME", ".")) / "exports"
-
-
-def export_kohya(name_or_path: str | os.PathLike) -> Path:
-    """Write the adapter in kohya's layout to ``exports/<name>.safetensors``, ready for A1111/ComfyUI's Lora folder."""
+def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
+                   out: str | os.PathLike | None = None) -> Path:
+    """Write the adapter in ``layout`` to ``out``, by default ``$STUDIO_HOME/exports/<name>.safetensors`` (kohya's
+    layout: ready for A1111/ComfyUI's Lora folder). Exports stay outside the library, so a copy is not listed as a
+    second adapter, and never land beside a shipped file."""
     from studio.adapters.file import save_adapter
 
-    path = resolve_adapter(name_or_path)
-    return save_adapter(read_adapter(path), exports_dir() / f"{path.stem}.safetensors", layout="kohya")
+    source = resolve_adapter(name_or_path)
+    destination = Path(out) if out else studio_home() / "exports" / f"{source.stem}.safetensors"
+    if destination.resolve() == source.resolve():
+        raise AdapterError(f"the export of {source.name} must go to another file")
+    return save_adapter(read_adapter(source), destination, layout=layout)
 
 
 def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:
