@@ -232,8 +232,9 @@ def _library_action(action, verb: str):
 
 def library_views() -> list[Any]:
     """Fresh values for every view of the library: its table, each Compose row's list and the Library tab's."""
-    choices = adapter_choices()
-    return [library_table(), *[gr.update(choices=choices) for _ in range(ROWS + 1)]]
+    summaries = list_adapters()  # one read of every adapter file serves all the views
+    choices = adapter_choices(summaries)
+    return [library_table(summaries), *[gr.update(choices=choices) for _ in range(ROWS + 1)]]
 
 
 def _unchanged_lists() -> list[Any]:
@@ -322,16 +323,16 @@ def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
     return shown
 
 
-def adapter_choices() -> list[str]:
-    return [row.name for row in list_adapters()]
+def adapter_choices(summaries: Sequence[AdapterSummary] | None = None) -> list[str]:
+    return [row.name for row in (list_adapters() if summaries is None else summaries)]
 
 
-def library_table() -> list[list[str]]:
+def library_table(summaries: Sequence[AdapterSummary] | None = None) -> list[list[str]]:
     def row(a: AdapterSummary) -> list[str]:
         return [a.name, a.kind or "", a.method, ", ".join(a.trigger_words), "/".join(map(str, a.ranks)),
                 a.frequency_class or "", f"{a.base_family or ''} {a.base_fingerprint or ''}".strip(), str(a.path)]
 
-    return [row(a) for a in list_adapters()]
+    return [row(a) for a in (list_adapters() if summaries is None else summaries)]
 
 
 def triggers_for(prompt: str, *rows: Any) -> str:
@@ -389,7 +390,8 @@ def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
 
 def build_app(model: str | None = None) -> gr.Blocks:
     studio = Studio(model)
-    choices = adapter_choices()
+    summaries = list_adapters()
+    choices = adapter_choices(summaries)
     with gr.Blocks(title="Adapter Studio") as demo:
         gr.Markdown("# Adapter Studio")
         model_box = gr.Textbox(label="Base model (empty = the embedded tiny-sd; or a folder / .safetensors file)",
@@ -493,7 +495,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
             stop_train.click(lambda: studio.stop_training.set(), None, None)
         with gr.Tab("Library"):
-            library = gr.Dataframe(value=library_table(), headers=LIBRARY_COLUMNS, interactive=False,
+            library = gr.Dataframe(value=library_table(summaries), headers=LIBRARY_COLUMNS, interactive=False,
                                    elem_id="library")
             with gr.Row():
                 upload = gr.File(label="Import adapter (.safetensors)", file_types=[".safetensors"])
