@@ -15,19 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
+from PIL import Image
 
+from frontends.cli import add_app_flags
+from frontends.compare import COMPOSITION_METHODS, compare_methods
+from frontends.generate import GenerationRequest, generate
+from pipelines.loading import load_base
+from studio.adapters.file import read_adapter
 from studio.adapters.library import (
     AdapterSummary,
     delete_adapter,
     export_adapter,
     import_adapter,
+    library_dir,
     list_adapters,
     resolve_adapter,
 )
 from studio.errors import StudioError
-from studio.generate import GenerationRequest, generate
-from studio.models import BaseModel, load_base
+from studio.eval.domain import DomainEvaluator
+from studio.models import BaseModel
 from studio.png import default_outputs, numbered_png, read_recipe, save_png
+from trainers import TrainConfig, get_method, train
+from trainers.b4m import B4MConfig, train_b4m
+from trainers.sara import SaraConfig, SaraMethod
 
 OUTPUTS = default_outputs()
 ROWS = 4  # adapter stack rows, as in Fooocus
@@ -118,9 +129,6 @@ class Studio:
                                            *extras]) + stopped
 
     def compare(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
-        from studio.eval.compare import COMPOSITION_METHODS, compare_methods
-        from studio.eval.domain import DomainEvaluator
-
         rows, rest = values[: 4 * ROWS], values[4 * ROWS :]
         request = self.request(rows, *rest)
         if not request.adapters:
@@ -243,8 +251,6 @@ def _unchanged_lists() -> list[Any]:
 
 def _free_name(name: str) -> str:
     """``name``, or ``name-2``, ``name-3``… when the library already holds it: training never overwrites."""
-    from studio.adapters.library import library_dir
-
     candidate, index = name, 2
     while (library_dir() / f"{candidate}.safetensors").exists():
         candidate, index = f"{name}-{index}", index + 1
@@ -255,8 +261,6 @@ def run_training(base: BaseModel, method: str, folder: Path, style: Path | None,
                  rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
                  should_stop, b4m_prior: str = "square") -> list[Path]:
     """The Train tab's job: one of the studio's trainers on the staged images."""
-    from trainers import TrainConfig, get_method, train
-
     decor = [w.strip() for w in decor_words.split(",") if w.strip()]
     config = TrainConfig(images=folder, instance_prompt=f"a {trigger} shape" if kind == "content" else
                          f"a shape in {trigger} style", trigger_words=[trigger], kind=kind, output=name,
@@ -265,14 +269,10 @@ def run_training(base: BaseModel, method: str, folder: Path, style: Path | None,
                          else f"a red {trigger} circle on a white background", validation_steps=max(1, steps // 4),
                          num_validation_images=1)
     if method == "b4m":
-        from trainers.b4m import B4MConfig, train_b4m
-
         b4m = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
                         rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
         return train_b4m(b4m, config, base=base, progress=progress, should_stop=should_stop)
     if method == "sara":
-        from trainers.sara import SaraConfig, SaraMethod
-
         trainer = SaraMethod(SaraConfig(threshold=threshold))
     else:
         trainer = get_method(method)
@@ -309,8 +309,6 @@ def _output_path(seed: int) -> Path:
 
 def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
     """CLoRA's masks of the last image, as grey PNGs beside it."""
-    from PIL import Image
-
     masks = getattr(base.pipe, "last_masks", {}) or {}
     shown = []
     for name, mask in masks.items():
@@ -337,8 +335,6 @@ def library_table(summaries: Sequence[AdapterSummary] | None = None) -> list[lis
 
 def triggers_for(prompt: str, *rows: Any) -> str:
     """Append the trigger words of the enabled adapters to the prompt (from their metadata)."""
-    from studio.adapters.file import read_adapter
-
     words = []
     for index in range(ROWS):
         enabled, name = rows[2 * index], rows[2 * index + 1]
@@ -521,8 +517,6 @@ def build_app(model: str | None = None) -> gr.Blocks:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from studio.cli import add_app_flags
-
     parser = argparse.ArgumentParser(description="Adapter Studio web app")
     add_app_flags(parser)
     return parser.parse_args(argv)
@@ -534,8 +528,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """Launch the app with parsed flags (``--host --port --share --auth --model``)."""
-    import torch
-
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("STUDIO_THREADS", "1")))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -23,29 +24,23 @@ import torch
 
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
-from pipelines.decor import check_alpha
+from pipelines.decor import check_alpha, decor_blocks, project_blocks
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
 from pipelines.methods import make_method
-from pipelines.methods.base import Prediction, Route
+from pipelines.methods.base import Conditioning, Prediction, Route
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
+from studio.adapters.file import read_adapter
+from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter, set_adapter_weights
+from studio.adapters.library import resolve_adapter
 from studio.errors import ConfigError
+from studio.models import BaseModel, detect_family, fingerprint
+from studio.text import clean_prompt
 
 logger = logging.getLogger(__name__)
 
 AdapterSpec = tuple[str | Path, float] | str | Path
-
-
-@dataclass
-class Conditioning:
-    """One prompt's embeddings for every guidance branch ([uncond, cond, negatives…]); SDXL adds pooled ones."""
-
-    hidden: list[torch.Tensor]
-    pooled: list[torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.hidden)
 
 
 class CompositionEngine:
@@ -58,10 +53,6 @@ class CompositionEngine:
 
     def studio_base(self):
         """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
-        import json
-
-        from studio.models import BaseModel, detect_family, fingerprint
-
         if getattr(self, "_studio_base", None) is None:
             domain_file = Path(str(self.config.get("_name_or_path") or "")) / "studio_model.json"
             domain = json.loads(domain_file.read_text()) if domain_file.is_file() else None
@@ -86,8 +77,6 @@ class CompositionEngine:
     @classmethod
     def from_base(cls, base) -> CompositionEngine:
         """A composition pipeline sharing the modules of a loaded studio ``BaseModel``."""
-        from dataclasses import replace
-
         pipe = cls(**base.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         pipe._studio_base = replace(base, pipe=pipe)
@@ -101,10 +90,6 @@ class CompositionEngine:
 
     def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
         """Load (or reuse) each adapter; returns (attached name, weight) in the user's order."""
-        from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
-        from studio.adapters.library import resolve_adapter
-
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
         resolved = []
@@ -142,8 +127,6 @@ class CompositionEngine:
         single-adapter routes of one pass type share one batched UNet call. Returns the predictions and, with
         ``capture_resolution``, each route's conditional cross-attention maps. ``kv`` caches the text-side
         projections across steps: each call is keyed by its routing, its prompts and the active weights."""
-        from studio.adapters.inject import set_adapter_weights
-
         batch, count = len(latents), len(conditions[0])
         width = batch * count
         results: dict[str, Prediction] = {}
@@ -219,8 +202,6 @@ class CompositionEngine:
                           given: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> Conditioning:
         """Prompt embeddings [uncond, cond, negatives…]; DECOR projects the conditional one only (METHODS §5.1).
         ``given`` holds the caller's ``prompt_embeds`` and ``negative_prompt_embeds``, used instead of encoding."""
-        from studio.text import clean_prompt
-
         batch = len(prompts) * per_prompt
 
         def encode(texts: list[str], repeat: str, embeds: torch.Tensor | None = None
@@ -235,8 +216,6 @@ class CompositionEngine:
 
         cond = encode(prompts, "each", given[0])
         if decor_remove:
-            from pipelines.decor import decor_blocks, project_blocks
-
             cond = (project_blocks(cond[0], decor_blocks(self, decor_remove, decor_rank), decor_alpha), cond[1])
         if perp_negatives:  # the unconditional input becomes the empty prompt
             branches = [encode([""], "all"), cond] + [encode([text], "all") for text, _ in perp_negatives]
@@ -289,8 +268,6 @@ class CompositionEngine:
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
-        from studio.adapters.inject import set_adapter_weights
-
         managed = set(self._loaded().values())
         set_adapter_weights(self.studio_base(), dict(resolved), managed)  # text encoded with every adapter active
         self._active_weights = tuple(sorted(resolved))
@@ -444,7 +421,5 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 
 def _frequency_profile(adapter) -> dict:
-    import json
-
     raw = adapter.metadata.get("studio.freq_profile")
     return json.loads(raw) if raw else {}

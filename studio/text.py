@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 
 import ftfy
+from transformers import CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408
 START_TOKEN = "<|startoftext|>"
@@ -58,7 +59,5 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_TOKEN):
     """A transformers ``CLIPTokenizer`` with CLIP's real vocabulary, built offline."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = clip_bpe()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from studio.cli import main, parse_adapter_spec, parse_option, parse_weighted_text
+from frontends.cli import main, parse_adapter_spec, parse_option, parse_weighted_text
 from studio.errors import ConfigError
 from studio.png import read_recipe
 
@@ -156,8 +156,8 @@ def test_adapters_list_names_files_as_they_are_used_and_reports_unreadable_ones(
 
 
 def test_the_cli_offers_exactly_the_pipelines_composition_methods():
+    from frontends.cli import COMPOSITION_METHODS
     from pipelines.methods import METHODS
-    from studio.cli import COMPOSITION_METHODS
 
     assert COMPOSITION_METHODS == tuple(METHODS)
 

@@ -5,25 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from studio.errors import ConfigError
+from trainers.colora import CoLoRAMethod
 from trainers.config import TrainConfig
 from trainers.loop import TrainingMethod, TrainResult, train
+from trainers.lora import LoraMethod
+from trainers.sara import SaraMethod
 
 
 def _lora() -> TrainingMethod:
-    from trainers.lora import LoraMethod
-
     return LoraMethod()
 
 
 def _sara() -> TrainingMethod:
-    from trainers.sara import SaraMethod
-
     return SaraMethod()
 
 
 def _colora() -> TrainingMethod:
-    from trainers.colora import CoLoRAMethod
-
     return CoLoRAMethod()
 
 

@@ -29,11 +29,14 @@ import numpy as np
 import torch
 import torch.nn.utils.parametrize as parametrize
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+from pipelines.loading import load_base
+from studio.adapters.file import AdapterFile, LoraModule, read_adapter, save_adapter
 from studio.adapters.metadata import adapter_metadata
+from studio.data import procedural
 from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
 from studio.files import atomic_path
@@ -156,8 +159,6 @@ def save_basis(basis: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
 
 def check_basis_recipe(path: Path, recipe: dict[str, str]) -> None:
     """A resumed run must continue on the basis it started with: refuse one drawn for other settings."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as handle:
         stored = handle.metadata() or {}
     differ = [f"{key.removeprefix('studio.')} {stored[key]} (now {value})" for key, value in recipe.items()
@@ -251,8 +252,6 @@ def procedural_aux_sets(kind: str, folder: Path, per_set: int, seed: int, trigge
     As in the official recipe ("A pet in w@z yarn art style"), each caption names the *other* run's trigger
     beside the set's own concept ("a red zwx striped heart …", "a red dotted sks circle …"), so the auxiliary half
     learns under prompts shaped like the final composed one."""
-    from studio.data import procedural
-
     rng = np.random.default_rng(seed)
     sets = []
     choices = ("striped", "dotted", "checkered") if kind == "style" else ("circle", "square", "heart")
@@ -399,8 +398,6 @@ class B4MMake(_PLPMethod):
         self.started_at = 0.0
 
     def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
-        from studio.adapters.file import read_adapter
-
         self.started_at = time.time()
         basis = load_file(str(self.basis_path))
         content, style = read_adapter(self.content_file), read_adapter(self.style_file)
@@ -472,8 +469,6 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
 
     ``should_stop`` (the app's Stop button) ends the running stage early, writes its adapter, and starts no later
     stage, so a stop returns only the files of the stages begun."""
-    from studio.models import load_base
-
     if b4m.content is None or b4m.style is None:
         raise ConfigError("B4M needs --content DIR and --style DIR")
     if b4m.rank < 1 or b4m.break_steps < 1 or b4m.make_steps < 0:

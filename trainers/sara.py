@@ -21,16 +21,18 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
-from studio.errors import ConfigError
+from studio.errors import AdapterError, ConfigError
 from studio.files import atomic_path
 from trainers.loop import TrainingContext, TrainingMethod
 from trainers.lora import output_path, training_metadata
@@ -99,8 +101,6 @@ class SaraMethod(TrainingMethod):
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
-        import time
-
         self.started_at = time.time()
         self.seed = ctx.config.seed
         unet = ctx.base.pipe.unet
@@ -268,10 +268,6 @@ def lora_from_deltas(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, torch.S
 
 def read_sparse_delta(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]], dict]:
     """Read a SaRA sparse-delta file: per tensor (indices, values, shape), and its metadata."""
-    from safetensors import safe_open
-
-    from studio.errors import AdapterError
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -291,8 +287,6 @@ def apply_sparse_delta(unet: nn.Module, deltas: dict, alpha: float = 1.0) -> Non
     parameters = {plain_name(n): p for n, p in unet.named_parameters() if "lora_" not in n}
     for name, (index, values, shape) in deltas.items():
         if name not in parameters or parameters[name].shape != shape:
-            from studio.errors import AdapterError
-
             raise AdapterError(f"sparse delta for {name} does not fit this UNet")
         parameters[name].view(-1).index_add_(0, index.to(parameters[name].device),
                                             alpha * values.to(parameters[name].dtype))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.guidance import weighted_mean
+
 
 @dataclass(frozen=True)
 class Route:
@@ -23,6 +25,17 @@ class Route:
     merged: Mapping[str, float] | None = None
     cache: str = "off"
     prompt: int = 0  # which prompt's embeddings: 0 = the main prompt, i = the i-th adapter's own prompt
+
+
+@dataclass
+class Conditioning:
+    """One prompt's embeddings for every guidance branch ([uncond, cond, negatives…]); SDXL adds pooled ones."""
+
+    hidden: list[torch.Tensor]
+    pooled: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.hidden)
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,6 @@ class Prediction:
 
 def fuse_weighted(predictions: Sequence[Prediction], weights: Sequence[float]) -> Prediction:
     """Weighted mean of several evaluations, per conditioning (fuse first, guide after)."""
-    from pipelines.guidance import weighted_mean
-
     return Prediction(tuple(weighted_mean([p.conditions[i] for p in predictions], weights)
                             for i in range(len(predictions[0].conditions))))
 

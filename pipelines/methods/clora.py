@@ -30,17 +30,16 @@ import torch.nn.functional as F
 
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import masked_fusion
-from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.methods.base import CompositionMethod, Conditioning, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
 from studio.errors import ConfigError
+from studio.text import clean_prompt
 
 BASE_KEY = "__clora_base__"
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Positions of ``word``'s tokens in ``prompt`` (position 0 is BOS), every occurrence."""
-    from studio.text import clean_prompt
-
     ids = tokenizer(clean_prompt(prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
     pieces = tokenizer(clean_prompt(word), add_special_tokens=False).input_ids
     found = []
@@ -142,8 +141,6 @@ class CLoRA(CompositionMethod):
         if step >= last or not any(self.indices):
             return latents
         rounds = 1 + (self._extra_rounds() if step in iterative else 0)
-        from pipelines.engine import Conditioning
-
         routes = self._routes()
         batch = len(latents)
         conditional = [Conditioning([conditions[p].hidden[1]], None if conditions[p].pooled is None

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.file import AdapterFile
+from studio.adapters.file import AdapterFile, LoraModule, read_adapter
 from studio.adapters.keys import module_path_in, to_file_path
 from studio.adapters.validate import validate_adapter
 from studio.errors import AdapterError
@@ -147,8 +147,6 @@ def detach_adapter(base, name: str) -> None:
 
 def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> str:
     """Read, validate, attach and activate one adapter file; returns the name it is attached under."""
-    from studio.adapters.file import read_adapter
-
     attached = attach_adapter(base, read_adapter(path), name)
     set_adapter_weights(base, {attached: weight})
     return attached
@@ -156,8 +154,6 @@ def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> st
 
 def adapter_from_layers(base, name: str) -> AdapterFile:
     """The weights of attached adapter ``name`` as an :class:`AdapterFile` (how trainers export)."""
-    from studio.adapters.file import LoraModule
-
     modules: dict[str, dict[str, LoraModule]] = {}
     for component, path, layer in lora_layers(base):
         if name in layer.lora_A:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from studio import __version__
+from studio.errors import ConfigError
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "tiny": "adapter_studio_tiny",
                       "custom": "custom"}
@@ -39,8 +40,6 @@ def adapter_metadata(
 ) -> dict[str, str]:
     """String metadata for a safetensors header (values that are not strings are JSON-encoded)."""
     if kind not in ("content", "style", "content+style"):
-        from studio.errors import ConfigError
-
         raise ConfigError(f"kind must be 'content', 'style' or 'content+style', not {kind!r}")
     values: dict[str, Any] = {
         "ss_output_name": name,

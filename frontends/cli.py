@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
+
+import torch
+
+from frontends.build.demo_adapters import DEMO_DIR, build_demo_adapters, render_demo_images
+from frontends.build.domain_clip import DOMAIN_CLIP, train_domain_clip
+from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
+from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
+from frontends.generate import GenerationRequest, generate
+from pipelines.frequency import profile_adapter, store_profile
+from pipelines.loading import load_base
+from studio.adapters.file import read_adapter
+from studio.adapters.library import (
+    SHIPPED,
+    describe,
+    export_adapter,
+    library_dir,
+    list_adapters,
+    plot_ranks,
+    resolve_adapter,
+)
+from studio.data import procedural
+from studio.errors import ConfigError, StudioError
+from studio.eval.report import evaluate_folder, format_table
+from studio.files import atomic_write
+from studio.png import default_outputs, numbered_png, save_png
+from trainers import get_method, train
+from trainers.b4m import TARGETS, B4MConfig, train_b4m
+from trainers.colora import CoLoRAConfig, CoLoRAMethod
+from trainers.config import TrainConfig
+from trainers.sara import SaraConfig, SaraMethod
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    from studio.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
-
     config = TinyBuildConfig(seed=args.seed)
     if args.max_train_steps is not None:
         config.diffusion_steps = args.max_train_steps
@@ -22,10 +53,6 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _build_evaluator(args: argparse.Namespace) -> int:
-    import torch
-
-    from studio.eval.domain import DEFAULT_EVALUATOR, train_evaluator
-
     torch.set_num_threads(1)
     accuracy = train_evaluator(args.output or DEFAULT_EVALUATOR, steps=args.max_train_steps, seed=args.seed)
     print(" ".join(f"{name}={value:.3f}" for name, value in accuracy.items()))
@@ -33,10 +60,6 @@ def _build_evaluator(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from studio.generate import GenerationRequest, generate
-    from studio.models import load_base
-    from studio.png import default_outputs, numbered_png, save_png
-
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device, scheduler=args.scheduler)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=args.seed,
@@ -60,8 +83,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def parse_adapter_spec(text: str) -> tuple[str, float]:
     """``FILE[:WEIGHT]`` → (file, weight); a weight that is not a number is an error."""
-    from studio.errors import ConfigError
-
     source, sep, weight = text.rpartition(":")
     if not sep or "/" in weight or weight.endswith(".safetensors"):
         return text, 1.0
@@ -85,10 +106,6 @@ def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:
 def parse_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as int, float, true/false, a JSON list (``groups=[["red"],["blue"]]``), or
     kept as text."""
-    import json
-
-    from studio.errors import ConfigError
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"method option {text!r} must look like KEY=VALUE")
@@ -107,10 +124,6 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def _single_thread_on_cpu() -> None:
     """One thread: on 2-core machines two threads spin-wait and one generation varied from 0.7 s to 50 s."""
-    import os
-
-    import torch
-
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("STUDIO_THREADS", "1")))
 
@@ -163,8 +176,6 @@ def add_app_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _adapters_list(args: argparse.Namespace) -> int:
-    from studio.adapters.library import list_adapters
-
     skipped: list[tuple[Path, str]] = []
     rows = list_adapters(skipped=skipped)
     if not rows:
@@ -184,23 +195,14 @@ def _adapters_list(args: argparse.Namespace) -> int:
 
 
 def _adapters_inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from studio.adapters.file import read_adapter
-    from studio.adapters.library import describe, resolve_adapter
-
     adapter = read_adapter(resolve_adapter(args.file))
     print(json.dumps(describe(adapter), indent=2))
     if args.plot:
-        from studio.adapters.library import plot_ranks
-
         print(plot_ranks(adapter, args.plot), file=sys.stderr)
     return 0
 
 
 def _adapters_convert(args: argparse.Namespace) -> int:
-    from studio.adapters.library import export_adapter
-
     print(export_adapter(args.file, args.to, args.out))
     return 0
 
@@ -208,8 +210,6 @@ def _adapters_convert(args: argparse.Namespace) -> int:
 def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True,
                        learning_rate_help: str | None = None, target_modules_help: str | None = None) -> None:
     """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
-    from trainers.config import TrainConfig
-
     defaults = TrainConfig()
     parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=images_required)
     parser.add_argument("--instance_prompt", default=None, help="caption for images without a .txt sidecar")
@@ -260,10 +260,6 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from dataclasses import fields
-
-    from trainers.config import TrainConfig
-
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "target_modules" in values:
@@ -273,8 +269,6 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _make_sara(args: argparse.Namespace):
-    from trainers.sara import SaraConfig, SaraMethod
-
     return SaraMethod(SaraConfig(
         threshold=args.threshold, target_params=args.target_params, lambda_rank=args.lambda_rank,
         rank_penalty_layers=args.rank_penalty_layers, progressive=args.progressive, scope=args.scope,
@@ -282,8 +276,6 @@ def _make_sara(args: argparse.Namespace):
 
 
 def _make_colora(args: argparse.Namespace):
-    from trainers.colora import CoLoRAConfig, CoLoRAMethod
-
     return CoLoRAMethod(CoLoRAConfig(
         score=args.score, probe_rank=args.probe_rank, probe_steps=args.probe_steps,
         probe_learning_rate=args.probe_learning_rate, budget_rank=args.budget_rank, min_rank=args.min_rank,
@@ -291,8 +283,6 @@ def _make_colora(args: argparse.Namespace):
 
 
 def _train_b4m(args: argparse.Namespace) -> int:
-    from trainers.b4m import TARGETS, B4MConfig, train_b4m
-
     _single_thread_on_cpu()
     config = train_config_from_args(args)
     rate = args.learning_rate or 1e-4
@@ -311,8 +301,6 @@ def _train_b4m(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainers import get_method, train
-
     _single_thread_on_cpu()
     config = train_config_from_args(args)
     method = args.make_method(args) if hasattr(args, "make_method") else get_method(args.method)
@@ -324,12 +312,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapters_profile(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.frequency import profile_adapter, store_profile
-    from studio.adapters.library import SHIPPED, library_dir, resolve_adapter
-    from studio.models import load_base
-
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device)
     path = resolve_adapter(args.file)
@@ -344,9 +326,6 @@ def _adapters_profile(args: argparse.Namespace) -> int:
 
 
 def _build_demo_adapters(args: argparse.Namespace) -> int:
-    from studio.build.demo_adapters import DEMO_DIR, build_demo_adapters
-    from studio.models import load_base
-
     _single_thread_on_cpu()
     base = load_base(args.model) if args.model else None
     overrides = {field: value for field, value in (("steps", args.max_train_steps), ("images", args.images),
@@ -358,9 +337,6 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
 
 
 def _demo_images(args: argparse.Namespace) -> int:
-    from studio.build.demo_adapters import render_demo_images
-    from studio.data import procedural
-
     kind = "content" if args.concept in procedural.RESERVED_SHAPES else "style"
     render_demo_images(args.folder, kind, count=args.count, seed=args.seed, trigger=args.trigger,
                        concept=args.concept, pairs=args.pairs if kind == "content" else 0)
@@ -369,8 +345,6 @@ def _demo_images(args: argparse.Namespace) -> int:
 
 
 def _build_clip(args: argparse.Namespace) -> int:
-    from studio.eval.clip import DOMAIN_CLIP, train_domain_clip
-
     _single_thread_on_cpu()
     report = train_domain_clip(args.output or DOMAIN_CLIP, steps=args.max_train_steps, seed=args.seed)
     print(" ".join(f"{k}={v:.3f}" for k, v in report.items()))
@@ -378,11 +352,6 @@ def _build_clip(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from studio.eval.report import evaluate_folder, format_table
-    from studio.files import atomic_write
-
     _single_thread_on_cpu()
     report = evaluate_folder(args.images, args.prompts, args.reference, tuple(args.metrics.split(",")),
                              args.clip_model, args.clip_weights)
@@ -563,8 +532,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from studio.errors import StudioError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

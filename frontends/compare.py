@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from frontends.generate import GeneratedImage, GenerationRequest, generate
 from studio.eval.domain import DomainEvaluator
-from studio.generate import GeneratedImage, GenerationRequest, generate
 from studio.models import BaseModel
 
 COMPOSITION_METHODS = ("merge", "switch", "composite", "cmlora", "clora")

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from studio.build import components
+from frontends.build import components
 from studio.data import procedural
 from studio.files import atomic_torch_save, cache_dir
 from studio.text import build_clip_tokenizer
@@ -321,8 +322,6 @@ class TinyBuilder:
     # -- export -----------------------------------------------------------------------------------------------
     def export(self, vae, text_encoder, unet, scaling: float, step: int) -> None:
         """Write the fp16 diffusers folder to ``export_dir`` atomically (build beside it, then swap)."""
-        from diffusers import StableDiffusionPipeline
-
         pipe = StableDiffusionPipeline(
             vae=_half_copy(vae, components.make_vae),
             text_encoder=_half_copy(text_encoder, components.make_text_encoder),
