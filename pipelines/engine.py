@@ -386,7 +386,8 @@ class CompositionEngine:
             "negative_crops_coords_top_left": negative_crops_coords_top_left,
             "negative_target_size": negative_target_size})
         step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank)
+        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
+                             timesteps is not None or sigmas is not None)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
             decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
         self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -686,13 +687,15 @@ def _finite_number(value: Any, what: str) -> float:
     return float(value)
 
 
-def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int,
-                         decor_alpha: float, decor_rank: int | None) -> None:
+def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int | None,
+                         decor_alpha: float, decor_rank: int | None, custom_schedule: bool = False) -> None:
     """diffusers' ``check_inputs`` for what the engine reads itself: clear errors instead of failures deep in the
     loop (a batch mismatch inside attention, a division by zero inside the scheduler)."""
     if prompt is None and prompt_embeds is None:
         raise ConfigError("Provide either `prompt` or `prompt_embeds`")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    counted = not (custom_schedule and num_inference_steps is None)  # custom timesteps or sigmas set the number
+    if counted and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                    or num_inference_steps < 1):
         raise ConfigError(f"num_inference_steps must be a whole number ≥ 1, not {num_inference_steps!r}")
     check_alpha(decor_alpha)  # also without words to remove: a wrong α is a mistake either way
     if decor_rank is not None and decor_rank < 1:
