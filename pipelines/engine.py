@@ -508,7 +508,8 @@ class CompositionEngine:
 
     def activate_adapters(self, resolved: Sequence[tuple[str, float]], cross_attention_kwargs: dict | None,
                           scope: contextlib.ExitStack) -> tuple[float | None, dict | None]:
-        """Activate the studio's adapters of this call at their weights (the rest of the studio's off). Without
+        """Activate the studio's adapters of this call at their weights (the rest of the studio's off) for the
+        block. Without
         any, diffusers' own adapters stay as diffusers left them and the ``scale`` of ``cross_attention_kwargs``
         works as in stock; with some, diffusers' own become the shared base for the block (scaled by it).
         Returns the LoRA scale for the text encoders and the ``cross_attention_kwargs`` for the UNet."""
@@ -521,6 +522,9 @@ class CompositionEngine:
         scale = (cross_attention_kwargs or {}).get("scale")
         if not resolved:
             return scale, cross_attention_kwargs
+        # afterwards the pipeline is as diffusers left it: fuse_lora, get_active_adapters or a stock pipeline
+        # sharing the modules see none of the studio's adapters
+        scope.callback(set_adapter_weights, self.studio_base(), {}, managed)
         scope.enter_context(shared_base(self.studio_base(), managed, 1.0 if scale is None else float(scale)))
         rest = {k: v for k, v in (cross_attention_kwargs or {}).items() if k != "scale"}
         return None, rest or None
