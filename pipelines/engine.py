@@ -473,7 +473,7 @@ class CompositionEngine:
                                                       composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
-                                                  guidance_rescale, [w for _, w in negatives], guided)
+                                                  guidance_rescale, [w for _, w in negatives], conditions[0].guided)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                     if step_callback:
                         latents = self.call_back(step_callback, step, t, latents, conditions, kv)
@@ -533,13 +533,18 @@ class CompositionEngine:
                   conditions: list[Conditioning], kv: CrossKVCache) -> torch.Tensor:
         """``callback_on_step_end`` with the loop's tensors as diffusers names them (``prompt_embeds``: the main
         prompt's branches, concatenated as diffusers' UNet batch); returned ``latents`` and embeddings are used
-        from the next step on. Returns the latents."""
+        from the next step on, and a callback that switches guidance off (diffusers' CFG cut-off) leaves every
+        prompt its conditional branch. Returns the latents."""
         main = conditions[0]
         tensors = {"latents": latents, "prompt_embeds": torch.cat(main.hidden),
                    "negative_prompt_embeds": main.hidden[0] if main.guided else None}
         if main.pooled is not None:
             tensors.update(add_text_embeds=torch.cat(main.pooled), add_time_ids=torch.cat(main.time_ids))
         outputs = callback(self, step, timestep, tensors)
+        if main.guided and not self.do_classifier_free_guidance:  # guidance switched off (CFG cut-off callbacks)
+            conditions[:] = [c.branch(c.cond_index) for c in conditions]
+            main = conditions[0]
+            kv.entries.clear()
         parts = {"prompt_embeds": "hidden", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
         changed = {field: outputs[name].chunk(len(main)) for name, field in parts.items()
                    if outputs.get(name) is not None and outputs[name] is not tensors.get(name)}

@@ -176,6 +176,15 @@ def test_callback_may_change_guidance_and_embeddings_as_stock(pair):
         <= TOLERANCE
 
 
+def test_diffusers_cfg_cutoff_callback_as_stock(pair):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    assert difference(*pair, callback_on_step_end=cutoff) <= TOLERANCE
+    assert not pair[1].do_classifier_free_guidance
+    assert np.abs(pair[1](**inputs(callback_on_step_end=cutoff)).images - pair[1](**inputs()).images).max() > 1e-5
+
+
 def test_interrupt_and_properties_as_stock(pair):
     def stop(pipe, step, timestep, tensors):
         if step == 1:

@@ -118,6 +118,13 @@ def test_callback_with_added_conditions_and_interrupt_as_stock(pair):
     assert ours.interrupt and ours.num_timesteps == stock.num_timesteps == 4
 
 
+def test_diffusers_cfg_cutoff_callback_as_stock(pair):
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    assert difference(*pair, callback_on_step_end=SDXLCFGCutoffCallback(
+        cutoff_step_ratio=None, cutoff_step_index=1)) <= TOLERANCE
+
+
 def test_custom_timesteps_as_stock(pair):
     assert difference(*pair, num_inference_steps=None, timesteps=[999, 600, 200]) <= TOLERANCE
 
