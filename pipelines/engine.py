@@ -23,7 +23,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from pipelines.attention_capture import capture_cross_attention
-from pipelines.call_contract import StepCallback, denoising_schedule, guidance_embedding, refuse_sdxl_arguments
+from pipelines.call_contract import (
+    StepCallback,
+    denoising_schedule,
+    guidance_embedding,
+    refuse_combinations,
+    refuse_sdxl_arguments,
+)
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha
 from pipelines.guidance import cfg
@@ -378,13 +384,13 @@ class CompositionEngine:
         legacy = _legacy_callback(kwargs)
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
-        refuse_sdxl_arguments(self, {
-            "prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "pooled_prompt_embeds": pooled_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left, "target_size": target_size,
-            "negative_original_size": negative_original_size,
-            "negative_crops_coords_top_left": negative_crops_coords_top_left,
-            "negative_target_size": negative_target_size})
+        sizes = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size, "negative_original_size": negative_original_size,
+                 "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                 "negative_target_size": negative_target_size}  # SDXL's size conditioning
+        refuse_sdxl_arguments(self, {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2,
+                                     "pooled_prompt_embeds": pooled_prompt_embeds,
+                                     "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, **sizes})
         step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
@@ -402,13 +408,8 @@ class CompositionEngine:
         given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                                        pooled_prompt_embeds, negative_pooled_prompt_embeds, perp_neg,
                                        composer.uses_adapter_prompts)
-        if perp_neg and not guided:
-            raise ConfigError("Perp-Neg is a guidance rule: it needs guidance_scale > 1 (and a UNet without a "
-                              "guidance embedding)")
         ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
-        if ip_adapter and composer.capture_resolution is not None:
-            raise ConfigError(f"method {method_name!r} reads cross-attention maps, which IP-Adapter's attention "
-                              "processors would give up; generate without ip_adapter_image")
+        refuse_combinations(method_name, composer, bool(perp_neg), guided, ip_adapter)
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
@@ -439,16 +440,12 @@ class CompositionEngine:
             conditions = [self.encode_conditions(texts, text if index == 0 else replace(text, prompt_2=None))
                           for index, texts in enumerate(prompt_sets)]
             dtype = conditions[0].hidden[-1].dtype
-            sizes = self.size_conditions(height, width, {
-                "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
-                "target_size": target_size, "negative_original_size": negative_original_size,
-                "negative_crops_coords_top_left": negative_crops_coords_top_left,
-                "negative_target_size": negative_target_size}, dtype)
+            time_ids = self.size_conditions(height, width, sizes, dtype)
             images = None
             if ip_adapter:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
-            conditions = [with_extras(c, sizes, images, batch, device) for c in conditions]
+            conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
             composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
             composer.bind(self, [texts[0] for texts in prompt_sets])
             latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device,
