@@ -132,12 +132,16 @@ class CompositionEngine:
 
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
+        loaded = self._loaded()
+        if loaded:  # diffusers' unload_lora_weights / delete_adapters remove the studio's adapters too
+            present = set(attached_adapters(self.studio_base()))
+            for key in [key for key, name in loaded.items() if name not in present]:
+                del loaded[key]
         resolved = []
         for spec in adapters or []:
             source, weight = adapter_spec(spec)
             path = resolve_adapter(source)
             key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-            loaded = self._loaded()
             if key not in loaded:
                 adapter = read_adapter(path)
                 name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))

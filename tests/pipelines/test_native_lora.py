@@ -80,6 +80,14 @@ def test_a_native_adapter_keeps_its_state_after_composition(setup):
         assert active == active2 and scaling == scaling2 and grad == grad2 and torch.equal(weight, weight2)
 
 
+def test_adapters_removed_the_diffusers_way_are_attached_again(setup):
+    stock, ours, (native, studio) = setup
+    first = run(ours, adapters=[(studio, 0.7)], method="composite")
+    stock.unload_lora_weights()  # removes every LoRA layer, the studio's included
+    assert np.abs(run(ours) - run(stock)).max() <= TOLERANCE
+    assert np.abs(run(ours, adapters=[(studio, 0.7)], method="composite") - first).max() <= TOLERANCE
+
+
 @pytest.mark.parametrize("method", ["merge", "switch", "composite", "cmlora", "clora"])
 def test_every_method_takes_diffusers_loop_arguments(setup, method):
     from diffusers import EulerDiscreteScheduler
