@@ -3,7 +3,9 @@
 Each step the method plans its evaluations; the shared step runs every single-adapter evaluation of one pass
 type as one batched UNet call with per-sample adapter routing; the method fuses; a guidance combiner (CFG or
 Perp-Neg) makes the final noise estimate. A pipeline class supplies only how text is encoded
-(:meth:`CompositionEngine.encode_texts`) and the UNet's added conditions (SDXL's pooled text and time ids).
+(:meth:`CompositionEngine.encode_texts`), SDXL's size conditioning, decoding and its output type. Around the loop
+the engine keeps diffusers' ``__call__`` contract (:mod:`pipelines.call_contract`); without ``adapters=`` it
+evaluates exactly what diffusers' loop evaluates, so the images are stock's.
 """
 
 from __future__ import annotations
