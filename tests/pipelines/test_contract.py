@@ -347,3 +347,23 @@ def test_ip_adapter_reaches_every_route_of_a_composition(tmp_path):
         pipe(**run, ip_adapter_image=image, method="clora")
     with pytest.raises(ConfigError, match="Perp-Neg is a guidance rule"):
         pipe(**run, guidance_scale=1.0, negative_prompt="blue", perp_neg=True)
+
+
+def test_safety_checker_runs_as_stock():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    _, processor = tiny_image_encoder()
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16))
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # below any cosine: every image is flagged and blacked out
+    components = {**sd_components(), "safety_checker": checker, "feature_extractor": processor}
+    stock = StableDiffusionPipeline(**components)
+    ours = CompositionPipeline(**components)
+    expected, got = stock(**inputs()), ours(**inputs())
+    assert got.nsfw_content_detected == expected.nsfw_content_detected == [True]
+    assert np.abs(got.images - expected.images).max() <= TOLERANCE and not got.images.any()
