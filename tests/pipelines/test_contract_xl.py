@@ -154,3 +154,31 @@ def test_ip_adapter_as_stock():
     stock, ours = pipelines({**components, "image_encoder": encoder, "feature_extractor": processor})
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert difference(stock, ours, ip_adapter_image=image) <= TOLERANCE
+
+
+def test_merge_over_a_diffusers_lora_equals_stock_with_both(tmp_path):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.conftest import make_random_sdxl_base
+
+    ours = make_random_sdxl_base().pipe
+    stock = StableDiffusionXLPipeline(**ours.components)
+    stock.set_progress_bar_config(disable=True)
+    files = []
+    for seed in (1, 2):  # diffusers-format files, as save_lora_weights writes them; the studio reads them too
+        add_lora(ours.unet, "scratch", seed)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(ours.unet, adapter_name="scratch"))
+        ours.unet.delete_adapters("scratch")
+        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers,
+                                                    weight_name=f"{seed}.safetensors")
+        files.append(tmp_path / f"{seed}.safetensors")
+    stock.load_lora_weights(files[0], adapter_name="native")
+    stock.load_lora_weights(files[1], adapter_name="other")
+    stock.set_adapters(["native", "other"], [1.0, 0.7])
+    both = stock(**inputs()).images
+    stock.set_adapters(["native"])
+    alone = stock(**inputs()).images
+    assert np.abs(ours(**inputs(adapters=[(files[1], 0.7)])).images - both).max() <= TOLERANCE
+    assert np.abs(alone - both).max() > 1e-3
+    assert np.abs(ours(**inputs()).images - alone).max() <= TOLERANCE
