@@ -29,13 +29,28 @@ class Route:
 
 @dataclass
 class Conditioning:
-    """One prompt's embeddings for every guidance branch ([uncond, cond, negatives…]); SDXL adds pooled ones."""
+    """One prompt's UNet conditioning for every guidance branch ([uncond, cond, negatives…], or [cond] alone when
+    guidance is off); SDXL adds pooled embeddings and time ids, IP-Adapter image embeddings (one per adapter)."""
 
     hidden: list[torch.Tensor]
     pooled: list[torch.Tensor] | None = None
+    time_ids: list[torch.Tensor] | None = None
+    images: list[list[torch.Tensor]] | None = None
+    guided: bool = True
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    @property
+    def cond_index(self) -> int:
+        """Where the conditional branch is."""
+        return 1 if self.guided else 0
+
+    def branch(self, index: int) -> Conditioning:
+        """Branch ``index`` alone (CLoRA's conditional-only attention pass)."""
+        return Conditioning([self.hidden[index]], *(None if part is None else [part[index]]
+                                                    for part in (self.pooled, self.time_ids, self.images)),
+                            guided=False)
 
 
 @dataclass(frozen=True)
