@@ -31,14 +31,13 @@ from bench.random_sd import random_loras, sd15_folder
 from bench.two_subjects import PAIRS
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.loading import load_base
+from pipelines.methods import METHODS
 from studio.adapters.file import read_adapter
 from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
-
-METHODS = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 def demo_adapters() -> list[str]:

@@ -62,7 +62,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
     start = time.perf_counter()
     config = TrainConfig(output="b4m", output_dir=work / "out", seed=args.seed, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
-        content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
+        content=content, style=style, rank=args.rank, learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)

@@ -53,7 +53,7 @@ from studio.adapters.inject import (
 from studio.adapters.library import resolve_adapter
 from studio.errors import ConfigError
 from studio.models import BaseModel, detect_family, fingerprint
-from studio.text import clean_prompt
+from studio.text import clean_prompt, split_words
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class CompositionEngine:
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
-            decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
+            decor_remove = split_words(decor_remove)
         self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip

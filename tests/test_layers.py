@@ -131,3 +131,14 @@ def test_no_import_cycles():
                                            ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True)])
 def test_the_cycle_finder_finds_cycles(graph, cyclic):
     assert any(len(c) > 1 for c in strongly_connected(graph)) is cyclic
+
+
+def test_the_composition_methods_are_listed_once():
+    """Front doors and benchmarks read ``pipelines.methods.METHODS``; none types the list out again."""
+    from pipelines.methods import METHODS
+
+    names = list(METHODS)
+    literal = ", ".join(f'"{name}"' for name in names[:2])
+    copies = [str(path.relative_to(ROOT)) for name, path in project_modules().items()
+              if name != "pipelines.methods" and literal in path.read_text()]
+    assert not copies, f"{literal}… typed out again in: {', '.join(copies)}"

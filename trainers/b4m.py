@@ -51,27 +51,38 @@ PRIORS = ("square", "all")  # where the orthogonal prior goes: the paper's squar
 
 @dataclass
 class B4MConfig:
-    content: Path | None = None
-    style: Path | None = None
-    content_trigger: str = "sks"
-    style_trigger: str = "zwx"
-    content_prompt: str | None = None  # caption of content images without .txt; default "a {trigger} shape"
-    style_prompt: str | None = None
-    aux_style: list[Path] = field(default_factory=list)
-    aux_content: list[Path] = field(default_factory=list)
-    rank: int = 64
-    main_learning_rate: float = 1e-4
-    style_learning_rate: float | None = None  # the style run's main rate; None: main_learning_rate
-    aux_learning_rate: float = 1e-5
-    make_learning_rate: float = 1e-4
-    break_steps: int = 1000
-    make_steps: int = 1000
-    make_optimizer: str = "riemannian"  # riemannian | adamw
+    """B4M's options; a field with ``help`` is a ``studio train b4m`` flag (``rank``, ``learning_rate`` and
+    ``target_modules`` are the shared training flags of the same names)."""
+
+    content: Path | None = field(default=None, metadata={"help": "content images", "required": True})
+    style: Path | None = field(default=None, metadata={"help": "style images", "required": True})
+    content_trigger: str = field(default="sks", metadata={"help": "the content concept's trigger word"})
+    style_trigger: str = field(default="zwx", metadata={"help": "the style's trigger word"})
+    content_prompt: str | None = field(default=None, metadata={
+        "help": "caption for content images without .txt (default: 'a TRIGGER shape')"})
+    style_prompt: str | None = field(default=None, metadata={
+        "help": "caption for style images without .txt (default: 'a shape in TRIGGER style')"})
+    aux_style: list[Path] = field(default_factory=list, metadata={"help": "auxiliary style images, repeatable"})
+    aux_content: list[Path] = field(default_factory=list, metadata={"help": "auxiliary content images, repeatable"})
+    rank: int = 64  # rank of each PLP half
+    learning_rate: float = 1e-4  # the break runs' main rate (the paper's)
+    style_learning_rate: float | None = field(default=None, metadata={
+        "help": "the style break run's rate (default: --learning_rate)"})
+    aux_learning_rate: float = field(default=1e-5, metadata={"help": "the auxiliary sets' rate"})
+    make_learning_rate: float | None = field(default=None, metadata={
+        "help": "the make stage's rate (default: --learning_rate)"})
+    break_steps: int = field(default=1000, metadata={"help": "steps of each break run"})
+    make_steps: int = field(default=1000, metadata={"help": "steps of the make stage (0: assemble only)", "min": 0})
+    make_optimizer: str = field(default="riemannian", metadata={
+        "help": "the make stage's optimizer", "choices": ("riemannian", "adamw")})
     riemannian_lambda: float = 1e-6
     mcp_isolation: bool = True
     aux_images_per_set: int = 8
     target_modules: tuple[str, ...] = TARGETS  # attention projections (Linear) and/or ResNet convs (Conv2d)
-    prior: str = "square"  # orthogonal prior on square layers (the paper's) or on "all" layers
+    prior: str = field(default="square", metadata={
+        "help": "orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all layers, "
+                "so the content run can learn where the paper's B_f = 0", "choices": ("square", "all"),
+        "aliases": ("--b4m_prior",)})
 
 
 # --- PLP layers ---------------------------------------------------------------------------------------------
@@ -357,7 +368,7 @@ class B4MBreak(_PLPMethod):
         ctx.base.pipe.unet.requires_grad_(False)
         self.plp = PLPAdapter(ctx.base.pipe.unet, load_file(str(self.basis_path)))
         self.aux = [encode_folder(ctx, folder) for folder in self.aux_folders]
-        main_rate = self.b4m.main_learning_rate
+        main_rate = self.b4m.learning_rate
         if self.main == "style" and self.b4m.style_learning_rate:
             main_rate = self.b4m.style_learning_rate
         return [{"params": self.plp.halves(self.main_side), "lr": main_rate},
@@ -416,7 +427,8 @@ class B4MMake(_PLPMethod):
         ctx.base.pipe.unet.requires_grad_(False)
         self.plp = PLPAdapter(ctx.base.pipe.unet, made)
         self.style = encode_folder(ctx, self.b4m.style, self.b4m.style_prompt)
-        return [{"params": self.plp.halves("A") + self.plp.halves("B"), "lr": self.b4m.make_learning_rate}]
+        rate = self.b4m.make_learning_rate or self.b4m.learning_rate
+        return [{"params": self.plp.halves("A") + self.plp.halves("B"), "lr": rate}]
 
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         generator = ctx.generator(step)

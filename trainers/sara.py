@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,20 @@ logger = logging.getLogger(__name__)
 class SaraConfig:
     """SaRA's own options (the shared loop's options live in TrainConfig)."""
 
-    threshold: float | None = 2e-3  # θ; ignored when target_params is set
-    target_params: int | None = None  # train the N smallest-|w| weights instead
-    lambda_rank: float = 5e-4  # nuclear-norm weight; the paper's best grid point is 5e-3
-    rank_penalty_layers: str = "random_one"  # random_one | all
+    threshold: float | None = field(default=2e-3, metadata={"help": "θ: train weights with |w| < θ"})
+    target_params: int | None = field(default=None, metadata={
+        "help": "train exactly the N smallest-|w| weights (instead of --threshold)"})
+    lambda_rank: float = field(default=5e-4, metadata={
+        "help": "nuclear-norm weight (the paper's best grid point is 5e-3)"})
+    rank_penalty_layers: str = field(default="random_one", metadata={
+        "help": "layers the nuclear norm penalises each step", "choices": ("random_one", "all")})
     rank_penalty_min_dim: int = 64  # only 2-D updates with min(shape) ≥ this are penalised
-    progressive: bool = True  # re-select at T/2
-    scope: str = "all"  # all | weights_only | attention_only
+    progressive: bool = field(default=True, metadata={"help": "re-select the trained weights at T/2"})
+    scope: str = field(default="all", metadata={
+        "help": "which tensors take part", "choices": ("all", "weights_only", "attention_only")})
     learning_rate: float | None = None  # None: 1e-3·exp(−350θ) (paper eq. 12)
-    lora_rank: int | None = None  # fixed rank of the extracted LoRA; None: by energy
+    lora_rank: int | None = field(default=None, metadata={
+        "help": "rank of the extracted LoRA (default: by energy)"})
     lora_energy: float = 0.9  # share of each ΔW's squared singular values the LoRA keeps
 
 

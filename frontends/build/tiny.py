@@ -5,9 +5,9 @@ which ``pair_fraction`` of the samples are two-object scenes. Before it, the VAE
 kinds of image, because a VAE trained on single objects decodes a second color poorly; the encoder stays fixed,
 so the latents of the single-object stage keep their meaning.
 
-Until the fifth session the VAE's initial weights were not seeded (torch seeds its default generator at random
-in every process), so the shipped VAE, and the latents every later stage trained on, cannot be rebuilt bit for
-bit; a build from scratch now is reproducible and makes an equivalent model, not the same one.
+The shipped VAE was trained before its initial weights were seeded (torch seeds its default generator at random
+in every process), so it, and the latents every later stage trained on, cannot be rebuilt bit for bit; a build
+from scratch is reproducible and makes an equivalent model, not the same one.
 
 Every stage is seeded and resumable: state lives in a cache folder outside the repository (default
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
