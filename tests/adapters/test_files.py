@@ -181,10 +181,18 @@ def test_truncated_and_pickle_files_are_refused(tmp_path, random_base):
         read_adapter(safe)
 
 
-def test_lycoris_files_are_refused_with_a_reason(tmp_path):
+@pytest.mark.parametrize(("parts", "algorithm"), [(("oft_blocks",), "OFT"), (("a1.weight", "a2.weight"), "GLoRA")])
+def test_unsupported_lycoris_algorithms_are_refused_by_name(tmp_path, parts, algorithm):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"lora_unet_x.{part}": torch.zeros(2, 2) for part in parts}, str(path))
+    with pytest.raises(AdapterError, match=f"odd.safetensors.*{algorithm}"):
+        read_adapter(path)
+
+
+def test_an_incomplete_loha_module_names_the_missing_part(tmp_path):
     path = tmp_path / "loha.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(AdapterError, match="LyCORIS"):
+    with pytest.raises(AdapterError, match="loha.safetensors: module x lacks its hada_w1_b"):
         read_adapter(path)
 
 
