@@ -317,9 +317,11 @@ def adapter_tensors(adapter: AdapterFile, layout: str, precision: str = "fp32") 
 
 
 def save_adapter(adapter: AdapterFile, path: str | os.PathLike, layout: str = "diffusers",
-                 precision: str = "fp32") -> Path:
+                 precision: str | None = None) -> Path:
     """Write ``adapter`` as safetensors in ``layout`` (diffusers or kohya), factors in ``precision`` (kohya's
-    ``--save_precision``: fp16, bf16 or fp32), atomically, with all metadata."""
+    ``--save_precision``: fp16, bf16 or fp32; default fp16 for kohya's layout as sd-scripts, fp32 for diffusers'),
+    atomically, with all metadata."""
+    precision = precision or ("fp16" if layout == "kohya" else "fp32")
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         path = path.with_suffix(".safetensors")

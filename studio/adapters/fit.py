@@ -28,17 +28,15 @@ def _target(base, component: str, path: str) -> nn.Module | None:
 
 
 def shape_to_base(adapter: AdapterFile, base) -> AdapterFile:
-    """The adapter with every flattened convolution factor given its target's kernel shape."""
+    """The adapter with every flattened convolution factor given its target's kernel shape (a factor that does not
+    fit is left for :func:`~studio.adapters.validate.validate_adapter` to report)."""
     modules = {}
     for component, entries in adapter.modules.items():
         modules[component] = {}
         for path, module in entries.items():
             target = _target(base, component, path)
-            if isinstance(target, nn.Conv2d) and module.down.dim() == 2:
-                kernel = target.weight.shape[1:]
-                if module.down.shape[1] != kernel.numel():
-                    raise AdapterError(f"adapter '{_name(adapter)}': {component}.{path} holds {module.down.shape[1]} "
-                                       f"inputs per filter, the base's layer {kernel.numel()}")
+            kernel = target.weight.shape[1:] if isinstance(target, nn.Conv2d) else None
+            if kernel is not None and module.down.dim() == 2 and module.down.shape[1] == kernel.numel():
                 module = replace(module, down=module.down.reshape(module.down.shape[0], *kernel),
                                  up=module.up.reshape(module.up.shape[0], -1, 1, 1))
             modules[component][path] = module

@@ -287,7 +287,7 @@ def old_diffusers(base, folder: Path, name: str, rank: int = 2, seed: int = 6):
     ``to_out_lora`` for ``to_out.0``); alpha = rank."""
     g = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
-    for component, path, module in targets(base, ("unet",)):
+    for _, path, module in targets(base, ("unet",)):
         parent, _, projection = path.rpartition(".")
         if projection == "0" and parent.endswith("to_out"):
             parent, projection = parent.removesuffix(".to_out"), "to_out"
