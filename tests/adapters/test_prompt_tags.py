@@ -1,0 +1,94 @@
+"""A1111's <lora:…> tags: parsed out of the prompt into adapters, resolved by file stem, weighted per part."""
+
+import numpy as np
+import pytest
+import torch
+
+from studio.adapters.inject import attached_adapters, lora_layers
+from studio.adapters.prompt_tags import split_prompt
+from studio.errors import ConfigError
+from tests.adapters import formats
+from tests.conftest import make_random_base
+
+
+@pytest.fixture(scope="module")
+def sd_base():
+    return make_random_base(family="sd1")
+
+
+@pytest.fixture
+def library(tmp_path, monkeypatch, sd_base):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    (tmp_path / "adapters" / "styles").mkdir(parents=True)
+    formats.kohya_lora(sd_base, tmp_path / "adapters", "sks-moon")
+    formats.loha(sd_base, tmp_path / "adapters" / "styles", "ink-wash")
+    return tmp_path / "adapters"
+
+
+def generate(base, prompt, **kwargs):
+    return base.pipe(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32,
+                     width=32, output_type="np", **kwargs).images
+
+
+def test_split_prompt_reads_a1111_forms():
+    text, tags = split_prompt("a moon <lora:sks-moon:0.7>, night <lyco:ink-wash:0.5:1.2> <lora:x:unet=0.3:te=0>")
+    assert text == "a moon , night"
+    assert [(t.name, t.text_encoder, t.unet) for t in tags] == [("sks-moon", 0.7, 0.7), ("ink-wash", 0.5, 1.2),
+                                                                ("x", 0.0, 0.3)]
+    assert split_prompt("<lora:plain>")[1][0].unet == 1.0
+    assert split_prompt("a <hypernet:x:1> b") == ("a <hypernet:x:1> b", [])
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ("a moon <lora:sks-moon:0.7", "<lora:sks-moon:0.7' has no closing"),
+    ("a <lora:sks-moon:0.7 <lora:b:1>", "<lora:sks-moon:0.7' has no closing"),
+    ("a <lora:sks-moon:strong>", "<lora:sks-moon:strong>: weight 'strong' is not a number"),
+    ("a <lora:sks-moon:nan>", "not a finite number"),
+    ("a <lora:sks-moon:dyn=4>", "unknown parameter 'dyn'"),
+])
+def test_bad_tags_name_the_tag(prompt, message):
+    with pytest.raises(ConfigError, match=message):
+        split_prompt(prompt)
+
+
+def test_a_tag_gives_the_same_image_as_the_adapter_argument(sd_base, library):
+    tagged = generate(sd_base, "a sks moon <lora:sks-moon:0.7>")
+    given = generate(sd_base, "a sks moon", adapters=[("sks-moon", 0.7)])
+    plain = generate(sd_base, "a sks moon")
+    assert np.array_equal(tagged, given) and np.abs(tagged - plain).mean() > 1e-4
+    sub_folder = generate(sd_base, "a sks moon <lyco:ink-wash:1>")  # found by stem in a sub-folder, as A1111 does
+    assert np.abs(sub_folder - plain).mean() > 1e-4
+
+
+def test_unknown_names_list_close_matches_and_attach_nothing(sd_base, library):
+    before = attached_adapters(sd_base)
+    with pytest.raises(ConfigError, match="no adapter named 'sks-mon'; close matches: sks-moon"):
+        generate(sd_base, "a <lora:sks-moon:1> <lora:sks-mon:1>")
+    assert attached_adapters(sd_base) == before
+
+
+def test_text_encoder_and_unet_weights_are_separate(sd_base, library):
+    generate(sd_base, "a sks moon <lora:sks-moon:0.25:0.75>")
+    scales = {component: {round(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]), 6)
+                          for c, _, layer in lora_layers(sd_base) if c == component
+                          for name in layer.active_adapters}
+              for component in ("unet", "text_encoder")}
+    assert scales == {"unet": {0.75}, "text_encoder": {0.25}}
+    only_unet = generate(sd_base, "a sks moon <lora:sks-moon:0:1>")
+    both = generate(sd_base, "a sks moon <lora:sks-moon:1:1>")
+    assert np.abs(only_unet - both).mean() > 0
+
+
+def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
+    generate(sd_base, "a sks moon", adapters=[("sks-moon", {"unet": {"down": 0.5, "mid": 0.0,
+                                                                    "up": {"block_0": 2.0}}})])
+    seen = {}
+    for component, path, layer in lora_layers(sd_base):
+        for name in layer.active_adapters:
+            factor = round(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]), 6)
+            seen.setdefault(path.split(".")[0] + ("." + path.split(".")[1] if path.startswith("up") else ""),
+                            set()).add(factor)
+    assert seen["down_blocks"] == {0.5} and seen["mid_block"] == {0.0} and seen["up_blocks.0"] == {2.0}
+    assert seen["up_blocks.1"] == {1.0}
+    with pytest.raises(ConfigError, match="unet blocks are down, mid and up"):
+        generate(sd_base, "a", adapters=[("sks-moon", {"unet": {"middle": 1.0}})])
