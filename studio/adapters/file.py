@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.adapters import keys, lycoris
+from studio.adapters.metadata import network_dim_and_alpha
 from studio.errors import AdapterError
 from studio.files import atomic_path
 
@@ -327,6 +328,9 @@ def save_adapter(adapter: AdapterFile, path: str | os.PathLike, layout: str = "d
         path = path.with_suffix(".safetensors")
     tensors = adapter_tensors(adapter, layout, precision)
     metadata = {"format": "pt", **{k: str(v) for k, v in adapter.metadata.items()}}
+    if "ss_network_dim" in metadata and adapter.modules:  # the truth of the tensors, not a configured value
+        metadata.update(network_dim_and_alpha(
+            adapter.ranks(), {f"{c}.{p}": m.alpha for c, mods in adapter.modules.items() for p, m in mods.items()}))
     if layout == "diffusers":
         packed = {f"{component}.{key}": value for component, config in lora_configs(adapter).items()
                   for key, value in config.items()}

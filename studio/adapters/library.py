@@ -144,7 +144,7 @@ def delete_adapter(name_or_path: str | os.PathLike) -> Path:
 
 
 def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
-                   out: str | os.PathLike | None = None) -> Path:
+                   out: str | os.PathLike | None = None, precision: str | None = None) -> Path:
     """Write the adapter in ``layout`` to ``out``, by default ``$STUDIO_HOME/exports/<name>.safetensors`` (kohya's
     layout: ready for A1111/ComfyUI's Lora folder). Exports stay outside the library, so a copy is not listed as a
     second adapter, and never land beside a shipped file."""
@@ -154,7 +154,7 @@ def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
     destination = Path(out) if out else studio_home() / "exports" / f"{source.stem}.safetensors"
     if destination.resolve() == source.resolve():
         raise AdapterError(f"the export of {source.name} must go to another file")
-    return save_adapter(read_adapter(source), destination, layout=layout)
+    return save_adapter(read_adapter(source), destination, layout=layout, precision=precision)
 
 
 def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:

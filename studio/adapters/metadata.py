@@ -19,6 +19,24 @@ ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdx
                 "tiny": "adapter-studio-tiny", "custom": "custom"}
 
 
+def optimizer_learning_rates(optimizer: Any) -> list[float]:
+    """The learning rate each parameter group was trained at (its scheduler's ``initial_lr``, else ``lr``)."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    return [float(group.get("initial_lr", group["lr"])) for group in groups]
+
+
+def network_dim_and_alpha(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, str]:
+    """kohya's ``ss_network_dim``/``ss_network_alpha`` from the saved tensors: the most common rank and alpha (per
+    module ranks and alphas go to ``studio.ranks`` when they differ, e.g. CoLoRA's plan)."""
+    from collections import Counter
+
+    values = {"ss_network_dim": json.dumps(Counter(ranks.values()).most_common(1)[0][0]),
+              "ss_network_alpha": json.dumps(Counter(alphas.values()).most_common(1)[0][0])}
+    if len(set(ranks.values())) > 1:
+        values["studio.ranks"] = json.dumps(dict(ranks))
+    return values
+
+
 def adapter_metadata(
     base: Any,
     *,

@@ -83,7 +83,7 @@ def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
     generate(sd_base, "a sks moon", adapters=[("sks-moon", {"unet": {"down": 0.5, "mid": 0.0,
                                                                     "up": {"block_0": 2.0}}})])
     seen = {}
-    for component, path, layer in lora_layers(sd_base):
+    for _, path, layer in lora_layers(sd_base):
         for name in layer.active_adapters:
             factor = round(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]), 6)
             seen.setdefault(path.split(".")[0] + ("." + path.split(".")[1] if path.startswith("up") else ""),
