@@ -196,21 +196,33 @@ def locon(base, folder: Path, name: str, rank: int = 2, seed: int = 1):
     return write(tensors, folder, name, {"ss_network_module": "lycoris.kohya"}), expected
 
 
-def loha(base, folder: Path, name: str, rank: int = 2, seed: int = 2):
+def loha(base, folder: Path, name: str, rank: int = 2, seed: int = 2, tucker: bool = False):
     """LyCORIS LoHa: hada_w1_a (out, r), hada_w1_b (r, in·k·k), hada_w2_a, hada_w2_b;
-    ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha / r, reshaped to the layer."""
+    ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha / r, reshaped to the layer. With ``tucker`` a k×k convolution has
+    hada_t1/t2 (r, r, k, k), hada_w*_a (r, out), hada_w*_b (r, in) and w = einsum("i j k l, j r, i p -> p r k l",
+    t, w_b, w_a)."""
     g = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
     for component, path, module in targets(base, ("unet", "text_encoder")):
         out, inp, kernel = _shape(module)
+        stem = kohya_name(component, path, False)
+        alpha = 1.0
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        if tucker and kernel and kernel != (1, 1):
+            t1, t2 = (torch.randn(rank, rank, *kernel, generator=g) * 0.5 for _ in range(2))
+            a1, a2 = (torch.randn(rank, out, generator=g) * 0.5 for _ in range(2))
+            b1, b2 = (torch.randn(rank, inp, generator=g) * 0.5 for _ in range(2))
+            tensors.update({f"{stem}.hada_t1": t1, f"{stem}.hada_t2": t2, f"{stem}.hada_w1_a": a1,
+                            f"{stem}.hada_w2_a": a2, f"{stem}.hada_w1_b": b1, f"{stem}.hada_w2_b": b2})
+            w1 = torch.einsum("ijkl,jr,ip->prkl", t1, b1, a1)
+            w2 = torch.einsum("ijkl,jr,ip->prkl", t2, b2, a2)
+            expected[(component, path)] = w1 * w2 * alpha / rank
+            continue
         columns = inp * (kernel[0] * kernel[1] if kernel else 1)
         w = [torch.randn(out, rank, generator=g) * 0.5, torch.randn(rank, columns, generator=g) * 0.5,
              torch.randn(out, rank, generator=g) * 0.5, torch.randn(rank, columns, generator=g) * 0.5]
-        alpha = 1.0
-        stem = kohya_name(component, path, False)
         for key, value in zip(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), w, strict=True):
             tensors[f"{stem}.{key}"] = value
-        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
         expected[(component, path)] = ((w[0] @ w[1]) * (w[2] @ w[3]) * alpha / rank).reshape(out, inp, *kernel)
     return write(tensors, folder, name, {"ss_network_module": "lycoris.kohya"}), expected
 
@@ -223,24 +235,45 @@ def _factor(n: int) -> tuple[int, int]:
     return m, n // m
 
 
-def lokr(base, folder: Path, name: str, rank: int = 2, seed: int = 3):
-    """LyCORIS LoKr: lokr_w1 (a, c) full, lokr_w2_a (b, r) and lokr_w2_b (r, d[, k, k]) with out = a·b, in = c·d;
-    ΔW = kron(w1, w2a @ w2b) · alpha / r (make_kron unsqueezes w1 for a convolution)."""
+def lokr(base, folder: Path, name: str, rank: int = 2, seed: int = 3, variant: str = "w1-full"):
+    """LyCORIS LoKr with out = a·b, in = c·d; ΔW = kron(w1, w2) · scale (make_kron unsqueezes w1 for a
+    convolution). Variants: "w1-full" — lokr_w1 (a, c), lokr_w2_a (b, r), lokr_w2_b (r, d[, k, k]), scale alpha/r;
+    "tucker" — lokr_w1_a (a, r), lokr_w1_b (r, c), and for k×k convolutions lokr_t2 (r, r, k, k), lokr_w2_a (r, b),
+    lokr_w2_b (r, d), w2 = einsum("i j k l, i p, j r -> p r k l", t2, w2_a, w2_b); "full" — lokr_w1 and lokr_w2
+    both full, alpha ignored (scale 1)."""
     g = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
     for component, path, module in targets(base, ("unet", "text_encoder")):
         out, inp, kernel = _shape(module)
         (a, b), (c, d) = _factor(out), _factor(inp)
-        w1 = torch.randn(a, c, generator=g) * 0.5
-        w2a = torch.randn(b, rank, generator=g) * 0.5
-        w2b = torch.randn(rank, d, *kernel, generator=g) * 0.5
         alpha = 3.0
         stem = kohya_name(component, path, False)
-        tensors.update({f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2_a": w2a, f"{stem}.lokr_w2_b": w2b,
-                        f"{stem}.alpha": torch.tensor(alpha)})
-        w2 = (w2a @ w2b.flatten(1)).reshape(b, d, *kernel)
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        if variant == "tucker":
+            w1a, w1b = torch.randn(a, rank, generator=g) * 0.5, torch.randn(rank, c, generator=g) * 0.5
+            tensors.update({f"{stem}.lokr_w1_a": w1a, f"{stem}.lokr_w1_b": w1b})
+            w1 = w1a @ w1b
+        else:
+            w1 = torch.randn(a, c, generator=g) * 0.5
+            tensors[f"{stem}.lokr_w1"] = w1
+        if variant == "full":
+            w2 = torch.randn(b, d, *kernel, generator=g) * 0.2
+            tensors[f"{stem}.lokr_w2"] = w2
+            scale = 1.0
+        elif variant == "tucker" and kernel and kernel != (1, 1):
+            t2 = torch.randn(rank, rank, *kernel, generator=g) * 0.5
+            w2a, w2b = torch.randn(rank, b, generator=g) * 0.5, torch.randn(rank, d, generator=g) * 0.5
+            tensors.update({f"{stem}.lokr_t2": t2, f"{stem}.lokr_w2_a": w2a, f"{stem}.lokr_w2_b": w2b})
+            w2 = torch.einsum("ijkl,ip,jr->prkl", t2, w2a, w2b)
+            scale = alpha / rank
+        else:
+            w2a = torch.randn(b, rank, generator=g) * 0.5
+            w2b = torch.randn(rank, d, *kernel, generator=g) * 0.5
+            tensors.update({f"{stem}.lokr_w2_a": w2a, f"{stem}.lokr_w2_b": w2b})
+            w2 = (w2a @ w2b.flatten(1)).reshape(b, d, *kernel)
+            scale = alpha / rank
         w1_shaped = w1.reshape(a, c, *([1] * len(kernel)))
-        expected[(component, path)] = torch.kron(w1_shaped, w2) * alpha / rank
+        expected[(component, path)] = torch.kron(w1_shaped, w2.contiguous()) * scale
     return write(tensors, folder, name, {"ss_network_module": "lycoris.kohya"}), expected
 
 

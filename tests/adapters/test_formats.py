@@ -17,7 +17,10 @@ SD_FORMATS = {
     "kohya": formats.kohya_lora,
     "locon-tucker": formats.locon,
     "loha": formats.loha,
+    "loha-tucker": lambda base, folder, name: formats.loha(base, folder, name, tucker=True),
     "lokr": formats.lokr,
+    "lokr-tucker": lambda base, folder, name: formats.lokr(base, folder, name, variant="tucker"),
+    "lokr-full": lambda base, folder, name: formats.lokr(base, folder, name, variant="full"),
     "full-diff": formats.full_diff,
     "dora": lambda base, folder, name: formats.kohya_lora(base, folder, name, dora=True),
     "peft": formats.peft_lora,
@@ -69,15 +72,17 @@ def test_each_dialect_loads_its_exact_delta_and_changes_the_image(label, sd_base
     assert np.abs(with_adapter - plain).mean() > 1e-4
 
 
-@pytest.mark.parametrize("label", list(SD_FORMATS))
-def test_each_dialect_composes_with_every_method(label, sd_base, tmp_path):
-    path, _ = SD_FORMATS[label](sd_base, tmp_path, label)
-    other, _ = formats.kohya_lora(sd_base, tmp_path, "other", seed=9)
-    plain = image(sd_base)
+@pytest.mark.parametrize("label", list(SD_FORMATS) + list(SDXL_FORMATS))
+def test_each_dialect_composes_with_every_method(label, sd_base, xl_base, tmp_path):
+    sdxl = label in SDXL_FORMATS
+    base, writer = (xl_base, SDXL_FORMATS[label]) if sdxl else (sd_base, SD_FORMATS[label])
+    path, _ = writer(base, tmp_path, label)
+    other, _ = formats.kohya_lora(base, tmp_path, "other", seed=9, sdxl=sdxl)
+    plain = image(base)
     results = {}
     for method in METHODS:
-        options = {"capture_resolution": 8} if method == "clora" else None
-        results[method] = image(sd_base, adapters=[(path, 1.0), (other, 0.5)], method=method,
+        options = {"capture_resolution": 4 if sdxl else 8} if method == "clora" else None
+        results[method] = image(base, adapters=[(path, 1.0), (other, 0.5)], method=method,
                                 method_options=options)
         assert np.isfinite(results[method]).all() and np.abs(results[method] - plain).mean() > 1e-4, method
     assert np.abs(results["merge"] - results["composite"]).mean() > 0
