@@ -92,3 +92,21 @@ def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
     assert seen["up_blocks.1"] == {1.0}
     with pytest.raises(ConfigError, match="unet blocks are down, mid and up"):
         generate(sd_base, "a", adapters=[("sks-moon", {"unet": {"middle": 1.0}})])
+
+
+def test_cli_generate_takes_lycoris_files_and_tags(tmp_path, monkeypatch, tiny_base):
+    from PIL import Image
+
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    (tmp_path / "adapters").mkdir()
+    formats.lokr(tiny_base, tmp_path / "adapters", "knit")
+    common = ["--steps", "2", "--seed", "1"]
+    assert main(["generate", "--prompt", "a red solid sks <lyco:knit:0.6>", *common,
+                 "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "--prompt", "a red solid sks", "--adapter", "knit:0.6", *common,
+                 "--out", str(tmp_path / "b.png")]) == 0
+    assert main(["generate", "--prompt", "a red solid sks", *common, "--out", str(tmp_path / "c.png")]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=float) for n in "abc")
+    assert np.array_equal(a, b) and np.abs(a - c).mean() > 0
