@@ -8,13 +8,12 @@ the prompt without them. Only ``lora``/``lyco`` tags are read; other ``<…>`` t
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.adapters.library import SHIPPED, library_dir
+from studio.adapters.library import close_names, library_names
 from studio.errors import ConfigError
 
 _OPEN = re.compile(r"<(lora|lyco):", re.IGNORECASE)
@@ -89,27 +88,12 @@ def split_prompt(prompt: str) -> tuple[str, list[AdapterTag]]:
     return re.sub(r"\s+", " ", "".join(kept)).strip(), tags
 
 
-def library_names(folders: list[Path] | None = None) -> dict[str, Path]:
-    """Every adapter file under the library and the shipped folder by stem, as A1111 lists its Lora folder
-    (sub-folders included; the first found wins)."""
-    names: dict[str, Path] = {}
-    for folder in folders if folders is not None else [library_dir(), SHIPPED]:
-        if Path(folder).is_dir():
-            for path in sorted(Path(folder).rglob("*.safetensors")):
-                if not path.name.endswith(".sara.safetensors"):
-                    names.setdefault(path.stem, path)
-    return names
-
-
-def resolve_tag(tag: AdapterTag, folders: list[Path] | None = None) -> Path:
+def resolve_tag(tag: AdapterTag) -> Path:
     """The library file a tag names; an unknown name is a :class:`ConfigError` listing close matches."""
-    names = library_names(folders)
+    names = library_names()
     if tag.name in names:
         return names[tag.name]
-    close = difflib.get_close_matches(tag.name, list(names), n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else f"; the library ({library_dir()}) has " + (
-        ", ".join(sorted(names)[:10]) if names else "no adapters")
-    raise ConfigError(f"prompt tag {tag.tag}: no adapter named {tag.name!r}{hint}")
+    raise ConfigError(f"prompt tag {tag.tag}: no adapter named {tag.name!r}{close_names(tag.name, list(names))}")
 
 
 def adapters_from_prompts(prompts: list[str]) -> tuple[list[str], list[tuple[Path, float | dict[str, float]]]]:

@@ -60,6 +60,15 @@ def test_a_tag_gives_the_same_image_as_the_adapter_argument(sd_base, library):
     assert np.abs(sub_folder - plain).mean() > 1e-4
 
 
+def test_adapter_names_resolve_in_sub_folders_with_close_matches(library):
+    from studio.adapters.library import resolve_adapter
+    from studio.errors import AdapterError
+
+    assert resolve_adapter("ink-wash") == library / "styles" / "ink-wash.safetensors"
+    with pytest.raises(AdapterError, match="close matches: ink-wash"):
+        resolve_adapter("ink_wash")
+
+
 def test_unknown_names_list_close_matches_and_attach_nothing(sd_base, library):
     before = attached_adapters(sd_base)
     with pytest.raises(ConfigError, match="no adapter named 'sks-mon'; close matches: sks-moon"):
