@@ -292,9 +292,11 @@ def full_diff(base, folder: Path, name: str, seed: int = 4):
     return write(tensors, folder, name, {"ss_network_module": "lycoris.kohya"}), expected
 
 
-def peft_lora(base, folder: Path, name: str, rank: int = 2, seed: int = 5):
+def peft_lora(base, folder: Path, name: str, rank: int = 2, seed: int = 5, dora: bool = False):
     """diffusers' ``save_lora_weights`` with peft: ``unet.<path>.lora_A.weight``/``lora_B.weight`` and the
-    LoraConfig per component in the ``lora_adapter_metadata`` header (here lora_alpha 1 with an alpha_pattern)."""
+    LoraConfig per component in the ``lora_adapter_metadata`` header (here lora_alpha 1 with an alpha_pattern).
+    With ``dora``: peft's ``lora_magnitude_vector`` (out,), W' = m · (W + ΔW₀) / ‖W + ΔW₀‖ with the norm per output
+    channel (peft's ``get_weight_norm``)."""
     g = torch.Generator().manual_seed(seed)
     tensors, expected, patterns = {}, {}, {}
     for component, path, module in targets(base, ("unet", "text_encoder")):
@@ -307,7 +309,15 @@ def peft_lora(base, folder: Path, name: str, rank: int = 2, seed: int = 5):
         alpha = 4.0 if "attn2" in path else 1.0
         if alpha != 1.0:
             patterns.setdefault(component, {})[file_path] = alpha
-        expected[(component, path)] = (up.flatten(1) @ down.flatten(1)).reshape(out, inp, *kernel) * alpha / rank
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(out, inp, *kernel) * alpha / rank
+        if dora:
+            weight = module.weight.detach()
+            norm = (weight + delta).reshape(out, -1).norm(dim=1)
+            magnitude = norm * (1 + 0.2 * torch.rand(out, generator=g))
+            tensors[f"{component}.{file_path}.lora_magnitude_vector"] = magnitude
+            shaped = (out,) + (1,) * (weight.dim() - 1)
+            delta = (weight + delta) * (magnitude / norm).reshape(shaped) - weight
+        expected[(component, path)] = delta
     config = {}
     for component in ("unet", "text_encoder"):
         config.update({f"{component}.r": rank, f"{component}.lora_alpha": 1.0,
@@ -317,9 +327,20 @@ def peft_lora(base, folder: Path, name: str, rank: int = 2, seed: int = 5):
 
 def old_diffusers(base, folder: Path, name: str, rank: int = 2, seed: int = 6):
     """diffusers < 0.21's attention-processor LoRA: ``unet.<block>.attn1.processor.to_q_lora.down.weight`` (and
-    ``to_out_lora`` for ``to_out.0``); alpha = rank."""
+    ``to_out_lora`` for ``to_out.0``), the text encoder's ``self_attn.to_q_lora.down.weight`` (for ``q_proj``);
+    alpha = rank."""
     g = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
+    for _, path, module in targets(base, ("text_encoder",)):
+        parent, _, projection = path.rpartition(".")
+        old = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}.get(projection)
+        if old is None:
+            continue
+        down = torch.randn(rank, module.in_features, generator=g) * 0.3
+        up = torch.randn(module.out_features, rank, generator=g) * 0.3
+        stem = f"text_encoder.text_model.{parent.removeprefix('text_model.')}.{old}_lora"
+        tensors.update({f"{stem}.down.weight": down, f"{stem}.up.weight": up})
+        expected[("text_encoder", path)] = up @ down
     for _, path, module in targets(base, ("unet",)):
         parent, _, projection = path.rpartition(".")
         if projection == "0" and parent.endswith("to_out"):

@@ -24,6 +24,7 @@ SD_FORMATS = {
     "full-diff": formats.full_diff,
     "dora": lambda base, folder, name: formats.kohya_lora(base, folder, name, dora=True),
     "peft": formats.peft_lora,
+    "peft-dora": lambda base, folder, name: formats.peft_lora(base, folder, name, dora=True),
     "old-diffusers": formats.old_diffusers,
 }
 SDXL_FORMATS = {
