@@ -134,11 +134,14 @@ class CompositionEngine:
                 del self._loaded()[key]
             raise
         resolved = []
+        self._studio_weight_recipe = {}
         for key, weight, _ in specs:
             loaded = self._loaded()
             loaded.move_to_end(key)
             layered = weight if isinstance(weight, AdapterWeight) else None
             set_layer_weights(self.studio_base(), loaded[key], layered)
+            if layered is not None:
+                self._studio_weight_recipe[loaded[key]] = layered.describe()
             resolved.append((loaded[key], 1.0 if layered is not None else float(weight)))
         in_use = {name for name, _ in resolved}
         while len(self._loaded()) > self.max_loaded_adapters:
@@ -361,6 +364,8 @@ class CompositionEngine:
         self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                            if mask is not None}
         self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        if self._studio_weight_recipe:
+            self.last_recipe["adapter_weights"] = dict(self._studio_weight_recipe)
         if negatives:
             self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:

@@ -69,6 +69,15 @@ def test_adapter_names_resolve_in_sub_folders_with_close_matches(library):
         resolve_adapter("ink_wash")
 
 
+def test_a_bad_tag_leaves_the_pipeline_as_it_was(sd_base, library):
+    before_names, before = attached_adapters(sd_base), generate(sd_base, "a sks moon")
+    for prompt in ("a sks moon <lora:sks-moon:0.7", "a sks moon <lora:sks-moon:lots>"):
+        with pytest.raises(ConfigError, match="<lora:sks-moon"):
+            generate(sd_base, prompt)
+        assert attached_adapters(sd_base) == before_names
+        assert np.array_equal(generate(sd_base, "a sks moon"), before)
+
+
 def test_unknown_names_list_close_matches_and_attach_nothing(sd_base, library):
     before = attached_adapters(sd_base)
     with pytest.raises(ConfigError, match="no adapter named 'sks-mon'; close matches: sks-moon"):
@@ -99,6 +108,9 @@ def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
                             set()).add(factor)
     assert seen["down_blocks"] == {0.5} and seen["mid_block"] == {0.0} and seen["up_blocks.0"] == {2.0}
     assert seen["up_blocks.1"] == {1.0}
+    recipe = sd_base.pipe.last_recipe
+    [[name, weight]] = recipe["adapters"]
+    assert weight == 1.0 and recipe["adapter_weights"][name]["blocks"] == {"down": 0.5, "mid": 0.0, "up.0": 2.0}
     with pytest.raises(ConfigError, match="unet blocks are down, mid and up"):
         generate(sd_base, "a", adapters=[("sks-moon", {"unet": {"middle": 1.0}})])
 
