@@ -85,12 +85,23 @@ def test_unknown_names_list_close_matches_and_attach_nothing(sd_base, library):
     assert attached_adapters(sd_base) == before
 
 
+def factors_during(base, prompt, **kwargs) -> list[tuple[str, str, float]]:
+    """(component, layer path, weight factor) of every active adapter layer, seen while the pipeline runs."""
+    seen = []
+
+    def look(pipe, step, timestep, tensors):
+        if step == 0:
+            seen.extend((c, path, round(layer.scaling[n] / (layer.lora_alpha[n] / layer.r[n]), 6))
+                        for c, path, layer in lora_layers(base) for n in layer.active_adapters)
+        return tensors
+
+    generate(base, prompt, callback_on_step_end=look, **kwargs)
+    return seen
+
+
 def test_text_encoder_and_unet_weights_are_separate(sd_base, library):
-    generate(sd_base, "a sks moon <lora:sks-moon:0.25:0.75>")
-    scales = {component: {round(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]), 6)
-                          for c, _, layer in lora_layers(sd_base) if c == component
-                          for name in layer.active_adapters}
-              for component in ("unet", "text_encoder")}
+    seen = factors_during(sd_base, "a sks moon <lora:sks-moon:0.25:0.75>")
+    scales = {component: {f for c, _, f in seen if c == component} for component in ("unet", "text_encoder")}
     assert scales == {"unet": {0.75}, "text_encoder": {0.25}}
     only_unet = generate(sd_base, "a sks moon <lora:sks-moon:0:1>")
     both = generate(sd_base, "a sks moon <lora:sks-moon:1:1>")
@@ -98,12 +109,10 @@ def test_text_encoder_and_unet_weights_are_separate(sd_base, library):
 
 
 def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
-    generate(sd_base, "a sks moon", adapters=[("sks-moon", {"unet": {"down": 0.5, "mid": 0.0,
-                                                                    "up": {"block_0": 2.0}}})])
     seen = {}
-    for _, path, layer in lora_layers(sd_base):
-        for name in layer.active_adapters:
-            factor = round(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]), 6)
+    weight = {"unet": {"down": 0.5, "mid": 0.0, "up": {"block_0": 2.0}}}
+    for component, path, factor in factors_during(sd_base, "a sks moon", adapters=[("sks-moon", weight)]):
+        if component == "unet":
             seen.setdefault(path.split(".")[0] + ("." + path.split(".")[1] if path.startswith("up") else ""),
                             set()).add(factor)
     assert seen["down_blocks"] == {0.5} and seen["mid_block"] == {0.0} and seen["up_blocks.0"] == {2.0}
