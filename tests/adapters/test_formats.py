@@ -177,3 +177,22 @@ def test_a_module_failing_late_leaves_no_layer_behind(sd_base, tmp_path):
     with pytest.raises(AdapterError, match="late"):
         image(sd_base, adapters=[(tmp_path / "late.safetensors", 1.0)])
     assert_unchanged(sd_base, names, before)
+
+
+@pytest.mark.parametrize("label", list(SD_FORMATS) + list(SDXL_FORMATS))
+def test_each_dialect_through_generate_by_name_and_by_prompt_tag(label, sd_base, xl_base, tmp_path, monkeypatch):
+    """``studio.generate.generate`` (what ``studio generate`` and the app call): ``--adapter NAME:0.8`` and
+    ``<lora:NAME:0.8>`` in the prompt give one image, and it differs from the base's."""
+    from studio.generate import GenerationRequest, generate
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    (tmp_path / "adapters").mkdir()
+    base, writer = (xl_base, SDXL_FORMATS[label]) if label in SDXL_FORMATS else (sd_base, SD_FORMATS[label])
+    writer(base, tmp_path / "adapters", label)
+    common = dict(seed=1, steps=2, width=32, height=32)
+    by_name = generate(base, GenerationRequest("a sks", adapters=[(label, 0.8)], **common))[0]
+    by_tag = generate(base, GenerationRequest(f"a sks <lora:{label}:0.8>", **common))[0]
+    plain = generate(base, GenerationRequest("a sks", **common))[0]
+    named, tagged, untouched = (np.asarray(r.image, dtype=float) for r in (by_name, by_tag, plain))
+    assert np.array_equal(named, tagged) and np.abs(named - untouched).mean() > 0
+    assert f"<lora:{label}:0.8>" in by_tag.parameters and f"<lora:{label}:0.8>" in by_name.parameters
