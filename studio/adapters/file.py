@@ -291,6 +291,9 @@ def adapter_tensors(adapter: AdapterFile, layout: str, precision: str = "fp32") 
         raise AdapterError(f"unknown adapter layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if precision not in PRECISIONS:
         raise AdapterError(f"unknown save precision {precision!r}; choose one of fp16, bf16, fp32")
+    if "loha" in adapter.metadata.get("studio.source_format", ""):
+        raise AdapterError(f"{adapter.name} is a LyCORIS LoHa file: its convolution factors take their kernel shape "
+                           "from the base, so it has no LoRA file form; A1111 and ComfyUI read the original")
     dtype = PRECISIONS[precision]
     tensors: dict[str, torch.Tensor] = {}
     for component, modules in adapter.modules.items():
@@ -315,6 +318,17 @@ def adapter_tensors(adapter: AdapterFile, layout: str, precision: str = "fp32") 
                 if module.magnitude is not None:
                     tensors[f"{stem}.dora_scale"] = module.magnitude.to(dtype)
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def update_metadata(path: str | os.PathLike, updates: dict[str, str], out: str | os.PathLike | None = None) -> Path:
+    """Write ``updates`` into a safetensors adapter's header, its tensors byte for byte as they were (a user's
+    kohya, LyCORIS or fp16 file keeps its dialect and precision), atomically, to ``out`` or in place."""
+    source = Path(path)
+    tensors, metadata = _read_safetensors(source)
+    destination = Path(out) if out else source
+    with atomic_path(destination) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, **updates})
+    return destination
 
 
 def save_adapter(adapter: AdapterFile, path: str | os.PathLike, layout: str = "diffusers",

@@ -196,3 +196,32 @@ def test_each_dialect_through_generate_by_name_and_by_prompt_tag(label, sd_base,
     named, tagged, untouched = (np.asarray(r.image, dtype=float) for r in (by_name, by_tag, plain))
     assert np.array_equal(named, tagged) and np.abs(named - untouched).mean() > 0
     assert f"<lora:{label}:0.8>" in by_tag.parameters and f"<lora:{label}:0.8>" in by_name.parameters
+
+
+def test_lycoris_exports_are_exact_or_refused(sd_base, tmp_path):
+    """LoKr/LoCon-Tucker factors are a valid kohya LoRA with the same ΔW; LoHa (kernel shape from the base) is
+    refused by name."""
+    lokr, expected = formats.lokr(sd_base, tmp_path, "lokr")
+    exported = save_adapter(read_adapter(lokr), tmp_path / "lokr-as-lora.safetensors", layout="kohya",
+                            precision="fp32")
+    name = attach_adapter(sd_base, read_adapter(exported), "lokr-as-lora")
+    try:
+        assert_loaded_delta(sd_base, name, expected)
+    finally:
+        detach_adapter(sd_base, name)
+    loha, _ = formats.loha(sd_base, tmp_path, "loha")
+    with pytest.raises(AdapterError, match="loha is a LyCORIS LoHa file"):
+        save_adapter(read_adapter(loha), tmp_path / "x.safetensors", layout="kohya")
+
+
+def test_storing_a_profile_keeps_a_user_file_as_it_was(sd_base, tmp_path):
+    from pipelines.frequency import store_profile
+
+    path, _ = formats.loha(sd_base, tmp_path, "loha")
+    with safe_open(str(path), "pt") as handle:
+        before = {k: handle.get_tensor(k) for k in handle.keys()}
+    store_profile(path, {"class": "H", "delta_h": 0.1})
+    with safe_open(str(path), "pt") as handle:
+        after = {k: handle.get_tensor(k) for k in handle.keys()}
+        assert '"class": "H"' in handle.metadata()["studio.freq_profile"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
