@@ -2,8 +2,9 @@
 
 As in A1111's built-in Lora extension (``extra_networks_lora.py``): the first number is the text-encoder weight,
 the second the UNet weight (default: the first), ``te=``/``unet=`` name them; NAME is a file stem in the adapter
-library (sub-folders included). Tags are taken out of the prompt before it is encoded, so the text CLIP sees is
-the prompt without them. Only ``lora``/``lyco`` tags are read; other ``<…>`` text is left as it is.
+library (sub-folders included) or the alias its header gives (``ss_output_name``). Tags are taken out of the
+prompt before it is encoded, so the text CLIP sees is the prompt without them. Only ``lora``/``lyco`` tags are
+read; other ``<…>`` text is left as it is.
 """
 
 from __future__ import annotations
@@ -88,11 +89,31 @@ def split_prompt(prompt: str) -> tuple[str, list[AdapterTag]]:
     return re.sub(r"\s+", " ", "".join(kept)).strip(), tags
 
 
+def _aliases(names: dict[str, Path]) -> dict[str, Path]:
+    """A1111's aliases: the ``ss_output_name`` a file's header gives (read without loading its tensors)."""
+    from safetensors import safe_open
+
+    aliases: dict[str, Path] = {}
+    for path in names.values():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                alias = (handle.metadata() or {}).get("ss_output_name")
+        except Exception:  # an unreadable file is reported when it is used, not while names are looked up
+            continue
+        if alias:
+            aliases.setdefault(alias, path)
+    return aliases
+
+
 def resolve_tag(tag: AdapterTag) -> Path:
-    """The library file a tag names; an unknown name is a :class:`ConfigError` listing close matches."""
+    """The library file a tag names, by file stem, else by the alias in its header (``ss_output_name``), as A1111
+    looks them up; an unknown name is a :class:`ConfigError` listing close matches."""
     names = library_names()
     if tag.name in names:
         return names[tag.name]
+    aliases = _aliases(names)
+    if tag.name in aliases:
+        return aliases[tag.name]
     raise ConfigError(f"prompt tag {tag.tag}: no adapter named {tag.name!r}{close_names(tag.name, list(names))}")
 
 

@@ -60,6 +60,18 @@ def test_a_tag_gives_the_same_image_as_the_adapter_argument(sd_base, library):
     assert np.abs(sub_folder - plain).mean() > 1e-4
 
 
+def test_a_tag_may_name_the_alias_in_the_header(sd_base, library):
+    from safetensors.torch import save_file
+
+    from studio.adapters.prompt_tags import AdapterTag, resolve_tag
+
+    path = library / "styles" / "v3-final.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1), "lora_unet_x.lora_up.weight": torch.zeros(1, 1)},
+              str(path), metadata={"ss_output_name": "watercolor"})
+    assert resolve_tag(AdapterTag("<lora:watercolor>", "watercolor", 1.0, 1.0)) == path
+    assert resolve_tag(AdapterTag("<lora:v3-final>", "v3-final", 1.0, 1.0)) == path
+
+
 def test_adapter_names_resolve_in_sub_folders_with_close_matches(library):
     from studio.adapters.library import resolve_adapter
     from studio.errors import AdapterError
