@@ -19,7 +19,8 @@ through peft's LoRA layers (mixed-batch ``adapter_names``, the merged routing's 
 ``set_scale``); peft cannot hold a LoHa and a LoRA adapter in one layer of one model, and its DoRA refuses
 per-sample routing. As LoRA factors, LyCORIS files compose, merge and route like any LoRA. DoRA's ΔW depends on
 the base weight, ``m · (W + ΔW₀) / ‖W + ΔW₀‖ − W`` (norm over every axis but the magnitude's), so it is computed
-when the adapter is attached (:func:`resolve_dora`) and, as in ComfyUI, scales linearly with the adapter weight.
+when the adapter is attached (:func:`resolve_dora`); at weight 1 it is LyCORIS' ``apply_weight_decompose``, at
+other weights it scales linearly as in ComfyUI (LyCORIS interpolates the column scale instead).
 
 Layouts and formulas follow LyCORIS' ``lycoris/modules`` and ``lycoris/functional``: scale = alpha / dim with
 dim the decomposed factors' rank (LoKr: 1 when both factors are full), alpha = dim when absent.
