@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from studio.adapters.file import read_adapter, save_adapter
+from studio.adapters.file import read_adapter, update_metadata
 
 
 def radial_profile(gray: torch.Tensor) -> torch.Tensor:
@@ -81,8 +81,7 @@ def profile_adapter(pipe, path: str | Path, prompts: Sequence[str] | None = None
 
 
 def store_profile(path: str | Path, profile: dict, out: str | Path | None = None) -> Path:
-    """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically, same layout)."""
-    adapter = read_adapter(path)
-    adapter.metadata["studio.freq_profile"] = json.dumps(profile)
-    layout = adapter.metadata.get("studio.layout", "diffusers")
-    return save_adapter(adapter, Path(out or path), layout=layout)
+    """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically; the tensors, their
+    dialect and precision unchanged)."""
+    read_adapter(path)  # only adapters the studio can read are profiled
+    return update_metadata(path, {"studio.freq_profile": json.dumps(profile)}, out)

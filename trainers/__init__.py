@@ -76,4 +76,5 @@ def run(method: str, config: TrainConfig, options: Any = None, *, base=None,
     return result.outputs
 
 
-__all__ = ["TRAINERS", "B4MConfig", "CoLoRAConfig", "SaraConfig", "TrainConfig", "TrainResult", "Trainer", "TrainingMethod", "get_method", "run", "train"]
+__all__ = ["TRAINERS", "B4MConfig", "CoLoRAConfig", "SaraConfig", "TrainConfig", "TrainResult", "Trainer",
+           "TrainingMethod", "get_method", "run", "train"]
