@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every README benchmark of the shipped embedded model, on the CPU, in two queues (one per core, one thread each);
+# Every benchmark in docs/results.md of the shipped embedded model, on the CPU, in two queues (one per core, one thread each);
 # bench.token_probe's figures came from an earlier export (`--model DIR`) and are not rerun here.
 #
 #   bash bench/cpu.sh [OUTPUT_DIR]        # default: bench/results/cpu

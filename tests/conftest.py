@@ -1,7 +1,9 @@
-"""Shared fixtures: the embedded model, loaded once, on one CPU thread, with the hub switched off."""
+"""Shared fixtures and helpers: the embedded model (loaded once), tiny random bases and adapters built in code;
+one CPU thread, the hub switched off."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from studio.adapters.file import AdapterFile, LoraModule  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -117,3 +121,35 @@ def make_random_sdxl_base(seed: int = 0):
                      dtype=torch.float32, domain=None, fingerprint=fingerprint(pipe))
     pipe._studio_base = base
     return base
+
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+CONV = "down_blocks.0.resnets.0.conv1"
+TE = "text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def make_adapter(base, scale=0.2, seed=0):
+    """Different ranks and alpha ≠ rank per module, a conv module and a text-encoder module."""
+    generator = torch.Generator().manual_seed(seed)
+    unet, te = base.pipe.unet, base.pipe.text_encoder
+
+    def linear(module, rank):
+        module = getattr(module, "base_layer", module)
+        return torch.randn(rank, module.in_features, generator=generator) * scale, torch.randn(
+            module.out_features, rank, generator=generator) * scale
+
+    conv = unet.get_submodule(CONV)
+    conv = getattr(conv, "base_layer", conv)
+    modules = {
+        "unet": {
+            Q: LoraModule(*linear(unet.get_submodule(Q), 4), alpha=8.0),
+            K2: LoraModule(*linear(unet.get_submodule(K2), 2), alpha=1.0),
+            CONV: LoraModule(torch.randn(3, conv.in_channels, 3, 3, generator=generator) * scale,
+                             torch.randn(conv.out_channels, 3, 1, 1, generator=generator) * scale, alpha=3.0),
+        },
+        "text_encoder": {TE: LoraModule(*linear(te.get_submodule(TE.removeprefix("text_model.")), 4), alpha=2.0)},
+    }
+    metadata = {"ss_output_name": "demo", "studio.base_family": "tiny", "studio.kind": "content",
+                "studio.trigger_words": json.dumps(["sks"])}
+    return AdapterFile(modules, metadata)

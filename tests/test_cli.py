@@ -142,8 +142,7 @@ def test_demo_images_render_a_captioned_folder_for_every_reserved_concept(tmp_pa
 
 def test_adapters_list_names_files_as_they_are_used_and_reports_unreadable_ones(tmp_path, monkeypatch, capsys):
     from studio.adapters.file import save_adapter
-    from tests.adapters.test_files import make_adapter
-    from tests.conftest import make_random_base
+    from tests.conftest import make_adapter, make_random_base
 
     library = tmp_path / "home" / "adapters"
     library.mkdir(parents=True)

@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 import numpy as np
+from PIL import Image
 
 from frontends.cli import main
 from frontends.generate import GenerationRequest, generate
@@ -53,3 +56,29 @@ def test_cli_reports_bad_model_without_traceback(tmp_path, capsys):
     assert code == 2
     assert "no model at" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+SHIPPED_MOON = "sks-moon"
+
+
+def test_weight_zero_gives_the_base_image_and_a_weight_changes_it(tiny_base):
+    request = GenerationRequest(prompt="a red solid sks on a white background", seed=2, steps=4)
+    plain = _pixels(generate(tiny_base, request)[0])
+    for method in ("merge", "composite"):
+        off = generate(tiny_base, replace(request, adapters=[(SHIPPED_MOON, 0.0)], method=method))[0]
+        assert np.abs(_pixels(off) - plain).max() <= 1, method
+    on = generate(tiny_base, replace(request, adapters=[(SHIPPED_MOON, 1.0)]))[0]
+    assert np.abs(_pixels(on) - plain).mean() > 1.0
+
+
+def test_cli_file_weight_equals_python_file_and_weight(tmp_path, tiny_base):
+    out = tmp_path / "moon.png"
+    assert main(["generate", "--prompt", "a blue solid sks on a gray background", "--seed", "3", "--steps", "4",
+                 "--adapter", f"{SHIPPED_MOON}:0.6", "--out", str(out)]) == 0
+    python = generate(tiny_base, GenerationRequest(prompt="a blue solid sks on a gray background", seed=3, steps=4,
+                                                   adapters=[(SHIPPED_MOON, 0.6)]))[0]
+    full = generate(tiny_base, GenerationRequest(prompt="a blue solid sks on a gray background", seed=3, steps=4,
+                                                 adapters=[(SHIPPED_MOON, 1.0)]))[0]
+    cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(cli, _pixels(python))
+    assert not np.array_equal(cli, _pixels(full))  # the weight was read, not dropped

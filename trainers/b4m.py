@@ -41,7 +41,15 @@ from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
 from studio.files import atomic_path
 from trainers.config import TrainConfig
-from trainers.loop import EncodedSet, TrainingContext, TrainingMethod, encode_set, load_training_images, train
+from trainers.loop import (
+    EncodedSet,
+    TrainingContext,
+    TrainingMethod,
+    checkpoint_dirs,
+    encode_set,
+    load_training_images,
+    train,
+)
 from trainers.lora import output_path, steps_run, trained_learning_rate
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
@@ -520,12 +528,22 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
         stage = replace(config, images=folder, instance_prompt=prompt, output=f"{config.output}-{main}",
                         max_train_steps=b4m.break_steps, kind=main, output_dir=output_dir,
                         trigger_words=[b4m.content_trigger if main == "content" else b4m.style_trigger])
-        runs += train(stage, B4MBreak(main, b4m, basis_path, aux_sets), progress, base, should_stop).outputs
+        runs += train(_resumable(stage), B4MBreak(main, b4m, basis_path, aux_sets), progress, base,
+                      should_stop).outputs
         if should_stop is not None and should_stop():
             return runs
     content_file = output_dir / f"{config.output}-content.safetensors"
     style_file = output_dir / f"{config.output}-style.safetensors"
     make = replace(config, images=b4m.content, instance_prompt=b4m.content_prompt, max_train_steps=b4m.make_steps,
                    output_dir=output_dir, kind="content")
-    runs += train(make, B4MMake(b4m, basis_path, content_file, style_file), progress, base, should_stop).outputs
+    runs += train(_resumable(make), B4MMake(b4m, basis_path, content_file, style_file), progress, base,
+                  should_stop).outputs
     return runs
+
+
+def _resumable(stage: TrainConfig) -> TrainConfig:
+    """``--resume_from_checkpoint latest`` resumes each stage that left a checkpoint; a stage the interrupted run
+    never reached starts afresh."""
+    if stage.resume_from_checkpoint == "latest" and not checkpoint_dirs(stage.work_folder()):
+        return replace(stage, resume_from_checkpoint=None)
+    return stage

@@ -306,7 +306,8 @@ def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> 
 # --- checkpoints ------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(work_dir: Path) -> list[Path]:
+def checkpoint_dirs(work_dir: Path) -> list[Path]:
+    """A run's checkpoints (folders with a saved state), oldest first."""
     found = [p for p in (work_dir / "checkpoints").glob("checkpoint-*") if (p / "state.pt").exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
@@ -319,14 +320,14 @@ def save_checkpoint(work_dir: Path, step: int, method: TrainingMethod, optimizer
     target.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, target / "state.pt")
     if limit:
-        for old in _checkpoint_dirs(work_dir)[:-limit]:
+        for old in checkpoint_dirs(work_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def find_checkpoint(work_dir: Path, spec: str) -> Path:
     if spec == "latest":
-        found = _checkpoint_dirs(work_dir)
+        found = checkpoint_dirs(work_dir)
         if not found:
             raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {work_dir / 'checkpoints'}")
         return found[-1]

@@ -7,40 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.adapters import keys
-from studio.adapters.file import AdapterFile, LoraModule, read_adapter, save_adapter
+from studio.adapters.file import LoraModule, read_adapter, save_adapter
 from studio.adapters.inject import attach_adapter, detach_adapter, load_adapter, set_adapter_weights
 from studio.errors import AdapterError
-
-Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-CONV = "down_blocks.0.resnets.0.conv1"
-TE = "text_model.encoder.layers.0.self_attn.q_proj"
-
-
-def make_adapter(base, scale=0.2, seed=0):
-    """Different ranks and alpha ≠ rank per module, a conv module and a text-encoder module."""
-    generator = torch.Generator().manual_seed(seed)
-    unet, te = base.pipe.unet, base.pipe.text_encoder
-
-    def linear(module, rank):
-        module = getattr(module, "base_layer", module)
-        return torch.randn(rank, module.in_features, generator=generator) * scale, torch.randn(
-            module.out_features, rank, generator=generator) * scale
-
-    conv = unet.get_submodule(CONV)
-    conv = getattr(conv, "base_layer", conv)
-    modules = {
-        "unet": {
-            Q: LoraModule(*linear(unet.get_submodule(Q), 4), alpha=8.0),
-            K2: LoraModule(*linear(unet.get_submodule(K2), 2), alpha=1.0),
-            CONV: LoraModule(torch.randn(3, conv.in_channels, 3, 3, generator=generator) * scale,
-                             torch.randn(conv.out_channels, 3, 1, 1, generator=generator) * scale, alpha=3.0),
-        },
-        "text_encoder": {TE: LoraModule(*linear(te.get_submodule(TE.removeprefix("text_model.")), 4), alpha=2.0)},
-    }
-    metadata = {"ss_output_name": "demo", "studio.base_family": "tiny", "studio.kind": "content",
-                "studio.trigger_words": json.dumps(["sks"])}
-    return AdapterFile(modules, metadata)
+from tests.conftest import CONV, K2, TE, Q, make_adapter
 
 
 def unet_output(base, prompt="a red solid circle on a white background"):

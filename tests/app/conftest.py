@@ -3,8 +3,7 @@
 import pytest
 
 from studio.adapters.file import save_adapter
-from tests.adapters.test_files import make_adapter
-from tests.conftest import make_random_base
+from tests.conftest import make_adapter, make_random_base
 
 
 class NoProgress:

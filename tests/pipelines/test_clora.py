@@ -6,7 +6,7 @@ from pipelines.methods.clora import CLoRA, contrastive_loss, token_positions
 from studio.adapters.file import save_adapter
 from studio.errors import ConfigError
 from studio.text import build_clip_tokenizer
-from tests.pipelines.test_composition import setup, unet_only_adapter  # noqa: F401 (fixture)
+from tests.pipelines.conftest import unet_only_adapter
 
 PROMPT = "a red solid sks and a blue solid xyz on a white background"
 
@@ -28,7 +28,7 @@ def test_contrastive_loss_prefers_grouped_maps():
     assert separated < mixed
 
 
-def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, tmp_path):  # noqa: F811
+def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, tmp_path):
     pipe, _ = setup
     base = pipe.studio_base()
     first, second = unet_only_adapter(base, 11), unet_only_adapter(base, 12)
@@ -48,7 +48,7 @@ def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, t
     assert abs(clora - composite).mean() > 1e-4
 
 
-def test_clora_groups_are_configurable(setup, tmp_path):  # noqa: F811
+def test_clora_groups_are_configurable(setup, tmp_path):
     pipe, paths = setup
     method = CLoRA(groups=[["red"], ["blue"]], extra_rounds=0)
     method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
@@ -62,7 +62,7 @@ def test_clora_groups_are_configurable(setup, tmp_path):  # noqa: F811
     ([["red"], []], "one non-empty group"),
     ([["red"], ["purple", "blue"]], "concept words not in the prompt: 'purple'"),
 ])
-def test_given_groups_that_would_leave_an_adapter_unused_are_refused(setup, groups, message):  # noqa: F811
+def test_given_groups_that_would_leave_an_adapter_unused_are_refused(setup, groups, message):
     pipe, _ = setup
     method = CLoRA(groups=groups)
     method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
@@ -71,7 +71,7 @@ def test_given_groups_that_would_leave_an_adapter_unused_are_refused(setup, grou
 
 
 @pytest.mark.parametrize("uncovered", ["base", "adapters"])
-def test_each_mask_comes_from_its_own_concept_and_fusion_fills_the_rest(setup, uncovered):  # noqa: F811
+def test_each_mask_comes_from_its_own_concept_and_fusion_fills_the_rest(setup, uncovered):
     """Adapter k's mask reads only group k's tokens in its own prompt; what no mask covers goes to the base
     prediction, or with ``uncovered="adapters"`` to the adapters' mean."""
     pipe, _ = setup
@@ -99,7 +99,7 @@ def test_unknown_uncovered_choice_is_refused():
         CLoRA(uncovered="nowhere")
 
 
-def test_clora_on_an_image_smaller_than_its_maps_captures_at_the_latent_size(setup):  # noqa: F811
+def test_clora_on_an_image_smaller_than_its_maps_captures_at_the_latent_size(setup):
     pipe, paths = setup
     image = pipe(PROMPT, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
                  adapters=[(paths[0], 1.0), (paths[1], 1.0)], method="clora",

@@ -10,31 +10,8 @@ from pipelines.methods.cmlora import dominant_shares, refresh_steps
 from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
 from studio.adapters.file import save_adapter
 from studio.errors import AdapterError, ConfigError
-from tests.adapters.test_files import make_adapter
-from tests.conftest import make_random_base
-
-PROMPT = "a red solid sks on a white background"
-
-
-def unet_only_adapter(base, seed):
-    """Text is encoded once with every adapter active (as in the paper's code), so these carry no text-encoder
-    part: then Switch's first adapter alone reproduces a single-adapter image."""
-    adapter = make_adapter(base, seed=seed, scale=0.3)
-    del adapter.modules["text_encoder"]
-    return adapter
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("adapters")
-    base = make_random_base()
-    paths = [save_adapter(unet_only_adapter(base, i), folder / f"a{i}.safetensors") for i in range(3)]
-    return CompositionPipeline.from_base(base), paths
-
-
-def run(pipe, **kwargs):
-    return pipe(PROMPT, num_inference_steps=kwargs.pop("steps", 6), guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+from tests.conftest import make_adapter, make_random_base
+from tests.pipelines.conftest import PROMPT, run
 
 
 def test_unet_forward_matches_diffusers_and_shallow_pass_reuses_the_deep_feature(setup):

@@ -326,8 +326,7 @@ def test_ip_adapter_reaches_every_route_of_a_composition(tmp_path):
     from PIL import Image
 
     from studio.adapters.file import save_adapter
-    from tests.adapters.test_files import make_adapter
-    from tests.conftest import make_random_base
+    from tests.conftest import make_adapter, make_random_base
 
     base = make_random_base()
     pipe = base.pipe

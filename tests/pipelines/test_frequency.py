@@ -3,7 +3,7 @@ import torch
 
 from pipelines.frequency import hf_score, profile_adapter, radial_profile, store_profile
 from studio.adapters.file import read_adapter, save_adapter
-from tests.pipelines.test_composition import setup, unet_only_adapter  # noqa: F401 (fixture)
+from tests.pipelines.conftest import unet_only_adapter
 
 
 def test_radial_profile_is_normalised():
@@ -18,7 +18,7 @@ def test_high_frequency_score_orders_smooth_and_busy_images():
     assert hf_score(busy) > hf_score(smooth)
 
 
-def test_profile_is_measured_and_stored_in_the_file(setup, tmp_path):  # noqa: F811
+def test_profile_is_measured_and_stored_in_the_file(setup, tmp_path):
     pipe, _ = setup
     path = save_adapter(unet_only_adapter(pipe.studio_base(), 7), tmp_path / "p.safetensors")
     profile = profile_adapter(pipe, path, prompts=["a sks"], seeds=(0,), steps=3)

@@ -4,7 +4,7 @@ import torch
 from pipelines.decor import project_out, unwanted_basis
 from pipelines.guidance import cfg, masked_fusion, perp_neg, perpendicular_component, weighted_mean
 from studio.errors import ConfigError
-from tests.pipelines.test_composition import PROMPT, run, setup  # noqa: F401 (fixture)
+from tests.pipelines.conftest import run
 
 
 def test_cfg_and_weighted_mean():
@@ -45,7 +45,7 @@ def test_decor_projection_removes_the_unwanted_directions():
     assert unwanted_basis(unwanted, rank=1).shape == (16, 1)
 
 
-def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):  # noqa: F811
+def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):
     pipe, paths = setup
     plain = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape")
     perp = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
@@ -60,7 +60,7 @@ def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):  
         run(pipe, perp_neg=True)
 
 
-def test_perp_neg_without_adapters_works(setup):  # noqa: F811
+def test_perp_neg_without_adapters_works(setup):
     pipe, _ = setup
     image = run(pipe, perp_neg=[("a striped shape", 1.0), ("a blue shape", 0.5)])
     assert image.shape == (1, 64, 64, 3) and pipe.last_stats.samples == 6 * 4

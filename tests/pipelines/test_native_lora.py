@@ -11,8 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from studio.adapters.file import save_adapter
-from tests.adapters.test_files import make_adapter
-from tests.conftest import make_random_base
+from tests.conftest import make_adapter, make_random_base
 
 TOLERANCE = 1e-4
 

@@ -223,7 +223,7 @@ def test_b4m_runs_on_a_base_that_has_held_other_adapters(tmp_path, shape_images,
     """The app trains on the base it composes with: peft's wrappers stay on layers an adapter ever touched.
     B4M finds its layers through them, trains beside them, and hands them back unchanged."""
     from studio.adapters.inject import attach_adapter, set_adapter_weights
-    from tests.adapters.test_files import make_adapter
+    from tests.conftest import make_adapter
     from trainers import get_method, train
 
     base = make_random_base()
