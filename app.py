@@ -351,6 +351,12 @@ def move_row(index: int, delta: int, *values: Any) -> list[Any]:
     return [v for r in rows for v in r]
 
 
+#: What :func:`recipe_to_form` fills after the adapter rows, named as :meth:`Studio.request`'s parameters.
+RECIPE_FIELDS = ("prompt", "negative", "method", "seed", "randomize", "steps", "guidance", "size", "perp_neg",
+                 "perp_neg_weight", "decor_words", "decor_alpha", "switch_interval", "cache_interval", "clora_words",
+                 "clora_fill")
+
+
 def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
     """Send a gallery image back to the form from its PNG recipe: adapters, prompts, seed and settings, and the
     method's options, Perp-Neg and DECOR, so that Generate draws the same image again."""
@@ -372,12 +378,16 @@ def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
     options = recipe.get("method_options") or {}
     perp_neg = recipe.get("perp_neg") or []
     negative = perp_neg[0][0] if perp_neg else recipe.get("negative_prompt", "")
-    return rows + [recipe["prompt"], negative, recipe.get("method", "merge"), recipe["seed"], False,
-                   recipe["steps"], recipe["guidance_scale"], recipe["width"], bool(perp_neg),
-                   perp_neg[0][1] if perp_neg else 1.5, ", ".join(recipe.get("decor_remove") or []),
-                   recipe.get("decor_alpha", 1.0), options.get("interval", 5), options.get("cache_interval", 0),
-                   " | ".join(", ".join(group) for group in options.get("groups") or []),
-                   options.get("uncovered") == "adapters"]
+    fields = {"prompt": recipe["prompt"], "negative": negative, "method": recipe.get("method", "merge"),
+              "seed": recipe["seed"], "randomize": False, "steps": recipe["steps"],
+              "guidance": recipe["guidance_scale"], "size": recipe["width"], "perp_neg": bool(perp_neg),
+              "perp_neg_weight": perp_neg[0][1] if perp_neg else 1.5,
+              "decor_words": ", ".join(recipe.get("decor_remove") or []),
+              "decor_alpha": recipe.get("decor_alpha", 1.0),
+              "switch_interval": options.get("interval", 5), "cache_interval": options.get("cache_interval", 0),
+              "clora_words": " | ".join(", ".join(group) for group in options.get("groups") or []),
+              "clora_fill": options.get("uncovered") == "adapters"}
+    return rows + [fields[name] for name in RECIPE_FIELDS]
 
 
 # -- layout ----------------------------------------------------------------------------------------------------
@@ -455,10 +465,12 @@ def build_app(model: str | None = None) -> gr.Blocks:
             for index, up, down in movers:
                 up.click(lambda *v, i=index: move_row(i, -1, *v), rows, rows)
                 down.click(lambda *v, i=index: move_row(i, 1, *v), rows, rows)
-            gallery.select(recipe_to_form, gallery, [*rows, prompt, negative, method, seed, randomize, steps,
-                                                      guidance, size, perp_neg, perp_weight, decor_words,
-                                                      decor_alpha, switch_interval, cache_interval, clora_words,
-                                                      clora_fill])
+            named = {"prompt": prompt, "negative": negative, "method": method, "seed": seed, "randomize": randomize,
+                     "steps": steps, "guidance": guidance, "size": size, "perp_neg": perp_neg,
+                     "perp_neg_weight": perp_weight, "decor_words": decor_words, "decor_alpha": decor_alpha,
+                     "switch_interval": switch_interval, "cache_interval": cache_interval,
+                     "clora_words": clora_words, "clora_fill": clora_fill}
+            gallery.select(recipe_to_form, gallery, [*rows, *(named[name] for name in RECIPE_FIELDS)])
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column():

@@ -1,7 +1,10 @@
 """App fixtures: a library folder, an outputs folder and two small adapters, isolated per test module."""
 
+import inspect
+
 import pytest
 
+import app
 from studio.adapters.file import save_adapter
 from tests.conftest import make_adapter, make_random_base
 
@@ -35,15 +38,30 @@ def studio_env(tmp_path, monkeypatch):
     return studio, home
 
 
+#: The Compose form's fields after the adapter rows, in the order the handlers take them.
+FORM_FIELDS = list(inspect.signature(app.Studio.request).parameters)[2:]  # after self and rows
+ROW_FIELDS = ("on", "adapter", "weight", "own_prompt")
+
+
 def form(prompt="a red solid sks on a white background", rows=None, method="merge", negative="", perp_neg=False,
-         seed=3, batch=1, weight="1.0", clora_words="", clora_fill=False):
-    """Values of the Compose form in the order the handlers take them."""
+         seed=3, batch=1, weight="1.0", clora_words="", clora_fill=False, **fields):
+    """Values of the Compose form in the order the handlers take them, given by name."""
     cells = []
     chosen = rows or []
-    for index in range(4):
+    for index in range(app.ROWS):
         if index < len(chosen):
             cells += [True, chosen[index], weight, ""]
         else:
             cells += [False, None, "1.0", ""]
-    return [*cells, prompt, negative, method, 5, 0, clora_words, clora_fill, perp_neg, 1.5, "", 1.0, seed, False, 3,
-            5.0, 64, batch]
+    named = {"prompt": prompt, "negative": negative, "method": method, "switch_interval": 5, "cache_interval": 0,
+             "clora_words": clora_words, "clora_fill": clora_fill, "perp_neg": perp_neg, "perp_neg_weight": 1.5,
+             "decor_words": "", "decor_alpha": 1.0, "seed": seed, "randomize": False, "steps": 3, "guidance": 5.0,
+             "size": 64, "batch": batch, **fields}
+    assert set(named) == set(FORM_FIELDS), set(named) ^ set(FORM_FIELDS)
+    return [*cells, *(named[name] for name in FORM_FIELDS)]
+
+
+def recipe_form(values):
+    """``app.recipe_to_form``'s values by name: ``rows`` (one dict per adapter row) and the named fields."""
+    rows = [dict(zip(ROW_FIELDS, values[4 * i : 4 * i + 4])) for i in range(app.ROWS)]
+    return {"rows": rows, **dict(zip(app.RECIPE_FIELDS, values[4 * app.ROWS :]))}

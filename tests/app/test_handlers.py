@@ -12,7 +12,7 @@ import app
 from studio.adapters.file import read_adapter
 from studio.adapters.library import library_dir
 from studio.png import read_recipe
-from tests.app.conftest import NoProgress, form
+from tests.app.conftest import NoProgress, form, recipe_form
 
 
 def test_generate_writes_pngs_with_parameters(studio_env):
@@ -65,19 +65,20 @@ def test_recipe_goes_back_to_the_form(studio_env):
     class Event:
         index = 0
 
-    values = app.recipe_to_form(Event(), gallery)
-    assert values[:3] == [True, "two", 1.0] and values[16] == "a red solid sks on a white background"
-    assert values[19] == 11
+    values = recipe_form(app.recipe_to_form(Event(), gallery))
+    assert values["rows"][0] == {"on": True, "adapter": "two", "weight": 1.0, "own_prompt": ""}
+    assert (values["prompt"], values["seed"]) == ("a red solid sks on a white background", 11)
     # Perp-Neg, DECOR and the method's options come back too, and the same form draws the same image
-    settings = form(rows=["one", "two"], method="switch", seed=5, perp_neg=True, negative="a striped shape")
-    settings[25], settings[26] = "red", 0.5  # DECOR words and α
-    settings[19] = 2  # switch interval
+    settings = form(rows=["one", "two"], method="switch", seed=5, perp_neg=True, negative="a striped shape",
+                    decor_words="red", decor_alpha=0.5, switch_interval=2)
     first, _, _ = studio.generate("", *settings, progress=NoProgress())
-    values = app.recipe_to_form(Event(), first)
-    assert values[16:19] == ["a red solid sks on a white background", "a striped shape", "switch"]
-    assert values[24:30] == [True, 1.5, "red", 0.5, 2, 0]
-    again = form(rows=["one", "two"], method="switch", seed=values[19], perp_neg=values[24], negative=values[17])
-    again[25], again[26], again[19] = values[26], values[27], values[28]
+    values = recipe_form(app.recipe_to_form(Event(), first))
+    assert (values["prompt"], values["negative"], values["method"]) == (
+        "a red solid sks on a white background", "a striped shape", "switch")
+    assert [values[name] for name in ("perp_neg", "perp_neg_weight", "decor_words", "decor_alpha", "switch_interval",
+                                      "cache_interval")] == [True, 1.5, "red", 0.5, 2, 0]
+    again = form(rows=[row["adapter"] for row in values["rows"] if row["on"]],
+                 **{name: values[name] for name in app.RECIPE_FIELDS})
     second, _, _ = studio.generate("", *again, progress=NoProgress())
     assert np.array_equal(np.asarray(Image.open(first[0][0])), np.asarray(Image.open(second[0][0])))
 
