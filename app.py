@@ -121,7 +121,7 @@ class Studio:
                 result = generate(base, single)[0]
                 path = save_png(result.image, _output_path(result.recipe["seed"]), result.parameters, result.recipe)
                 gallery.append((str(path), result.parameters))
-                masks += _mask_images(base)
+                masks += _mask_images(result.masks)
         except StudioError as error:
             raise gr.Error(str(error)) from error
         extras = [label for label, used in (("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove)) if used]
@@ -306,9 +306,8 @@ def _output_path(seed: int) -> Path:
     return numbered_png(OUTPUTS, seed)
 
 
-def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
-    """CLoRA's masks of the last image, as grey PNGs beside it."""
-    masks = getattr(base.pipe, "last_masks", {}) or {}
+def _mask_images(masks: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """CLoRA's masks of one image, as grey PNGs beside it."""
     shown = []
     for name, mask in masks.items():
         array = (mask[0].numpy() * 255).astype("uint8")

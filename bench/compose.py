@@ -58,8 +58,9 @@ def setup(args) -> tuple:
 
 
 def run(pipe, prompt: str, adapters, method: str, steps: int, seed: int, **options):
+    """One composed image; the pipeline's output (``.images``, ``.stats``, …)."""
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                adapters=adapters, method=method, output_type="np", **SIZE, **options).images
+                adapters=adapters, method=method, output_type="np", **SIZE, **options)
 
 
 SIZE: dict[str, int] = {}  # height/width when --size is given
@@ -83,9 +84,9 @@ def speed(args) -> None:
         for r in range(args.repeats):
             for runs, adapters, name in ((reference, adapters_by_n[1], "merge"), (timings, adapters_by_n[n], method)):
                 start = time.perf_counter()
-                run(pipe, prompt, adapters, name, args.steps, r)
+                output = run(pipe, prompt, adapters, name, args.steps, r)
                 runs.append(time.perf_counter() - start)
-        stats = pipe.last_stats
+        stats = output.stats  # the last timed run's: the method under test
         # memory in a run of its own: on the CPU the RSS sampler thread would slow the timed runs
         with measured(base.device) as m:
             run(pipe, prompt, adapters_by_n[n], method, args.steps, 0)
@@ -115,13 +116,13 @@ def quality(args) -> None:
                 if n == 2:
                     color = colors[seed % len(colors)]
                     image = run(base.pipe, f"a {color} zwx sks on a {background} background", adapters, method,
-                                args.steps, seed)
+                                args.steps, seed).images
                     reading = evaluator.read((np.clip(image, 0, 1) * 255).round().astype(np.uint8))[0]
                     rows.append((reading.shape == "moon", reading.texture == "zigzag", True))
                     continue
                 c1, c2 = PAIRS[seed % len(PAIRS)]
                 image = run(base.pipe, f"a {c1} zwx sks and a {c2} xyz on a {background} background", adapters,
-                            method, args.steps, seed)
+                            method, args.steps, seed).images
                 pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
                 readings, _ = read_two_objects(evaluator, pixels, [(c1, c2)], [background])
                 first, second = readings[0]

@@ -72,15 +72,16 @@ def main() -> None:
         method, options = METHODS[row]
         present, ious = [], []
         for seed, (c1, c2, background) in enumerate(cases):
-            image = base.pipe(template.format(c1=c1, c2=c2, background=background), adapters=adapters,
-                              method=method, method_options=options(c1, c2), num_inference_steps=args.steps,
-                              guidance_scale=base.default_guidance_scale,
-                              generator=torch.Generator().manual_seed(seed), output_type="np").images
+            output = base.pipe(template.format(c1=c1, c2=c2, background=background), adapters=adapters,
+                               method=method, method_options=options(c1, c2), num_inference_steps=args.steps,
+                               guidance_scale=base.default_guidance_scale,
+                               generator=torch.Generator().manual_seed(seed), output_type="np")
+            image = output.images
             image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
             readings, regions = read_two_objects(evaluator, image, [(c1, c2)], [background])
             present.append([r is not None and r.shape == shape for r, shape in zip(readings[0], ("moon", "cross"))])
             if method == "clora":
-                masks = list(base.pipe.last_masks.values())[:2]
+                masks = list(output.masks.values())[:2]
                 ious.extend(mask_iou(mask, region) for mask, region in zip(masks, regions[0]))
         hits = np.array(present)
         iou = (f"{np.mean(ious[0::2]):.2f} / {np.mean(ious[1::2]):.2f}" if ious else "—")

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from studio import __version__
@@ -62,9 +63,12 @@ class GenerationRequest:
 
 @dataclass
 class GeneratedImage:
+    """One image, its A1111 ``parameters`` text, its recipe, and CLoRA's masks when it composed with CLoRA."""
+
     image: Image.Image
     parameters: str
     recipe: dict[str, Any]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
@@ -149,6 +153,6 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
             generator=seeded_generator(seed),
             **composing,
         )
-        parameters, recipe = describe(base, request, seed, {"composition": getattr(pipe, "last_recipe", None)})
-        results.append(GeneratedImage(output.images[0], parameters, recipe))
+        parameters, recipe = describe(base, request, seed, {"composition": getattr(output, "recipe", None)})
+        results.append(GeneratedImage(output.images[0], parameters, recipe, getattr(output, "masks", {})))
     return results

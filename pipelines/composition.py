@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from pipelines.engine import CompositionEngine
+from pipelines.output import CompositionPipelineOutput
 
 
 class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
@@ -27,7 +27,7 @@ class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
                                        clip_skip=clip_skip)
         return hidden, None
 
-    def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True):
+    def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True, **composition):
         if not return_dict:
             return images, nsfw
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        return CompositionPipelineOutput(images=images, nsfw_content_detected=nsfw, **composition)

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from pipelines.engine import CompositionEngine
+from pipelines.output import CompositionXLPipelineOutput
 
 
 class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
@@ -87,7 +87,7 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
             pixels = self.watermark.apply_watermark(pixels)
         return self.image_processor.postprocess(pixels, output_type=output_type), None
 
-    def make_output(self, images, nsfw: None = None, return_dict: bool = True):
+    def make_output(self, images, nsfw: None = None, return_dict: bool = True, **composition):
         if not return_dict:
             return (images,)
-        return StableDiffusionXLPipelineOutput(images=images)
+        return CompositionXLPipelineOutput(images=images, **composition)

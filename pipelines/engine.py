@@ -243,7 +243,8 @@ class CompositionEngine:
 
     # A pipeline class defines ``encode_texts(texts, texts_2=None, *, lora_scale=None, clip_skip=None,
     # zero_empty=True) -> (hidden states, pooled or None)``: how it conditions its UNet on cleaned texts,
-    # ``size_conditions(...)``: SDXL's time ids (None for SD), and ``make_output(images, nsfw, return_dict)``.
+    # ``size_conditions(...)``: SDXL's time ids (None for SD), and ``make_output(images, nsfw, return_dict,
+    # recipe=…, stats=…, masks=…)``: its output type with the composition's results (:mod:`pipelines.output`).
     zero_unconditional = False  # SDXL's force_zeros_for_empty_prompt: no negative prompt → zero embeddings
 
     def size_conditions(self, height: int, width: int, sizes: Mapping[str, Any], dtype: torch.dtype
@@ -478,22 +479,21 @@ class CompositionEngine:
                         legacy[0](step // getattr(self.scheduler, "order", 1), t, latents)
             stats.merged_weights = 0 if routing is None else len(routing.weights)
         stats.cached_text_projections = kv.hits
-        self.last_stats = stats
-        self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
-                           if mask is not None}
-        self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
+                 if mask is not None}
+        recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
         if self._studio_weight_recipe:
-            self.last_recipe["adapter_weights"] = dict(self._studio_weight_recipe)
+            recipe["adapter_weights"] = dict(self._studio_weight_recipe)
         if negatives:
-            self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
+            recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:
-            self.last_recipe.update(decor_remove=list(decor_remove), decor_alpha=decor_alpha)
+            recipe.update(decor_remove=list(decor_remove), decor_alpha=decor_alpha)
         if output_type == "latent":
             images, nsfw = latents, None
         else:
             images, nsfw = self.postprocess_pixels(self.decode_latents_to_pixels(latents), output_type, device, dtype)
         self.maybe_free_model_hooks()
-        return self.make_output(images, nsfw, return_dict)
+        return self.make_output(images, nsfw, return_dict, recipe=recipe, stats=stats, masks=masks)
 
     default_guidance_scale = 7.5  # StableDiffusionPipeline's; the SDXL pipeline's is 5.0
     begin_index_zero = False  # the SDXL pipeline starts its scheduler at index 0, the SD one lets it find t

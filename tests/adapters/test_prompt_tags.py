@@ -129,7 +129,8 @@ def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
                             set()).add(factor)
     assert seen["down_blocks"] == {0.5} and seen["mid_block"] == {0.0} and seen["up_blocks.0"] == {2.0}
     assert seen["up_blocks.1"] == {1.0}
-    recipe = sd_base.pipe.last_recipe
+    recipe = sd_base.pipe("a sks moon", generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32,
+                          width=32, output_type="np", adapters=[("sks-moon", weight)]).recipe
     [[name, weight]] = recipe["adapters"]
     assert weight == 1.0 and recipe["adapter_weights"][name]["blocks"] == {"down": 0.5, "mid": 0.0, "up.0": 2.0}
     with pytest.raises(ConfigError, match="unet blocks are down, mid and up"):

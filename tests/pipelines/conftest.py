@@ -26,6 +26,12 @@ def setup(tmp_path_factory):
     return CompositionPipeline.from_base(base), paths
 
 
-def run(pipe, **kwargs):
+def call(pipe, **kwargs):
+    """The pipeline's whole output for PROMPT (images, recipe, stats, masks)."""
     return pipe(PROMPT, num_inference_steps=kwargs.pop("steps", 6), guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+
+
+def run(pipe, **kwargs):
+    """The images of :func:`call`."""
+    return call(pipe, **kwargs).images

@@ -35,10 +35,10 @@ def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, t
     first.metadata["studio.trigger_words"], second.metadata["studio.trigger_words"] = '["sks"]', '["xyz"]'
     paths = [save_adapter(first, tmp_path / "sks.safetensors"), save_adapter(second, tmp_path / "xyz.safetensors")]
     common = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
-    clora = pipe(PROMPT, generator=torch.Generator().manual_seed(0), adapters=[(p, 1.0) for p in paths],
-                 method="clora", method_options={"extra_rounds": 50}, **common).images
-    masks = pipe.last_masks
-    names = [name for name, _ in pipe.last_recipe["adapters"]]
+    output = pipe(PROMPT, generator=torch.Generator().manual_seed(0), adapters=[(p, 1.0) for p in paths],
+                  method="clora", method_options={"extra_rounds": 50}, **common)
+    clora, masks = output.images, output.masks
+    names = [name for name, _ in output.recipe["adapters"]]
     assert set(masks) == {*names, "__clora_base__"} and len(names) == 2
     assert masks[names[0]].shape == (1, 16, 16) and set(masks[names[0]].unique().tolist()) <= {0.0, 1.0}
     coverage = masks[names[0]] + masks[names[1]] + masks["__clora_base__"]
@@ -101,8 +101,8 @@ def test_unknown_uncovered_choice_is_refused():
 
 def test_clora_on_an_image_smaller_than_its_maps_captures_at_the_latent_size(setup):
     pipe, paths = setup
-    image = pipe(PROMPT, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
-                 adapters=[(paths[0], 1.0), (paths[1], 1.0)], method="clora",
-                 method_options={"groups": [["red"], ["blue"]]}, output_type="np").images
-    assert image.shape == (1, 32, 32, 3)
-    assert all(mask.shape[-1] == 32 // pipe.vae_scale_factor for mask in pipe.last_masks.values())
+    output = pipe(PROMPT, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                  adapters=[(paths[0], 1.0), (paths[1], 1.0)], method="clora",
+                  method_options={"groups": [["red"], ["blue"]]}, output_type="np")
+    assert output.images.shape == (1, 32, 32, 3) and output.masks
+    assert all(mask.shape[-1] == 32 // pipe.vae_scale_factor for mask in output.masks.values())

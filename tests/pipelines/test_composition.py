@@ -11,7 +11,7 @@ from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
 from studio.adapters.file import save_adapter
 from studio.errors import AdapterError, ConfigError
 from tests.conftest import make_adapter, make_random_base
-from tests.pipelines.conftest import PROMPT, run
+from tests.pipelines.conftest import PROMPT, call, run
 
 
 def test_unet_forward_matches_diffusers_and_shallow_pass_reuses_the_deep_feature(setup):
@@ -56,8 +56,8 @@ def test_generation_routes_through_merged_weights_within_budget(setup):
     images, merged = {}, {}
     for budget in (0, 1 << 30):
         pipe.merged_routing_budget = budget
-        images[budget] = run(pipe, adapters=adapters, method="composite")
-        merged[budget] = pipe.last_stats.merged_weights
+        output = call(pipe, adapters=adapters, method="composite")
+        images[budget], merged[budget] = output.images, output.stats.merged_weights
     pipe.merged_routing_budget = 1 << 30
     assert merged[0] == 0 and merged[1 << 30] > 0
     assert np.abs(images[0] - images[1 << 30]).max() <= 1e-3
@@ -71,8 +71,8 @@ def test_cross_attention_kv_cache_is_exact_and_used(setup, method, options):
     images = {}
     for flag in (False, True):
         pipe.cache_cross_kv = flag
-        images[flag] = run(pipe, adapters=adapters, method=method, method_options=options)
-        hits = pipe.last_stats.cached_text_projections
+        output = call(pipe, adapters=adapters, method=method, method_options=options)
+        images[flag], hits = output.images, output.stats.cached_text_projections
         assert (hits > 0) == flag
     pipe.cache_cross_kv = True
     assert np.array_equal(images[False], images[True])
@@ -109,12 +109,11 @@ def test_switch_with_a_long_interval_equals_its_first_adapter(setup):
 def test_cmlora_cache_cuts_block_evaluations_and_changes_the_image_boundedly(setup):
     pipe, paths = setup
     adapters = [(p, 1.0) for p in paths]
-    uncached = run(pipe, adapters=adapters, method="cmlora", method_options={"use_cache": False}, steps=12)
-    full_blocks = pipe.last_stats.block_evaluations
-    cached = run(pipe, adapters=adapters, method="cmlora", steps=12)
-    assert pipe.last_stats.shallow_passes > 0
-    assert pipe.last_stats.block_evaluations < 0.7 * full_blocks
-    difference = np.abs(cached - uncached).mean()
+    uncached = call(pipe, adapters=adapters, method="cmlora", method_options={"use_cache": False}, steps=12)
+    cached = call(pipe, adapters=adapters, method="cmlora", steps=12)
+    assert cached.stats.shallow_passes > 0
+    assert cached.stats.block_evaluations < 0.7 * uncached.stats.block_evaluations
+    difference = np.abs(cached.images - uncached.images).mean()
     assert 0 < difference < 0.1
 
 
@@ -129,8 +128,8 @@ def test_cmlora_schedule_and_weights_follow_the_paper():
 def test_named_pipeline_uses_its_method(setup):
     pipe, paths = setup
     named = CMLoRAPipeline.from_base(pipe.studio_base())
-    named(PROMPT, num_inference_steps=3, adapters=[(paths[0], 1.0), (paths[1], 1.0)], output_type="np")
-    assert named.last_recipe["method"] == "cmlora"
+    output = named(PROMPT, num_inference_steps=3, adapters=[(paths[0], 1.0), (paths[1], 1.0)], output_type="np")
+    assert output.recipe["method"] == "cmlora"
 
 
 def test_many_loaded_adapters_stay_bounded(tmp_path):
@@ -188,9 +187,9 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
 
 def test_one_adapter_and_a_decor_word_list_may_be_given_as_strings(setup):
     pipe, paths = setup
-    assert np.array_equal(run(pipe, adapters=str(paths[0]), decor_remove="red, star"),
-                          run(pipe, adapters=[(paths[0], 1.0)], decor_remove=["red", "star"]))
-    assert pipe.last_recipe["decor_remove"] == ["red", "star"]
+    output = call(pipe, adapters=str(paths[0]), decor_remove="red, star")
+    assert np.array_equal(output.images, run(pipe, adapters=[(paths[0], 1.0)], decor_remove=["red", "star"]))
+    assert output.recipe["decor_remove"] == ["red", "star"]
 
 
 def test_custom_pipeline_file_loads_through_diffusers(tmp_path, setup):
@@ -206,9 +205,9 @@ def test_custom_pipeline_file_loads_through_diffusers(tmp_path, setup):
                                                trust_remote_code=True)
     assert type(loaded).__name__ == "CompositionPipeline"
     loaded.set_progress_bar_config(disable=True)
-    image = loaded(PROMPT, num_inference_steps=2, adapters=[(paths[0], 1.0), (paths[1], 0.5)], method="composite",
-                   output_type="np").images
-    assert image.shape == (1, 64, 64, 3) and loaded.last_stats.full_passes == 2
+    output = loaded(PROMPT, num_inference_steps=2, adapters=[(paths[0], 1.0), (paths[1], 0.5)], method="composite",
+                    output_type="np")
+    assert output.images.shape == (1, 64, 64, 3) and output.stats.full_passes == 2
 
 
 def test_prompt_embeds_stand_for_their_text(setup):

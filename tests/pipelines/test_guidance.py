@@ -4,7 +4,7 @@ import torch
 from pipelines.decor import project_out, unwanted_basis
 from pipelines.guidance import cfg, masked_fusion, perp_neg, perpendicular_component, weighted_mean
 from studio.errors import ConfigError
-from tests.pipelines.conftest import run
+from tests.pipelines.conftest import call, run
 
 
 def test_cfg_and_weighted_mean():
@@ -48,22 +48,22 @@ def test_decor_projection_removes_the_unwanted_directions():
 def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):
     pipe, paths = setup
     plain = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape")
-    perp = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
-               perp_neg=True)
-    assert abs(plain - perp).mean() > 1e-4
-    assert pipe.last_recipe["perp_neg"] == [["a striped shape", 1.5]]
-    assert pipe.last_stats.samples == 6 * 3  # ∅, positive, one negative per step
-    decor = run(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
-                decor_remove=["red"], decor_alpha=1.0)
-    assert abs(plain - decor).mean() > 1e-4 and pipe.last_recipe["decor_remove"] == ["red"]
+    perp = call(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
+                perp_neg=True)
+    assert abs(plain - perp.images).mean() > 1e-4
+    assert perp.recipe["perp_neg"] == [["a striped shape", 1.5]]
+    assert perp.stats.samples == 6 * 3  # ∅, positive, one negative per step
+    decor = call(pipe, adapters=[(paths[0], 1.0)], method="composite", negative_prompt="a striped shape",
+                 decor_remove=["red"], decor_alpha=1.0)
+    assert abs(plain - decor.images).mean() > 1e-4 and decor.recipe["decor_remove"] == ["red"]
     with pytest.raises(ConfigError, match="no negative prompt"):
         run(pipe, perp_neg=True)
 
 
 def test_perp_neg_without_adapters_works(setup):
     pipe, _ = setup
-    image = run(pipe, perp_neg=[("a striped shape", 1.0), ("a blue shape", 0.5)])
-    assert image.shape == (1, 64, 64, 3) and pipe.last_stats.samples == 6 * 4
+    output = call(pipe, perp_neg=[("a striped shape", 1.0), ("a blue shape", 0.5)])
+    assert output.images.shape == (1, 64, 64, 3) and output.stats.samples == 6 * 4
 
 
 def test_decor_projection_identity_and_bad_input():
