@@ -170,15 +170,20 @@ class SaraMethod(TrainingMethod):
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"reselected": -1 if self.reselected_total is None else self.reselected_total}
-        for name, (_, _, slot) in self.slots.items():
+        for name, (module, attribute, slot) in self.slots.items():
             state[f"{name}.index"] = slot.index.clone()
             state[f"{name}.values"] = slot.values.detach().clone()
             state[f"{name}.initial"] = slot.initial.clone()
+            # the M0 entries as they stand: those the re-selection froze keep their trained values only here
+            state[f"{name}.selected"] = storage(module, attribute).view(-1)[self.selection[name][0]].clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore values (before the optimizer is restored, so sizes match its saved state)."""
-        for name, (_, _, slot) in self.slots.items():
+        for name, (module, attribute, slot) in self.slots.items():
+            if f"{name}.selected" in state:  # checkpoints written before it was saved resume without it
+                with torch.no_grad():
+                    storage(module, attribute).view(-1)[self.selection[name][0]] = state[f"{name}.selected"]
             slot.index = state[f"{name}.index"]
             slot.initial = state[f"{name}.initial"]
             slot.values.data = state[f"{name}.values"].clone()  # not yet used by autograd: resizing is safe

@@ -75,9 +75,7 @@ def test_files_state_what_was_trained_the_base_is_restored_and_diffusers_loads_t
         assert sum(1 for n, _ in plain.unet.named_modules() if n.endswith("lora_A.trained")) == len(ranks)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
-    strict=True, reason="SaRA resumed across its re-selection at T/2 leaves the zero-initialised biases unmoved "
-                        "in the sparse delta")) if m == "sara" else m for m in TRAINERS])
+@pytest.mark.parametrize("method", list(TRAINERS))
 def test_a_resumed_run_equals_an_uninterrupted_one(method, tmp_path, shape_images):
     full = run(method, config(shape_images, tmp_path / "full", checkpointing_steps=2),
                options(method, shape_images), base=make_random_base())
