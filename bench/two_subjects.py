@@ -4,7 +4,7 @@
 
 Adapters: the demo content adapters ``sks-moon`` and ``xyz-cross`` (the two reserved shapes). Prompt
 "a {c1} {texture} sks and a {c2} {texture} xyz on a {background} background" with two distinct colors (the
-domain's captions always name a texture; ``--texture ''`` leaves it out, as the first sessions' table did). The
+domain's captions always name a texture; ``--texture ''`` leaves it out). The
 two-object reading uses the domain's colors (``studio.eval.two_objects``): each object is found by its color
 and read alone by the domain evaluator. A subject is present when its color region covers ≥ 20 pixels and reads
 as its shape; "both" needs both, "omission" exactly one. CLoRA's masks are compared with the color regions (IoU
