@@ -10,8 +10,9 @@ the same images with ``--recipe``) merged at 1.0/1.0. Wall time of the whole B4M
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
-with and without DECOR (``decor_remove=["circle"]``), then the α sweep of DECOR at inference on the plain
-adapter: leakage vs prompt accuracy (shape, color and background as asked).
+with and without DECOR (``decor_remove=["circle"]``), then DECOR at inference on the plain adapter: leakage vs
+prompt accuracy. Controls: the same with unrelated words removed instead (``--controls``: a texture the prompts never
+name, and a prompted colour), which must leave the leakage alone.
 """
 
 from __future__ import annotations
@@ -113,33 +114,42 @@ def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") ->
 
 def leakage(args, base, evaluator, work: Path) -> None:
     images = circle_style_images(work / "circles", count=args.images, caption=args.caption)
-    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe, seed=args.seed)
-    decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe, seed=args.seed, decor_remove=["circle"])
+    trained = {}
+    for label, words in (("plain", []), ("decor", ["circle"]), ("control", args.controls[:1])):
+        options = {"decor_remove": words} if words else {}
+        trained[label] = lora(base, images, "style", f"style-{label}", work / "out", args.lora_steps,
+                              prior=args.prior, recipe=args.recipe, seed=args.seed, **options)
     others = [s for s in procedural.BASE_SHAPES if s != "circle"]
     cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
+    blue = np.array([c == "blue" for c, _, _ in cases])
 
     def row(label: str, adapter: Path, **options) -> None:
         readings = read_generations(base, evaluator, prompts, args.steps, adapters=[(str(adapter), 1.0)], **options)
         leak = np.mean([r.shape == "circle" for r in readings])
         zigzag = np.mean([r.texture == "zigzag" for r in readings])
+        shape = np.array([r.shape == s for r, (_, s, _) in zip(readings, cases)])
+        color = np.array([r.color == c for r, (c, _, _) in zip(readings, cases)])
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
-        print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
+        print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {shape.mean():.2f} | {color[~blue].mean():.2f} | "
+              f"{color[blue].mean():.2f} | {right:.2f} |", flush=True)
 
     print(f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
           f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
-          f"other shapes; training seed {args.seed}; n = {args.n}")
-    print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
-    print("|---|---|---|---|")
-    row("plain LoRA", plain)
-    row("LoRA trained with DECOR (remove 'circle')", decor)
-    for alpha in (0.25, 0.5, 0.75, 1.0):
-        row(f"plain LoRA, DECOR at inference α = {alpha}", plain, decor_remove=["circle"], decor_alpha=alpha)
+          f"other shapes; control words {', '.join(args.controls)}; training seed {args.seed}; n = {args.n} "
+          f"({int(blue.sum())} prompts ask for blue)")
+    print("| adapter | leakage (draws a circle) | zigzag | shape as asked | colour as asked (other prompts) | "
+          "colour as asked (blue prompts) | shape, colour and background as asked |")
+    print("|---|---|---|---|---|---|---|")
+    row("plain LoRA", trained["plain"])
     for alpha in (0.5, 1.0):
-        row(f"LoRA trained with DECOR, DECOR at inference α = {alpha}", decor, decor_remove=["circle"],
-            decor_alpha=alpha)
+        row(f"plain LoRA, DECOR at inference, remove 'circle', α = {alpha}", trained["plain"],
+            decor_remove=["circle"], decor_alpha=alpha)
+    for word in args.controls:
+        row(f"plain LoRA, DECOR at inference, remove '{word}' (control), α = 1.0", trained["plain"],
+            decor_remove=[word], decor_alpha=1.0)
+    row("LoRA trained with DECOR (remove 'circle')", trained["decor"])
+    row(f"LoRA trained with DECOR (remove '{args.controls[0]}', control)", trained["control"])
 
 
 def main() -> None:
@@ -160,6 +170,9 @@ def main() -> None:
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
     parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
+    parser.add_argument("--controls", nargs="+", default=["dotted", "blue"],
+                        help="leakage: unrelated words DECOR removes as controls (at inference; the first also in "
+                             "training): a texture the prompts never name, and a prompted colour")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--prior_layers", choices=PRIORS, default="square",
