@@ -122,6 +122,8 @@ class CompositionEngine:
                 self._studio_profiles[name] = _frequency_profile(adapter)
                 self._studio_triggers = getattr(self, "_studio_triggers", {})
                 self._studio_triggers[name] = adapter.trigger_words
+                self._studio_kinds = getattr(self, "_studio_kinds", {})
+                self._studio_kinds[name] = adapter.kind
             loaded.move_to_end(key)
             resolved.append((loaded[key], float(weight)))
         in_use = {name for name, _ in resolved}
