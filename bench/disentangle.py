@@ -2,11 +2,16 @@
 
     .venv/bin/python -m bench.disentangle b4m     [--n 100]   # B4M made adapter vs a merged plain-LoRA pair
     .venv/bin/python -m bench.disentangle leakage [--n 100]   # style-adapter shape leakage, DECOR train/inference
+    .venv/bin/python -m bench.disentangle basis   [--n 100]   # B4M: the base's damage from the frozen basis alone
 
 b4m: 5 content images (the reserved shape "moon", trigger sks) and 5 style images (the reserved texture
 "zigzag", trigger zwx); "a {color} zwx sks on a {background} background" over n seeds: the rate at which moon AND
 zigzag appear, for B4M's made adapter (PLP halves on ``--b4m_targets``) and for the two plain LoRAs (trained on
 the same images with ``--recipe``) merged at 1.0/1.0. Wall time of the whole B4M pipeline is printed.
+
+basis: B4M's frozen block B_f·A_f alone (learnable halves zero) as an adapter, on n ordinary prompts (all four
+attributes as asked) beside the base, for the paper's prior (square to_q/k/v) and ``--prior_layers all`` on the
+bench's targets, with Q drawn from d rows (the earlier scale) or from max(d, 1280) rows (the official code's).
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
@@ -70,7 +75,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
-        make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)
+        make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe,
                          seed=args.seed)
@@ -82,7 +87,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
-    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers, rank {args.rank}, "
+    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
+          f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
           f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
@@ -95,6 +101,43 @@ def b4m(args, base, evaluator, work: Path) -> None:
         moon = np.array([r.shape == "moon" for r in readings])
         zigzag = np.array([r.texture == "zigzag" for r in readings])
         print(f"| {label} | {np.mean(moon & zigzag):.2f} | {moon.mean():.2f} | {zigzag.mean():.2f} |")
+
+
+def basis(args, base, evaluator, work: Path) -> None:
+    from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+    from studio.eval.prompt_following import grid_cases
+    from trainers.b4m import make_basis
+
+    cases = grid_cases(args.n, held_out=False, seed=21)
+
+    def accuracy(adapters) -> float:
+        readings = read_generations(base, evaluator, [c.prompt for c in cases], args.steps, adapters=adapters)
+        return float(np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
+                              for r, c in zip(readings, cases)]))
+
+    plain = accuracy(None)
+    print(f"B4M basis only (A_l = B_l = 0), rank {args.rank}, basis seed {args.seed}; n = {args.n} ordinary prompts, "
+          f"{args.steps} steps; base accuracy {plain:.2f}")
+    print("| targets | prior | Q rows | largest ‖B_f·A_f‖₂ / ‖W‖₂ | accuracy | change vs base |")
+    print("|---|---|---|---|---|---|")
+    unet = base.pipe.unet
+    for targets, prior in (("attention", "square"), ("attention+resnet", "all")):
+        for rows in (0, 1280):
+            drawn = make_basis(unet, args.rank, args.seed, B4M_TARGETS[targets], prior, rows)
+            modules, ratios = {}, []
+            for key in [k for k in drawn if k.endswith(".A_frozen")]:
+                path = key.removesuffix(".A_frozen")
+                a = torch.cat([drawn[key], torch.zeros_like(drawn[f"{path}.A_learn"])], dim=1)
+                b = torch.cat([drawn[f"{path}.B_frozen"], torch.zeros_like(drawn[f"{path}.B_learn"])], dim=0)
+                modules[path] = LoraModule(a, b, alpha=float(args.rank))
+                weight = unet.get_submodule(path).weight.detach().flatten(1)
+                block = b.flatten(1) @ a.flatten(1)
+                ratios.append(float(torch.linalg.matrix_norm(block, ord=2) / torch.linalg.matrix_norm(weight, ord=2)))
+            file = save_adapter(AdapterFile({"unet": modules}), work / f"basis-{targets}-{prior}-{rows}.safetensors")
+            value = accuracy([(str(file), 1.0)])
+            label = "d" if rows == 0 else f"max(d, {rows})"
+            print(f"| {targets} | {prior} | {label} | {max(ratios):.2f} | {value:.2f} | {value - plain:+.2f} |",
+                  flush=True)
 
 
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
@@ -154,7 +197,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["b4m", "leakage"])
+    parser.add_argument("part", choices=["b4m", "leakage", "basis"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="the training runs' seed (noise, timesteps, order)")
@@ -177,13 +220,15 @@ def main() -> None:
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--prior_layers", choices=PRIORS, default="square",
                         help="B4M's orthogonal prior on square layers (the paper's) or on all layers")
+    parser.add_argument("--prior_rows", type=int, default=1280,
+                        help="B4M: Q has max(d, this) rows (the official code's 1280; 0: d rows)")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     with tempfile.TemporaryDirectory(prefix=f"studio-bench-{args.part}-") as work:
-        {"b4m": b4m, "leakage": leakage}[args.part](args, base, evaluator, Path(work))
+        {"b4m": b4m, "leakage": leakage, "basis": basis}[args.part](args, base, evaluator, Path(work))
 
 
 if __name__ == "__main__":
