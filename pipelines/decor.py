@@ -9,6 +9,10 @@ publishes no code; how V is built is the project's decision (METHODS §5.1), mad
   row that reference words take at the same place in the same templates.
 * The BOS row and the shared word component are projected out of those differences first, so V never touches
   what every prompt has in common, and BOS itself is never projected.
+* The words the prompt asks for (``keep``: the prompt's other words at inference, the captions' during training)
+  are protected the same way: their own in-context directions are projected out of the unwanted word's before
+  V is drawn. On a small encoder words of one kind share directions ("circle" and "star" both carry "a shape");
+  without this, removing "circle" also weakens the "star" the prompt asks for.
 * V keeps the leading right singular vectors holding ``energy`` of the differences' energy (or the top ``rank``).
 
 Costs no UNet evaluation: one batch of text-encoder passes per call; used at inference by the composition
@@ -17,6 +21,7 @@ pipelines and, optionally, on caption embeddings during training.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -117,11 +122,21 @@ def check_words(tokenizer, words: Sequence[str]) -> list[str]:
     return cleaned
 
 
+def kept_words(texts: Sequence[str], removed: Sequence[str]) -> list[str]:
+    """The distinct words of ``texts`` (A1111 weights and punctuation stripped), without the removed words."""
+    from studio.text import clean_prompt
+
+    gone = {w.lower() for phrase in removed for w in clean_prompt(phrase).split()}
+    found = dict.fromkeys(w.lower() for text in texts for w in re.findall(r"[^\W\d_]+", clean_prompt(text)))
+    return [w for w in found if w not in gone]
+
+
 @torch.no_grad()
-def decor_blocks(pipe, words: Sequence[str], rank: int | None = None,
-                 energy: float = DEFAULT_ENERGY) -> list[Block]:
+def decor_blocks(pipe, words: Sequence[str], rank: int | None = None, energy: float = DEFAULT_ENERGY,
+                 keep: Sequence[str] = ()) -> list[Block]:
     """Unwanted-concept bases per text encoder, from the in-context differences of ``words`` encoded the way the
-    pipeline encodes prompts (``encode_texts``)."""
+    pipeline encodes prompts (``encode_texts``), with the shared directions and those of the ``keep`` words
+    projected out."""
     cleaned = check_words(pipe.tokenizer, words)
 
     def encode(texts: list[str]) -> torch.Tensor:
@@ -129,13 +144,35 @@ def decor_blocks(pipe, words: Sequence[str], rank: int | None = None,
 
     differences = [d for word in cleaned for d in in_context_differences(encode, pipe.tokenizer, word)]
     shared = shared_directions(encode)
+    kept = {word: in_context_differences(encode, pipe.tokenizer, word) for word in keep}
     width = shared.shape[-1]
     edges = [0, width]
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: CLIP-L and OpenCLIP-G features, side by side
         edges = [0, pipe.text_encoder.config.hidden_size, width]
-    return [(start, end, unwanted_basis([d[:, start:end] for d in differences], orthonormal(shared[:, start:end]),
-                                        rank, energy))
-            for start, end in zip(edges[:-1], edges[1:])]
+    blocks = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        protected = [shared[:, start:end]]
+        base = orthonormal(shared[:, start:end])
+        for rows in kept.values():
+            if rows:
+                protected.append(unwanted_basis([r[:, start:end] for r in rows], base, energy=energy).T)
+        blocks.append((start, end, unwanted_basis([d[:, start:end] for d in differences],
+                                                  orthonormal(torch.cat(protected)), rank, energy)))
+    return blocks
+
+
+def project_prompts(pipe, hidden: torch.Tensor, prompts: Sequence[str], words: Sequence[str], alpha: float = 1.0,
+                    rank: int | None = None) -> torch.Tensor:
+    """DECOR on a batch whose rows are ``prompts`` (each repeated len(hidden)/len(prompts) times in a row): each
+    prompt with a basis that spares its own words."""
+    per_prompt = len(hidden) // max(1, len(prompts))
+    bases: dict[str, list[Block]] = {}
+    parts = []
+    for index, prompt in enumerate(prompts):
+        if prompt not in bases:
+            bases[prompt] = decor_blocks(pipe, words, rank, keep=kept_words([prompt], words))
+        parts.append(project_blocks(hidden[index * per_prompt : (index + 1) * per_prompt], bases[prompt], alpha))
+    return torch.cat(parts)
 
 
 def project_blocks(hidden: torch.Tensor, blocks: Sequence[Block], alpha: float = 1.0) -> torch.Tensor:

@@ -237,9 +237,9 @@ class CompositionEngine:
 
         cond = encode(prompts, "each", given[0])
         if decor_remove:
-            from pipelines.decor import decor_blocks, project_blocks
+            from pipelines.decor import project_prompts
 
-            cond = (project_blocks(cond[0], decor_blocks(self, decor_remove, decor_rank), decor_alpha), cond[1])
+            cond = (project_prompts(self, cond[0], prompts, decor_remove, decor_alpha, decor_rank), cond[1])
         if perp_negatives:  # the unconditional input becomes the empty prompt
             branches = [encode([""], "all"), cond] + [encode([text], "all") for text, _ in perp_negatives]
         else:

@@ -425,9 +425,10 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
-        from pipelines.decor import decor_blocks
+        from pipelines.decor import decor_blocks, kept_words
 
-        decor = (decor_blocks(base.pipe, config.decor_remove), config.decor_alpha)
+        decor = (decor_blocks(base.pipe, config.decor_remove, keep=kept_words(captions, config.decor_remove)),
+                 config.decor_alpha)
     instance = encode_set(base, pixels, captions, weights, decor)
     prior = None
     if config.with_prior_preservation:

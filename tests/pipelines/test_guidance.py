@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from pipelines.decor import REFERENCE_WORDS, decor_blocks, orthonormal, project_blocks, project_out, unwanted_basis
+from pipelines.decor import (
+    REFERENCE_WORDS,
+    decor_blocks,
+    kept_words,
+    orthonormal,
+    project_blocks,
+    project_out,
+    project_prompts,
+    unwanted_basis,
+)
 from pipelines.guidance import cfg, masked_fusion, perp_neg, perpendicular_component, weighted_mean
 from studio.errors import ConfigError
 from tests.pipelines.test_composition import PROMPT, run, setup  # noqa: F401 (fixture)
@@ -68,6 +77,29 @@ def test_decor_bases_depend_on_the_word_and_spare_bos_on_the_embedded_encoder(ti
         removed = (hidden - projected)[0]
         others = [i for i in range(1, hidden.shape[1]) if i != place]
         assert float(removed[others].square().sum() / hidden[0, others].square().sum()) < 0.1
+
+
+def test_decor_spares_the_words_the_prompt_asks_for(tiny_base):
+    # "circle" and "star" share a direction on this encoder (both are shapes): removing "circle" from a prompt
+    # that asks for a star must not take the star's own direction with it.
+    pipe = tiny_base.pipe
+    prompt, place = "a red zwx star on a white background", 5
+    assert kept_words([prompt, "a (red:1.2) circle"], ["circle"]) == ["a", "red", "zwx", "star", "on", "white",
+                                                                    "background"]
+    with torch.no_grad():
+        hidden = pipe.encode_texts([prompt])[0][0]
+        references = pipe.encode_texts([prompt.replace("star", r) for r in REFERENCE_WORDS])[0]
+    star = hidden[place] - references[:, place].mean(0)
+
+    def removed(basis):
+        return float((star @ basis).square().sum() / star.square().sum())
+
+    alone = decor_blocks(pipe, ["circle"])[0][2]
+    spared = decor_blocks(pipe, ["circle"], keep=kept_words([prompt], ["circle"]))[0][2]
+    assert removed(alone) > 0.1 and removed(spared) < 0.05
+    projected = project_prompts(pipe, hidden[None].repeat(2, 1, 1), [prompt], ["circle"])
+    assert torch.allclose(projected, project_blocks(hidden[None], decor_blocks(pipe, ["circle"], keep=kept_words(
+        [prompt], ["circle"]))).repeat(2, 1, 1), atol=1e-4)
 
 
 def test_pipeline_perp_neg_and_decor_change_the_image_and_are_recorded(setup):  # noqa: F811
