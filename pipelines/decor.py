@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from studio.errors import ConfigError
+from studio.text import clean_prompt
 
 #: Neutral templates the unwanted word is placed in ("{}" marks it): bare, after an article, and before and after
 #: generic context, so that V captures the word rather than one position or one neighbour.
@@ -112,8 +113,6 @@ def shared_directions(encode: Encode) -> torch.Tensor:
 
 def check_words(tokenizer, words: Sequence[str]) -> list[str]:
     """The cleaned words to remove; a clear error when there are none or the references do not tokenize alone."""
-    from studio.text import clean_prompt
-
     cleaned = [clean_prompt(w) for w in words if w.strip()]
     if not cleaned:
         raise ConfigError("DECOR needs at least one word to remove")
@@ -124,8 +123,6 @@ def check_words(tokenizer, words: Sequence[str]) -> list[str]:
 
 def kept_words(texts: Sequence[str], removed: Sequence[str]) -> list[str]:
     """The distinct words of ``texts`` (A1111 weights and punctuation stripped), without the removed words."""
-    from studio.text import clean_prompt
-
     gone = {w.lower() for phrase in removed for w in clean_prompt(phrase).split()}
     found = dict.fromkeys(w.lower() for text in texts for w in re.findall(r"[^\W\d_]+", clean_prompt(text)))
     return [w for w in found if w not in gone]

@@ -38,6 +38,7 @@ from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import masked_fusion
 from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
+from studio.adapters.inject import set_adapter_weights
 from studio.errors import ConfigError
 
 BASE_KEY = "__clora_base__"
@@ -191,8 +192,6 @@ class CLoRA(CompositionMethod):
                 predict_noise(pipe.unet, stacked, timestep, hidden, names, added)
             maps = store.mean()
             return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
-        from studio.adapters.inject import set_adapter_weights
-
         out = []
         for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
             set_adapter_weights(pipe.studio_base(), self._weights(key))
