@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.disentangle b4m     [--n 100]   # B4M made adapter vs a merged plain-LoRA pair
     .venv/bin/python -m bench.disentangle leakage [--n 100]   # style-adapter shape leakage, DECOR train/inference
     .venv/bin/python -m bench.disentangle basis   [--n 100]   # B4M: the base's damage from the frozen basis alone
+    .venv/bin/python -m bench.disentangle decor_basis          # DECOR's bases on the text encoder (no images)
 
 b4m: 5 content images (the reserved shape "moon", trigger sks) and 5 style images (the reserved texture
 "zigzag", trigger zwx); "a {color} zwx sks on a {background} background" over n seeds: the rate at which moon AND
@@ -12,6 +13,10 @@ the same images with ``--recipe``) merged at 1.0/1.0. Wall time of the whole B4M
 basis: B4M's frozen block B_f·A_f alone (learnable halves zero) as an adapter, on n ordinary prompts (all four
 attributes as asked) beside the base, for the paper's prior (square to_q/k/v) and ``--prior_layers all`` on the
 bench's targets, with Q drawn from d rows (the earlier scale) or from max(d, 1280) rows (the official code's).
+
+decor_basis: for DECOR's 1-word bases, their overlaps ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ), the share of the BOS row they remove,
+and the share of a word's in-context difference (its row in "a red {word} on a white background" minus the
+reference words' mean row there) each basis removes.
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
@@ -140,6 +145,38 @@ def basis(args, base, evaluator, work: Path) -> None:
                   flush=True)
 
 
+@torch.no_grad()
+def decor_basis(args, base, evaluator, work: Path) -> None:
+    from pipelines.decor import decor_blocks
+
+    pipe = base.pipe
+    words = ["circle", "square", "star", "blue", "red", "background", "zwx"]
+    bases = {w: decor_blocks(pipe, [w])[0][2] for w in words}
+    references = ("thing", "object", "item", "picture", "photo", "image", "shape", "color", "style", "person",
+                  "place", "texture")
+    template = "a red {} on a white background"
+    bos = pipe.encode_texts([""])[0][0, 0]
+    print("DECOR 1-word bases: overlap ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ) (rows × columns), share of the BOS row removed, and "
+          f"share of each word's in-context difference in {template!r} removed (columns: the word whose row)")
+    print(f"| basis of | k | {' | '.join(words)} | BOS row |")
+    print("|---|---|" + "---|" * (len(words) + 1))
+    for w in words:
+        overlaps = [float((bases[w].T @ bases[u]).square().sum()) / min(bases[w].shape[1], bases[u].shape[1])
+                    for u in words]
+        share = float((bos @ bases[w]).square().sum() / bos.square().sum())
+        print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{o:.2f}' for o in overlaps)} | {share:.2f} |")
+    print(f"| **in-context difference removed** | | {' | '.join(' ' for _ in words)} | |")
+    for w in words:
+        shares = []
+        for u in words:
+            place = 1 + len(pipe.tokenizer("a red", add_special_tokens=False).input_ids)
+            hidden = pipe.encode_texts([template.format(u)])[0][0, place]
+            mean = pipe.encode_texts([template.format(r) for r in references])[0][:, place].mean(0)
+            difference = hidden - mean
+            shares.append(float((difference @ bases[w]).square().sum() / difference.square().sum()))
+        print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{x:.2f}' for x in shares)} | |")
+
+
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
     """Zigzag circles only, captioned without their shape ("a red zwx shape on ...", or with ``caption="bare"``
     "a red zwx on ..."), as style references usually are: a style set whose content (circle) can leak into the
@@ -197,7 +234,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["b4m", "leakage", "basis"])
+    parser.add_argument("part", choices=["b4m", "leakage", "basis", "decor_basis"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="the training runs' seed (noise, timesteps, order)")
@@ -228,7 +265,8 @@ def main() -> None:
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     with tempfile.TemporaryDirectory(prefix=f"studio-bench-{args.part}-") as work:
-        {"b4m": b4m, "leakage": leakage, "basis": basis}[args.part](args, base, evaluator, Path(work))
+        {"b4m": b4m, "leakage": leakage, "basis": basis, "decor_basis": decor_basis}[args.part](
+            args, base, evaluator, Path(work))
 
 
 if __name__ == "__main__":
