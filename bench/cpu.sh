@@ -43,19 +43,10 @@ queue_b() {
 
 queue_fidelity() {  # docs/results.md, "Method fidelity"
     run fidelity_decor_basis bench.disentangle decor_basis
-    for seed in 0 3; do
-        run "fidelity_decor_seed$seed" bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed "$seed"
-    done
-    run fidelity_compose_decorrelated bench.compose quality --style decorrelated --n_values 2 --seeds 100
-    run fidelity_b4m_basis bench.disentangle basis --n 100
-    run fidelity_efficient_faig bench.efficient --n 100 --sara_lr 4e-3 --methods lora,colora --colora_score faig
-    run fidelity_efficient_weight_change bench.efficient --n 100 --sara_lr 4e-3 --methods colora \
-        --colora_score weight_change
-    run fidelity_b4m_seed0 bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide \
-        --style_lr 3e-3 --make_lr 3e-4 --prior_layers all --seed 0
-    run fidelity_sara_lambda0 bench.efficient --n 100 --sara_lr 4e-3 --methods sara --sara_lambda_rank 0
-    run fidelity_sara_lambda_all bench.efficient --n 100 --sara_lr 4e-3 --methods sara --sara_lambda_rank 5e-3 \
-        --sara_rank_layers all
+    run fidelity_decor_seed0 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 0
+    run fidelity_b4m_basis bench.disentangle basis --n 50
+    run fidelity_compose_decorrelated bench.compose quality --style decorrelated --n_values 2 --seeds 30 \
+        --methods merge composite cmlora "cmlora, no cache" clora
 }
 
 queue_a &
