@@ -137,7 +137,7 @@ def decor_blocks(pipe, words: Sequence[str], rank: int | None = None, energy: fl
     cleaned = check_words(pipe.tokenizer, words)
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return pipe.encode_texts(texts)[0]
+        return pipe.encode_texts(texts, zero_empty=False)[0]
 
     differences = [d for word in cleaned for d in in_context_differences(encode, pipe.tokenizer, word)]
     shared = shared_directions(encode)

@@ -177,27 +177,24 @@ class CLoRA(CompositionMethod):
 
     def _maps(self, pipe, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
         """Each route's conditional cross-attention maps at latent ``z`` (with gradients to it)."""
-        from pipelines.engine import Conditioning
-
         routes = self._routes()
         batch = len(z)
-        conditional = [Conditioning([conditions[p].hidden[1]], None if conditions[p].pooled is None
-                                    else [conditions[p].pooled[1]]) for _, _, p in routes]
+        conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
         model_input = pipe.scheduler.scale_model_input(z, timestep)
         if not self.styles:  # one batched call, each slice routed through its adapter
             stacked = model_input.repeat(len(routes), 1, 1, 1)
-            hidden, added = pipe.stack_conditions(conditional, stacked)
+            hidden, added = pipe.stack_conditions(conditional)
             names = [adapter for _, adapter, _ in routes for _ in range(batch)]
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, stacked, timestep, hidden, names, added)
+                predict_noise(pipe.unet, stacked, timestep, hidden, names, added, **pipe.unet_inputs(len(routes)))
             maps = store.mean()
             return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
         out = []
         for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
             set_adapter_weights(pipe.studio_base(), self._weights(key))
-            hidden, added = pipe.stack_conditions([condition], model_input)
+            hidden, added = pipe.stack_conditions([condition])
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, model_input, timestep, hidden, None, added)
+                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **pipe.unet_inputs(1))
             out.append(store.mean())
         return out
 
