@@ -13,9 +13,9 @@ import time
 
 import torch
 
+from pipelines.loading import load_base
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import measure_pair_following, measure_prompt_following
-from studio.models import load_base
 
 
 def main() -> None:

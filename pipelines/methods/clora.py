@@ -40,6 +40,7 @@ from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
 from studio.adapters.inject import set_adapter_weights
 from studio.errors import ConfigError
+from studio.text import clean_prompt
 
 BASE_KEY = "__clora_base__"
 ROLES = ("content", "style")
@@ -48,8 +49,6 @@ PAPER_STEP_SIZE, PAPER_LATENT_AREA = 20.0, 64 * 64
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Positions of ``word``'s tokens in ``prompt`` (position 0 is BOS), every occurrence."""
-    from studio.text import clean_prompt
-
     ids = tokenizer(clean_prompt(prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
     pieces = tokenizer(clean_prompt(word), add_special_tokens=False).input_ids
     found = []
