@@ -192,7 +192,7 @@ def test_break_steps_the_main_half_before_the_auxiliary_loss(tmp_path, shape_ima
 
     config = TrainConfig(images=shape_images, output="watched", output_dir=tmp_path / "out", train_batch_size=2,
                          max_train_steps=2, max_grad_norm=1.0)
-    train(config, Watched("content", B4MConfig(main_learning_rate=1e-2, aux_learning_rate=1e-2), basis, aux),
+    train(config, Watched("content", B4MConfig(learning_rate=1e-2, aux_learning_rate=1e-2), basis, aux),
           base=base)
     assert seen == [({"A": True, "B": False}, {"A": False, "B": True})] * 2
 
