@@ -1,7 +1,7 @@
 """Composition benchmark: speed and quality of Merge, Switch, Composite, CMLoRA and CLoRA for N = 1…4 adapters.
 
     .venv/bin/python -m bench.compose speed   [--steps 20] [--repeats 3]
-    .venv/bin/python -m bench.compose quality [--seeds 100]
+    .venv/bin/python -m bench.compose quality [--seeds 100] [--style decorrelated] [--n_values 2 3]
     .venv/bin/python -m bench.compose loaded  [--loaded 20 --active 2]
     python -m bench.compose speed --arch sd15   # SD 1.5 architecture, random weights and LoRAs, 512 px (GPU)
 
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from bench.measure import measured
 from bench.random_sd import random_loras, sd15_folder
 from bench.two_subjects import PAIRS
+from frontends.build.demo_adapters import RECIPES
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.loading import load_base
 from pipelines.methods import METHODS
@@ -38,6 +40,7 @@ from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
+from trainers import TrainConfig, get_method, train
 
 
 def demo_adapters() -> list[str]:
@@ -96,43 +99,81 @@ def speed(args) -> None:
               f"{stats.block_evaluations / args.steps:.1f} | {peak / 2**20:.0f} |")
 
 
+#: (row label, method, method options) of the quality table: every method, and CMLoRA without its feature cache.
+QUALITY_ROWS = [(m, m, {}) for m in METHODS] + [("cmlora, no cache", "cmlora", {"use_cache": False})]
+
+
+def decorrelated_style(base, work) -> str:
+    """A zwx-zigzag style LoRA (the demo recipe) trained on 24 renders whose shapes and colours are decorrelated
+    (each colour on four shapes, each shape in four colours), every shape named in its caption."""
+    folder = Path(work) / "decorrelated"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colors, shapes, backgrounds = list(procedural.COLORS), procedural.BASE_SHAPES, list(procedural.BACKGROUNDS)
+    for index in range(24):
+        color, shape = colors[index % 6], shapes[(index + index // 6) % 6]
+        background = backgrounds[(index // 2) % 3]
+        Image.fromarray(procedural.render(procedural.jittered_scene(rng, color, "zigzag", shape, background))).save(
+            folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(procedural.caption(color, "zwx", shape, background))
+    recipe = RECIPES["style"]
+    config = TrainConfig(images=folder, output="zwx-zigzag-decorrelated", output_dir=Path(work) / "out", kind="style",
+                         trigger_words=["zwx"], rank=8, max_train_steps=recipe.steps, train_batch_size=4, seed=0,
+                         learning_rate=recipe.learning_rate, target_modules=recipe.target_modules,
+                         with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=96,
+                         lr_scheduler="cosine", lr_warmup_steps=20)
+    return str(train(config, get_method("lora"), base=base).outputs[0])
+
+
 def quality(args) -> None:
     """N = 2: sks-moon + zwx-zigzag on "a {color} zwx sks on a {background} background" (moon and zigzag).
     N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (studio.eval.two_objects):
-    the c1 region a zigzag moon and the c2 region a cross."""
+    the c1 region a zigzag moon and the c2 region a cross. ``--style decorrelated`` replaces the shipped style
+    adapter (6 renders whose colour fixes the shape) with one trained on decorrelated renders. Each adapter alone
+    on the N = 2 prompts comes first: what it draws for the words it does not know."""
     base = load_base(args.model)
     evaluator = DomainEvaluator.load()
     content, cross, style = (str(SHIPPED / f"{name}.safetensors") for name in ("sks-moon", "xyz-cross", "zwx-zigzag"))
+    work = tempfile.mkdtemp(prefix="studio-bench-compose-")
+    atexit.register(shutil.rmtree, work, True)
+    if args.style == "decorrelated":
+        style = decorrelated_style(base, work)
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
-    print(f"{args.seeds} seeds × colors × backgrounds, {args.steps} steps")
-    print("| N | method | all concepts present | moon | zigzag | cross (N = 3) |")
-    print("|---|---|---|---|---|---|")
-    for n in (2, 3):
+    print(f"{args.seeds} seeds × colors × backgrounds, {args.steps} steps; style adapter: {args.style}")
+    print("| N | method | all concepts present | moon | zigzag | cross (N = 3) | a base shape (circle…diamond) |")
+    print("|---|---|---|---|---|---|---|")
+    alone = [("sks-moon alone", [(content, 1.0)]), ("zwx-zigzag alone", [(style, 1.0)])]
+    for n in args.n_values:
         adapters = [(content, 1.0), (style, 1.0)] + ([(cross, 1.0)] if n == 3 else [])
-        for method in METHODS:
+        rows_here = [(label, "merge", {}, single) for label, single in alone] if n == 2 else []
+        rows_here += [(label, method, options, adapters) for label, method, options in QUALITY_ROWS
+                      if label in args.methods]
+        for label, method, options, used in rows_here:
             rows = []
             for seed in range(args.seeds):
                 background = backgrounds[(seed // len(colors)) % 3]
                 if n == 2:
                     color = colors[seed % len(colors)]
-                    image = run(base.pipe, f"a {color} zwx sks on a {background} background", adapters, method,
-                                args.steps, seed).images
+                    image = run(base.pipe, f"a {color} zwx sks on a {background} background", used, method,
+                                args.steps, seed, method_options=options).images
                     reading = evaluator.read((np.clip(image, 0, 1) * 255).round().astype(np.uint8))[0]
-                    rows.append((reading.shape == "moon", reading.texture == "zigzag", True))
+                    rows.append((reading.shape == "moon", reading.texture == "zigzag", True,
+                                 reading.shape in procedural.BASE_SHAPES))
                     continue
                 c1, c2 = PAIRS[seed % len(PAIRS)]
-                image = run(base.pipe, f"a {c1} zwx sks and a {c2} xyz on a {background} background", adapters,
-                            method, args.steps, seed).images
+                image = run(base.pipe, f"a {c1} zwx sks and a {c2} xyz on a {background} background", used,
+                            method, args.steps, seed, method_options=options).images
                 pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
                 readings, _ = read_two_objects(evaluator, pixels, [(c1, c2)], [background])
                 first, second = readings[0]
                 rows.append((first is not None and first.shape == "moon",
                              first is not None and first.texture == "zigzag",
-                             second is not None and second.shape == "cross"))
+                             second is not None and second.shape == "cross",
+                             first is not None and first.shape in procedural.BASE_SHAPES))
             hits = np.array(rows)
             cross_rate = f"{hits[:, 2].mean():.2f}" if n == 3 else "—"
-            print(f"| {n} | {method} | {hits.all(1).mean():.2f} | {hits[:, 0].mean():.2f} | {hits[:, 1].mean():.2f} | "
-                  f"{cross_rate} |")
+            print(f"| {n} | {label} | {hits[:, :3].all(1).mean():.2f} | {hits[:, 0].mean():.2f} | "
+                  f"{hits[:, 1].mean():.2f} | {cross_rate} | {hits[:, 3].mean():.2f} |", flush=True)
 
 
 def loaded(args) -> None:
@@ -197,6 +238,11 @@ def main() -> None:
     parser.add_argument("--loaded", type=int, default=20)
     parser.add_argument("--active", type=int, default=2)
     parser.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--style", choices=["shipped", "decorrelated"], default="shipped",
+                        help="quality: the shipped zwx-zigzag, or one trained on shape/colour-decorrelated renders")
+    parser.add_argument("--n_values", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="quality: N")
+    parser.add_argument("--methods", nargs="+", default=[label for label, _, _ in QUALITY_ROWS],
+                        help="quality: which rows (methods, and 'cmlora, no cache')")
     args = parser.parse_args()
     if args.size:
         SIZE.update(height=args.size, width=args.size)

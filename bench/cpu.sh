@@ -41,9 +41,18 @@ queue_b() {
     run efficient_waves bench.efficient --n 50 --texture waves --trigger qwe --sara_lr 4e-3 --colora_score weight_change
 }
 
+queue_fidelity() {  # docs/results.md, "Method fidelity"
+    run fidelity_decor_basis bench.disentangle decor_basis
+    run fidelity_decor_seed0 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 0
+    run fidelity_b4m_basis bench.disentangle basis --n 50
+    run fidelity_compose_decorrelated bench.compose quality --style decorrelated --n_values 2 --seeds 30 \
+        --methods merge composite cmlora "cmlora, no cache" clora
+}
+
 queue_a &
 queue_b
 wait
+queue_fidelity
 run compose_speed bench.compose speed --repeats 3
 run compose_loaded bench.compose loaded --repeats 5
 run train_memory_tiny bench.train_memory --arch tiny

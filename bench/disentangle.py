@@ -2,16 +2,27 @@
 
     .venv/bin/python -m bench.disentangle b4m     [--n 100]   # B4M made adapter vs a merged plain-LoRA pair
     .venv/bin/python -m bench.disentangle leakage [--n 100]   # style-adapter shape leakage, DECOR train/inference
+    .venv/bin/python -m bench.disentangle basis   [--n 100]   # B4M: the base's damage from the frozen basis alone
+    .venv/bin/python -m bench.disentangle decor_basis          # DECOR's bases on the text encoder (no images)
 
 b4m: 5 content images (the reserved shape "moon", trigger sks) and 5 style images (the reserved texture
 "zigzag", trigger zwx); "a {color} zwx sks on a {background} background" over n seeds: the rate at which moon AND
 zigzag appear, for B4M's made adapter (PLP halves on ``--b4m_targets``) and for the two plain LoRAs (trained on
 the same images with ``--recipe``) merged at 1.0/1.0. Wall time of the whole B4M pipeline is printed.
 
+basis: B4M's frozen block B_f·A_f alone (learnable halves zero) as an adapter, on n ordinary prompts (all four
+attributes as asked) beside the base, for the paper's prior (square to_q/k/v) and ``--prior_layers all`` on the
+bench's targets, with Q drawn from d rows (the earlier scale) or from max(d, 1280) rows (the official code's).
+
+decor_basis: for DECOR's 1-word bases, their overlaps ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ), the share of the BOS row they remove,
+and the share of a word's in-context difference (its row in "a red {word} on a white background" minus the
+reference words' mean row there) each basis removes.
+
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
-with and without DECOR (``decor_remove=["circle"]``), then the α sweep of DECOR at inference on the plain
-adapter: leakage vs prompt accuracy (shape, color and background as asked).
+with and without DECOR (``decor_remove=["circle"]``), then DECOR at inference on the plain adapter: leakage vs
+prompt accuracy. Controls: the same with unrelated words removed instead (``--controls``: a texture the prompts never
+name, and a prompted colour), which must leave the leakage alone.
 """
 
 from __future__ import annotations
@@ -27,11 +38,14 @@ from PIL import Image
 
 from bench.measure import read_generations
 from frontends.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
+from pipelines.decor import decor_blocks
 from pipelines.loading import load_base
+from studio.adapters.file import AdapterFile, LoraModule, save_adapter
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
+from studio.eval.prompt_following import grid_cases
 from trainers import TrainConfig, get_method, train
-from trainers.b4m import PRIORS, RESNET_TARGETS, TARGETS, B4MConfig, train_b4m
+from trainers.b4m import PRIORS, RESNET_TARGETS, TARGETS, B4MConfig, make_basis, train_b4m
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
@@ -65,7 +79,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         content=content, style=style, rank=args.rank, learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
-        make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)
+        make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe,
                          seed=args.seed)
@@ -77,7 +91,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
         "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
-    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers, rank {args.rank}, "
+    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
+          f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
           f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
@@ -90,6 +105,69 @@ def b4m(args, base, evaluator, work: Path) -> None:
         moon = np.array([r.shape == "moon" for r in readings])
         zigzag = np.array([r.texture == "zigzag" for r in readings])
         print(f"| {label} | {np.mean(moon & zigzag):.2f} | {moon.mean():.2f} | {zigzag.mean():.2f} |")
+
+
+def basis(args, base, evaluator, work: Path) -> None:
+    cases = grid_cases(args.n, held_out=False, seed=21)
+
+    def accuracy(adapters) -> float:
+        readings = read_generations(base, evaluator, [c.prompt for c in cases], args.steps, adapters=adapters)
+        return float(np.mean([all(getattr(r, k) == getattr(c, k) for k in ("color", "texture", "shape", "background"))
+                              for r, c in zip(readings, cases)]))
+
+    plain = accuracy(None)
+    print(f"B4M basis only (A_l = B_l = 0), rank {args.rank}, basis seed {args.seed}; n = {args.n} ordinary prompts, "
+          f"{args.steps} steps; base accuracy {plain:.2f}")
+    print("| targets | prior | Q rows | largest ‖B_f·A_f‖₂ / ‖W‖₂ | accuracy | change vs base |")
+    print("|---|---|---|---|---|---|")
+    unet = base.pipe.unet
+    for targets, prior in (("attention", "square"), ("attention+resnet", "all")):
+        for rows in (0, 1280):
+            drawn = make_basis(unet, args.rank, args.seed, B4M_TARGETS[targets], prior, rows)
+            modules, ratios = {}, []
+            for key in [k for k in drawn if k.endswith(".A_frozen")]:
+                path = key.removesuffix(".A_frozen")
+                a = torch.cat([drawn[key], torch.zeros_like(drawn[f"{path}.A_learn"])], dim=1)
+                b = torch.cat([drawn[f"{path}.B_frozen"], torch.zeros_like(drawn[f"{path}.B_learn"])], dim=0)
+                modules[path] = LoraModule(a, b, alpha=float(args.rank))
+                weight = unet.get_submodule(path).weight.detach().flatten(1)
+                block = b.flatten(1) @ a.flatten(1)
+                ratios.append(float(torch.linalg.matrix_norm(block, ord=2) / torch.linalg.matrix_norm(weight, ord=2)))
+            file = save_adapter(AdapterFile({"unet": modules}), work / f"basis-{targets}-{prior}-{rows}.safetensors")
+            value = accuracy([(str(file), 1.0)])
+            label = "d" if rows == 0 else f"max(d, {rows})"
+            print(f"| {targets} | {prior} | {label} | {max(ratios):.2f} | {value:.2f} | {value - plain:+.2f} |",
+                  flush=True)
+
+
+@torch.no_grad()
+def decor_basis(args, base, evaluator, work: Path) -> None:
+    pipe = base.pipe
+    words = ["circle", "square", "star", "blue", "red", "background", "zwx"]
+    bases = {w: decor_blocks(pipe, [w])[0][2] for w in words}
+    references = ("thing", "object", "item", "picture", "photo", "image", "shape", "color", "style", "person",
+                  "place", "texture")
+    template = "a red {} on a white background"
+    bos = pipe.encode_texts([""])[0][0, 0]
+    print("DECOR 1-word bases: overlap ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ) (rows × columns), share of the BOS row removed, and "
+          f"share of each word's in-context difference in {template!r} removed (columns: the word whose row)")
+    print(f"| basis of | k | {' | '.join(words)} | BOS row |")
+    print("|---|---|" + "---|" * (len(words) + 1))
+    for w in words:
+        overlaps = [float((bases[w].T @ bases[u]).square().sum()) / min(bases[w].shape[1], bases[u].shape[1])
+                    for u in words]
+        share = float((bos @ bases[w]).square().sum() / bos.square().sum())
+        print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{o:.2f}' for o in overlaps)} | {share:.2f} |")
+    print(f"| **in-context difference removed** | | {' | '.join(' ' for _ in words)} | |")
+    for w in words:
+        shares = []
+        for u in words:
+            place = 1 + len(pipe.tokenizer("a red", add_special_tokens=False).input_ids)
+            hidden = pipe.encode_texts([template.format(u)])[0][0, place]
+            mean = pipe.encode_texts([template.format(r) for r in references])[0][:, place].mean(0)
+            difference = hidden - mean
+            shares.append(float((difference @ bases[w]).square().sum() / difference.square().sum()))
+        print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{x:.2f}' for x in shares)} | |")
 
 
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
@@ -109,38 +187,47 @@ def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") ->
 
 def leakage(args, base, evaluator, work: Path) -> None:
     images = circle_style_images(work / "circles", count=args.images, caption=args.caption)
-    plain = lora(base, images, "style", "style-plain", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe, seed=args.seed)
-    decor = lora(base, images, "style", "style-decor", work / "out", args.lora_steps, prior=args.prior,
-                 recipe=args.recipe, seed=args.seed, decor_remove=["circle"])
+    trained = {}
+    for label, words in (("plain", []), ("decor", ["circle"]), ("control", args.controls[:1])):
+        options = {"decor_remove": words} if words else {}
+        trained[label] = lora(base, images, "style", f"style-{label}", work / "out", args.lora_steps,
+                              prior=args.prior, recipe=args.recipe, seed=args.seed, **options)
     others = [s for s in procedural.BASE_SHAPES if s != "circle"]
     cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
     prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
+    blue = np.array([c == "blue" for c, _, _ in cases])
 
     def row(label: str, adapter: Path, **options) -> None:
         readings = read_generations(base, evaluator, prompts, args.steps, adapters=[(str(adapter), 1.0)], **options)
         leak = np.mean([r.shape == "circle" for r in readings])
         zigzag = np.mean([r.texture == "zigzag" for r in readings])
+        shape = np.array([r.shape == s for r, (_, s, _) in zip(readings, cases)])
+        color = np.array([r.color == c for r, (c, _, _) in zip(readings, cases)])
         right = np.mean([(r.shape, r.color, r.background) == (s, c, b) for r, (c, s, b) in zip(readings, cases)])
-        print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {right:.2f} |")
+        print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {shape.mean():.2f} | {color[~blue].mean():.2f} | "
+              f"{color[blue].mean():.2f} | {right:.2f} |", flush=True)
 
     print(f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
           f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
-          f"other shapes; training seed {args.seed}; n = {args.n}")
-    print("| adapter | leakage (draws a circle) | zigzag | shape, color and background as asked |")
-    print("|---|---|---|---|")
-    row("plain LoRA", plain)
-    row("LoRA trained with DECOR (remove 'circle')", decor)
-    for alpha in (0.25, 0.5, 0.75, 1.0):
-        row(f"plain LoRA, DECOR at inference α = {alpha}", plain, decor_remove=["circle"], decor_alpha=alpha)
+          f"other shapes; control words {', '.join(args.controls)}; training seed {args.seed}; n = {args.n} "
+          f"({int(blue.sum())} prompts ask for blue)")
+    print("| adapter | leakage (draws a circle) | zigzag | shape as asked | colour as asked (other prompts) | "
+          "colour as asked (blue prompts) | shape, colour and background as asked |")
+    print("|---|---|---|---|---|---|---|")
+    row("plain LoRA", trained["plain"])
     for alpha in (0.5, 1.0):
-        row(f"LoRA trained with DECOR, DECOR at inference α = {alpha}", decor, decor_remove=["circle"],
-            decor_alpha=alpha)
+        row(f"plain LoRA, DECOR at inference, remove 'circle', α = {alpha}", trained["plain"],
+            decor_remove=["circle"], decor_alpha=alpha)
+    for word in args.controls:
+        row(f"plain LoRA, DECOR at inference, remove '{word}' (control), α = 1.0", trained["plain"],
+            decor_remove=[word], decor_alpha=1.0)
+    row("LoRA trained with DECOR (remove 'circle')", trained["decor"])
+    row(f"LoRA trained with DECOR (remove '{args.controls[0]}', control)", trained["control"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["b4m", "leakage"])
+    parser.add_argument("part", choices=["b4m", "leakage", "basis", "decor_basis"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="the training runs' seed (noise, timesteps, order)")
@@ -156,17 +243,23 @@ def main() -> None:
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
                         help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
     parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
+    parser.add_argument("--controls", nargs="+", default=["dotted", "blue"],
+                        help="leakage: unrelated words DECOR removes as controls (at inference; the first also in "
+                             "training): a texture the prompts never name, and a prompted colour")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="kv", help="the plain LoRAs' recipe")
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--prior_layers", choices=PRIORS, default="square",
                         help="B4M's orthogonal prior on square layers (the paper's) or on all layers")
+    parser.add_argument("--prior_rows", type=int, default=1280,
+                        help="B4M: Q has max(d, this) rows (the official code's 1280; 0: d rows)")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, evaluator = load_base(), DomainEvaluator.load()
     with tempfile.TemporaryDirectory(prefix=f"studio-bench-{args.part}-") as work:
-        {"b4m": b4m, "leakage": leakage}[args.part](args, base, evaluator, Path(work))
+        {"b4m": b4m, "leakage": leakage, "basis": basis, "decor_basis": decor_basis}[args.part](
+            args, base, evaluator, Path(work))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--sara_threshold", type=float, default=2e-3, help="SaRA's θ")
     parser.add_argument("--sara_target_params", type=int, default=None, help="SaRA: train the N smallest weights")
     parser.add_argument("--sara_lambda_rank", type=float, default=5e-4, help="SaRA's nuclear-norm weight λ")
+    parser.add_argument("--sara_rank_layers", default="random_one", choices=["random_one", "all"],
+                        help="SaRA: the nuclear-norm term on one random eligible tensor per step, or on all")
     parser.add_argument("--sara_scope", default="all", help="SaRA's candidate weights: all | attention_only | …")
     parser.add_argument("--colora_beta", type=float, default=1.0, help="CoLoRA's allocation exponent β")
     parser.add_argument("--colora_score", default="faig", help="CoLoRA's contribution score")
@@ -86,7 +88,7 @@ def main() -> None:
     trained = train_all(base, images, work / "out", args.max_train_steps, methods,
                         {"learning_rate": args.sara_lr, "threshold": args.sara_threshold,
                          "target_params": args.sara_target_params, "scope": args.sara_scope,
-                         "lambda_rank": args.sara_lambda_rank},
+                         "lambda_rank": args.sara_lambda_rank, "rank_penalty_layers": args.sara_rank_layers},
                         {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank,
                          "normalisation": args.colora_normalisation})
     style_prompts = [procedural.caption(COLORS[i % 6], args.trigger, procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
@@ -113,7 +115,7 @@ def main() -> None:
         rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
     print(f"style adapters from 5 {args.texture} renders (trigger {args.trigger}), {args.max_train_steps} steps, "
           f"prior preservation, SaRA lr {args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} "
-          f"scope {args.sara_scope} λ {args.sara_lambda_rank}, "
+          f"scope {args.sara_scope} λ {args.sara_lambda_rank} on {args.sara_rank_layers}, "
           f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank} "
           f"normalisation {args.colora_normalisation}; "
           f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")

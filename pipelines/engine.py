@@ -34,7 +34,7 @@ from pipelines.call_contract import (
     refuse_sdxl_arguments,
 )
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
-from pipelines.decor import check_alpha, decor_blocks, project_blocks
+from pipelines.decor import check_alpha, project_prompts
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
@@ -137,6 +137,8 @@ class CompositionEngine:
                     self._studio_profiles[name] = _frequency_profile(adapter)
                     self._studio_triggers = getattr(self, "_studio_triggers", {})
                     self._studio_triggers[name] = adapter.trigger_words
+                    self._studio_kinds = getattr(self, "_studio_kinds", {})
+                    self._studio_kinds[name] = adapter.kind
         except Exception:
             for key, name in added:
                 detach_adapter(self.studio_base(), name)
@@ -294,8 +296,8 @@ class CompositionEngine:
         second = _per_prompt(text.prompt_2, len(prompts))
         cond = encode(prompts, second, "each", given.prompt, given.pooled, text.clip_skip)
         if text.decor_remove:
-            cond = (project_blocks(cond[0], decor_blocks(self, text.decor_remove, text.decor_rank),
-                                   text.decor_alpha), cond[1])
+            cond = (project_prompts(self, cond[0], prompts, text.decor_remove, text.decor_alpha, text.decor_rank),
+                    cond[1])
         if not text.guided:
             branches = [cond]
         elif text.perp_negatives:  # the unconditional input becomes the empty prompt

@@ -3,14 +3,19 @@
 * PLP layers: A = [A_f | A_l] (input columns split), B = [B_f ; B_l] (output rows split); the frozen halves are
   buffers outside the optimizer (concatenated in a parametrization), shared by the content and style runs
   through one stored basis file, so the make stage can check they are bitwise equal.
-* Orthogonal prior on square projections: Q (d × r) orthonormal, S1/S2 disjoint random halves of the rows;
-  A_f = Q[S1]ᵀ, B_f = Q[S2]. Other layers: Gaussian A, zero B, same halves frozen. With that zero B_f the content
+* Orthogonal prior on square ``to_q``/``to_k``/``to_v`` (as the official code; ``to_out.0`` gets none): Q
+  orthonormal with max(d, 1280) rows (the official code draws it from 1280 rows for every layer, so on a
+  narrow layer the frozen block B_f·A_f stays small: Q drawn with d rows made it 0.3–0.7 of ‖W‖ on the embedded
+  model's 64–128-wide layers), S1/S2 disjoint random sets of d/2 of its rows; A_f = Q[S1]ᵀ, B_f = Q[S2].
+  Other layers: Gaussian A, zero B, same halves frozen. With that zero B_f the content
   run (which learns only A_l) cannot reach a layer until the auxiliary loss has grown B_l; on the embedded model,
   where most cross-attention keys/values and every convolution are non-square, its content adapter drew 3% moons.
   ``prior="all"`` (an option, not the paper's) gives those layers orthonormal frozen halves too: 100% moons.
-* Break, content run: the content loss trains A_l (content lr); the auxiliary style sets, with the same noise
-  and timestep, train B_l (auxiliary lr) — multi-correspondence projection learning. Each loss reaches only its
-  own half (the official code leaks gradients across; ``mcp_isolation``). The style run mirrors it.
+* Break, content run: the content loss trains A_l (content lr), clipped and stepped on its own; then the
+  auxiliary style sets, with the same noise and timestep and the updated A, train B_l (auxiliary lr) with their
+  own clip and step — multi-correspondence projection learning, sequential as in the official code. Each loss
+  reaches only its own half (the official code leaks gradients across; ``mcp_isolation``). The style run mirrors
+  it.
 * Make: ΔW = [B_f ; B_l^style]·[A_f | A_l^content], fine-tuned jointly on content and style batches with a
   shared noise and timestep, with Riemannian preconditioning (g_B ← g_B(AAᵀ+λI)⁻¹, g_A ← (BᵀB+λI)⁻¹g_A).
   The official code re-randomises the learned down half of square layers here; the paper means to keep it, and
@@ -55,6 +60,8 @@ from trainers.lora import output_path, steps_run, trained_learning_rate
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
 RESNET_TARGETS = ("conv1", "conv2")  # the ResNet convolutions, which adapters on the embedded model also need
 PRIORS = ("square", "all")  # where the orthogonal prior goes: the paper's square layers, or every layer
+PRIOR_PROJECTIONS = (".to_q", ".to_k", ".to_v")  # the official code's orthogonal prior (when square)
+PRIOR_ROWS = 1280  # the official code draws every layer's Q from this many rows
 
 
 @dataclass
@@ -91,6 +98,9 @@ class B4MConfig:
         "help": "orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all layers, "
                 "so the content run can learn where the paper's B_f = 0", "choices": ("square", "all"),
         "aliases": ("--b4m_prior",)})
+    prior_rows: int = field(default=PRIOR_ROWS, metadata={
+        "help": "the orthogonal Q has max(d, this) rows (the official code's 1280); 0: d rows, a frozen block "
+                "about √(1280/d) larger"})
 
 
 # --- PLP layers ---------------------------------------------------------------------------------------------
@@ -129,18 +139,18 @@ def _is_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
 
 
 def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] = TARGETS,
-               prior: str = "square") -> dict[str, torch.Tensor]:
+               prior: str = "square", prior_rows: int = PRIOR_ROWS) -> dict[str, torch.Tensor]:
     """Frozen halves (and initial learnable halves) for every target layer, deterministic in ``seed``.
 
     A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1).
-    ``prior="all"`` also gives the other layers a non-zero frozen B_f (and A_f) from orthonormal bases of their
-    output and input spaces, so the content run's down half is reachable there too."""
+    Each orthonormal Q has max(d, ``prior_rows``) rows. ``prior="all"`` also gives the other layers a non-zero
+    frozen B_f (and A_f) from rows of such bases, so the content run's down half is reachable there too."""
     if prior not in PRIORS:
         raise ConfigError(f"B4M: unknown orthogonal prior {prior!r}; use 'square' (the paper's) or 'all'")
     generator = torch.Generator().manual_seed(seed)
 
     def orthonormal(rows: int) -> torch.Tensor:
-        return torch.linalg.qr(torch.randn(rows, rank, generator=generator))[0]
+        return torch.linalg.qr(torch.randn(max(rows, prior_rows), rank, generator=generator))[0]
 
     basis = {}
     for path, module in unet.named_modules():
@@ -152,14 +162,14 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
         kernel = tuple(module.kernel_size) if conv else ()
         a = torch.randn(rank, d_in, *kernel, generator=generator) / rank
         b = torch.zeros(d_out, rank, *((1, 1) if conv else ()))
-        if d_in == d_out and not conv:
+        if d_in == d_out and not conv and path.endswith(PRIOR_PROJECTIONS):
             q = orthonormal(d_in)
-            rows = torch.randperm(d_in, generator=generator)
+            rows = torch.randperm(len(q), generator=generator)
             s1, s2 = rows[: d_in // 2], rows[d_in // 2 : 2 * (d_in // 2)]
             a[:, : d_in // 2] = q[s1].T
             b[: d_out // 2] = q[s2]
         elif prior == "all" and min(a[0].numel(), d_out) >= rank:
-            a[:, : d_in // 2] = orthonormal(a[0].numel()).T.reshape(a.shape)[:, : d_in // 2]
+            a[:, : d_in // 2] = orthonormal(a[0].numel())[: a[0].numel()].T.reshape(a.shape)[:, : d_in // 2]
             b[: d_out // 2] = orthonormal(d_out)[: d_out // 2].reshape(b[: d_out // 2].shape)
         basis[f"{path}.A_frozen"] = a[:, : d_in // 2].contiguous()
         basis[f"{path}.A_learn"] = a[:, d_in // 2 :].contiguous()
@@ -383,18 +393,35 @@ class B4MBreak(_PLPMethod):
                 {"params": self.plp.halves(self.aux_side), "lr": self.b4m.aux_learning_rate}]
 
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        """The main loss is backpropagated, clipped and stepped here (only the main half has gradients); the
+        auxiliary loss, computed with the updated main half, is returned for the loop's own clip and step."""
         generator = ctx.generator(step)
         batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
         noise, t = ctx.draw_noise(batch.latents, generator)
         isolate = self.b4m.mcp_isolation
         self.plp.isolate(self.main_side if isolate else None)
         main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
+        self._step(ctx, main)
         self.plp.isolate(self.aux_side if isolate else None)
         aux = sum(ctx.denoising_loss(ctx.sample(data, len(noise), generator), generator, noise=noise, timesteps=t)
                   for data in self.aux) / max(1, len(self.aux))
         self.plp.isolate(None)
         ctx.logs.update(loss_main=float(main.detach()), loss_aux=float(aux.detach()))
-        return main + aux
+        return aux
+
+    def _step(self, ctx: TrainingContext, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss`` alone (per micro-batch), with its own gradient clip; the other half has no
+        gradient, so AdamW leaves it and its moments untouched."""
+        accelerator = ctx.accelerator
+        accelerator.backward(loss)
+        params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if accelerator.num_processes > 1:
+            for parameter in params:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        if ctx.config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, ctx.config.max_grad_norm)
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
 
     def export(self, ctx: TrainingContext) -> list[Path]:
         adapter = self.plp.adapter_file()
@@ -505,12 +532,12 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     recipe = {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
               "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior, "studio.b4m_seed": str(config.seed),
-              "studio.b4m_targets": ",".join(b4m.target_modules)}
+              "studio.b4m_targets": ",".join(b4m.target_modules), "studio.b4m_prior_rows": str(b4m.prior_rows)}
     if config.resume_from_checkpoint and basis_path.exists():
         check_basis_recipe(basis_path, recipe)
     else:  # a new run draws its own basis, never an earlier run's under the same name
-        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior),
-                   basis_path, recipe)
+        save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior,
+                              b4m.prior_rows), basis_path, recipe)
 
     def aux(kind: str, given: list[Path]) -> list[Path]:
         if given:

@@ -1,10 +1,12 @@
 """CoLoRA (Ai et al., ECCV 2024; METHODS §4), ported to the diffusion UNet as a per-layer rank planner.
 
 1. Probe: a short uniform LoRA run gives ΔW_ℓ for every target module ℓ.
-2. Contribution: FAIG along the straight path θ̄ + a·ΔW, computed with one scalar gate s_ℓ per LoRA branch:
-   ∂L/∂s_ℓ = Σ_w (∂L/∂W_w)·ΔW_w is FAIG's per-layer integrand, so backpropagating to the gates alone gives
-   c_ℓ = |Σ_k ∂L/∂s_ℓ(a = k/m)| / m over K fixed (image, t, ε) probe triples. Cheaper scores: ``taylor``
-   (m = 1), ``weight_change`` (‖ΔW_ℓ‖/‖W_ℓ‖) and ``fisher`` (variance of the LoRA-B gradients).
+2. Contribution: FAIG (Xie et al. 2021, eq. 6–7, as TencentARC/FAIG computes it) along the straight path
+   θ̄ + a·ΔW: per probe sample, the gradients at a = k/m are summed, multiplied by ΔW weight by weight, and the
+   absolute values summed over the layer's weights, c_ℓ = Σ_w |Σ_k ∂L/∂W_w(k/m)·ΔW_w| / m (a signed sum per
+   layer would let contributions cancel), averaged over K fixed (image, t, ε) probe triples. Discriminative
+   form: minus the same score on the class images (same t and ε) when the run has them. Cheaper scores:
+   ``taylor`` (m = 1), ``weight_change`` (‖ΔW_ℓ‖/‖W_ℓ‖) and ``fisher`` (variance of the LoRA-B gradients).
 3. Allocation: share π_ℓ = c_ℓ^β / Σ c^β of a budget equal to a uniform rank-``budget_rank`` LoRA, ranks rounded
    to multiples of 4 within [r_min, r_max], slack from clipping redistributed.
 4. Training: an ordinary LoRA with ``rank_pattern`` (scale 1 everywhere), saved in a file plain diffusers loads;
@@ -12,11 +14,8 @@
 
 The paper's own mapping from contribution to rank is not published; this allocation is the project's.
 
-Default score: ``weight_change``, chosen by measurement (``bench.efficient``, embedded model, style adapters at
-the budget of a uniform rank-16 LoRA, n = 50): zigzag 0.82 vs the uniform LoRA's 0.76, waves 0.72 vs 0.72.
-FAIG — the paper's contribution measure, ``score="faig"`` — gave zigzag 0.26–0.34 under every normalisation and
-β ≤ 1 tried (0.50 at β = 0.25): its integrand ∇L·ΔW is largest on a few up-block cross-attention projections,
-which then take full rank and spill the style into ordinary prompts (−20 to −32 points).
+Default score: ``weight_change``, chosen by measurement (``bench.efficient``; docs/results.md, "Method
+fidelity", compares it with FAIG).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from studio.adapters.inject import lora_layers
@@ -57,6 +57,7 @@ class CoLoRAConfig:
                                                "min": 0})
     max_rank: int = field(default=128, metadata={"help": "largest rank of a module"})
     normalisation: str = "none"  # none | sqrt_params | delta_norm
+    discriminative: bool = True  # FAIG/taylor: minus the score on the class images (when the run has them)
 
 
 def allocate_ranks(scores: dict[str, float], dims: dict[str, tuple[int, int]], budget: int, beta: float = 1.0,
@@ -151,10 +152,13 @@ class CoLoRAMethod(LoraMethod):
             for part in (layer.lora_A[PROBE_ADAPTER], layer.lora_B[PROBE_ADAPTER]):
                 part.weight.requires_grad_(False)
         dims = {p: (layer.in_features, layer.out_features) for p, layer in layers.items()}
-        samples = self.probe_batches(ctx)
+        samples = self.probe_batches(ctx, ctx.instance)
         if self.colora.score in ("faig", "taylor"):
             points = self.colora.path_points if self.colora.score == "faig" else 1
-            scores = gated_path_scores(ctx, layers, samples, points)
+            scores = faig_scores(ctx, layers, samples, points)
+            if self.colora.discriminative and ctx.prior is not None:
+                other = faig_scores(ctx, layers, self.probe_batches(ctx, ctx.prior), points)
+                scores = {p: s - other[p] for p, s in scores.items()}
         elif self.colora.score == "weight_change":
             scores = {p: float(_delta(layer).norm() / layer.base_layer.weight.norm()) for p, layer in layers.items()}
         else:
@@ -166,49 +170,64 @@ class CoLoRAMethod(LoraMethod):
         probe.cleanup(ctx)
         return scores, dims
 
-    def probe_batches(self, ctx: TrainingContext) -> list[tuple[Batch, torch.Tensor, torch.Tensor]]:
-        """K fixed (latent, timestep, noise) triples: stratified timesteps × instance images."""
-        generator = ctx.generator(0, stream=7)
+    def probe_batches(self, ctx: TrainingContext, data) -> list[tuple[Batch, torch.Tensor, torch.Tensor]]:
+        """K fixed (latent, timestep, noise) triples: stratified timesteps × images of ``data``. The timesteps and
+        noises depend only on the index, so the instance and class probes are paired."""
+        images, draws = ctx.generator(0, stream=8), ctx.generator(0, stream=7)
         total = ctx.noise_scheduler.config.num_train_timesteps
         strata = max(1, self.colora.probe_samples // 2)
         triples = []
         for index in range(self.colora.probe_samples):
-            batch = ctx.sample(ctx.instance, 1, generator)
+            batch = ctx.sample(data, 1, images)
             low = (index % strata) * total // strata
-            t = torch.randint(low, low + total // strata, (1,), generator=generator).to(ctx.device)
-            noise = torch.randn(batch.latents.shape, generator=generator).to(ctx.device)
+            t = torch.randint(low, low + total // strata, (1,), generator=draws).to(ctx.device)
+            noise = torch.randn(batch.latents.shape, generator=draws).to(ctx.device)
             triples.append((batch, t, noise))
         return triples
 
 
 def _delta(layer) -> torch.Tensor:
-    a, b = layer.lora_A[PROBE_ADAPTER].weight, layer.lora_B[PROBE_ADAPTER].weight
-    return (b @ a) * layer.scaling[PROBE_ADAPTER]
+    return layer.get_delta_weight(PROBE_ADAPTER)
 
 
-def gated_path_scores(ctx: TrainingContext, layers: dict, samples: list, points: int) -> dict[str, float]:
-    """|Σ_k ∂L/∂s_ℓ(a = k/m)| / m summed over the probe samples, with a scalar gate on each LoRA branch."""
-    gates = {p: torch.zeros((), requires_grad=True) for p in layers}
+def _weight_probe(module, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """base_layer(x) with ``probe`` in place of its weight and no bias: ∂L/∂probe is ∂L/∂W."""
+    base = module.base_layer
+    if isinstance(base, torch.nn.Conv2d):
+        return F.conv2d(x, probe, None, base.stride, base.padding, base.dilation, base.groups)
+    return F.linear(x, probe)
+
+
+def faig_scores(ctx: TrainingContext, layers: dict, samples: list, points: int) -> dict[str, float]:
+    """FAIG per layer, Σ_w |Σ_k ∂L/∂W_w(a = k/m)·ΔW_w| / m, averaged over the probe samples. Along the path the
+    LoRA branch is scaled by a = k/m; a zero full-size probe added to each layer receives ∂L/∂W."""
+    probes = {p: torch.zeros_like(layer.base_layer.weight, requires_grad=True) for p, layer in layers.items()}
+    deltas = {p: _delta(layer).detach() for p, layer in layers.items()}
+    scale = torch.ones(())
     totals = {p: 0.0 for p in layers}
     handles = []
     for path, layer in layers.items():
-        def gated(module, inputs, output, gate=gates[path]):
+        def on_path(module, inputs, output, probe=probes[path]):
             branch = module.lora_B[PROBE_ADAPTER](module.lora_A[PROBE_ADAPTER](inputs[0]))
-            return output + (gate - 1.0) * branch * module.scaling[PROBE_ADAPTER]
-        handles.append(layer.register_forward_hook(gated))
+            return output + (scale - 1.0) * branch * module.scaling[PROBE_ADAPTER] + _weight_probe(module, inputs[0],
+                                                                                                    probe)
+        handles.append(layer.register_forward_hook(on_path))
     try:
-        for k in range(points):
-            for gate in gates.values():
-                gate.data.fill_(k / points)
-                gate.grad = None
-            loss = sum(ctx.denoising_loss(batch, None, noise=noise, timesteps=t) for batch, t, noise in samples)
-            loss.backward()
-            for path, gate in gates.items():
-                totals[path] += float(gate.grad)
+        for batch, t, noise in samples:
+            gradients = {p: torch.zeros_like(d) for p, d in deltas.items()}
+            for k in range(points):
+                scale.fill_(k / points)
+                for probe in probes.values():
+                    probe.grad = None
+                ctx.denoising_loss(batch, None, noise=noise, timesteps=t).backward()
+                for path, probe in probes.items():
+                    gradients[path] += probe.grad
+            for path, gradient in gradients.items():
+                totals[path] += float((gradient * deltas[path]).abs().sum()) / points
     finally:
         for handle in handles:
             handle.remove()
-    return {p: abs(total) / points for p, total in totals.items()}
+    return {p: total / len(samples) for p, total in totals.items()}
 
 
 def fisher_scores(ctx: TrainingContext, layers: dict, samples: list) -> dict[str, float]:

@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from pipelines.decor import decor_blocks, project_blocks
+from pipelines.decor import decor_blocks, kept_words, project_blocks
 from pipelines.loading import load_base
 from studio.adapters.inject import set_adapter_weights
 from studio.data.folder import TrainingImage, load_rgb, prepare_pixels, scan_folder
@@ -417,7 +417,8 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
-        decor = (decor_blocks(base.pipe, config.decor_remove), config.decor_alpha)
+        decor = (decor_blocks(base.pipe, config.decor_remove, keep=kept_words(captions, config.decor_remove)),
+                 config.decor_alpha)
     instance = encode_set(base, pixels, captions, weights, decor)
     prior = None
     if config.with_prior_preservation:

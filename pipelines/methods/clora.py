@@ -14,6 +14,12 @@ for each object as ``groups`` (the paper's class nouns; on the embedded model, t
 fill what no mask covers: when the base prompt names triggers the base cannot draw, its prediction at an
 object's edge pulls the object towards another shape.
 
+Adapter roles, as in the official code: a *style* adapter (``studio.kind`` "style", or ``roles``) is no subject.
+It is active in every pass (the base prompt's and each content adapter's) at its weight, gets no mask and no
+concept group, and only the content adapters are contrasted. The latent step η is given for SD's 64×64
+latents (the paper's 20); the default scales it with the latent area, since on a coarser latent each attention
+pixel rests on fewer latent values and the same η moves the maps more (16×16 latents: η = 1.25).
+
 Deviations from the official code (METHODS §8.3): maps come from the conditional half only (the official code
 mixes in the negative prompt), and token indices are derived from the concept words with the tokenizer instead
 of being typed by hand. The schedule scales with the step count: update steps and iterative steps are fractions
@@ -32,10 +38,13 @@ from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import masked_fusion
 from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
+from studio.adapters.inject import set_adapter_weights
 from studio.errors import ConfigError
 from studio.text import clean_prompt
 
 BASE_KEY = "__clora_base__"
+ROLES = ("content", "style")
+PAPER_STEP_SIZE, PAPER_LATENT_AREA = 20.0, 64 * 64
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
@@ -76,12 +85,18 @@ class CLoRA(CompositionMethod):
     name = "clora"
     uses_adapter_prompts = True
 
-    def __init__(self, groups: Sequence[Sequence[str]] | None = None, step_size: float = 20.0,
+    def __init__(self, groups: Sequence[Sequence[str]] | None = None, step_size: float | None = None,
                  temperature: float = 0.5, mask_threshold: float = 0.3, alter_fraction: float = 0.25,
                  iterative_fractions: Sequence[float] = (0.0, 0.1, 0.2), extra_rounds: int = 10,
-                 capture_resolution: int = 16, apply_mask_after: int = 0, uncovered: str = "base") -> None:
+                 capture_resolution: int = 16, apply_mask_after: int = 0, uncovered: str = "base",
+                 roles: Sequence[str] | None = None) -> None:
         super().__init__()
         self.groups = [list(g) for g in groups] if groups else None
+        if roles is not None and any(r not in ROLES for r in roles):
+            raise ConfigError(f"CLoRA: adapter roles are 'content' or 'style', not {list(roles)!r}")
+        self.roles = list(roles) if roles is not None else None
+        self.content: list[tuple[int, str, float]] = []  # (prompt index, name, weight) of each contrasted adapter
+        self.styles: dict[str, float] = {}
         self.step_size, self.temperature, self.mask_threshold = step_size, temperature, mask_threshold
         self.alter_fraction, self.iterative_fractions = alter_fraction, tuple(iterative_fractions)
         self.extra_rounds, self.apply_mask_after = extra_rounds, apply_mask_after
@@ -98,6 +113,7 @@ class CLoRA(CompositionMethod):
     # -- setup ---------------------------------------------------------------------------------------------------
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         self.prompts = list(prompts)
+        self._assign_roles(pipe)
         if self.groups is not None:
             self._check_groups(pipe.tokenizer)
         groups = self.groups or [[trigger] for trigger in self._triggers(pipe)]
@@ -105,21 +121,40 @@ class CLoRA(CompositionMethod):
                          for pos in token_positions(pipe.tokenizer, prompt, word)] for prompt in self.prompts]
         self.masks, self.mask_history, self.losses = {}, [], []
 
+    def _assign_roles(self, pipe) -> None:
+        """Content adapters (contrasted, masked) and style adapters (active in every pass), from ``roles`` or the
+        adapters' ``studio.kind``; with no content adapter at all, every adapter is treated as content."""
+        if self.roles is not None and len(self.roles) != len(self.adapters):
+            raise ConfigError(f"CLoRA: {len(self.roles)} roles for {len(self.adapters)} adapters")
+        kinds = getattr(pipe, "_studio_kinds", {})
+        roles = self.roles or ["style" if kinds.get(name) == "style" else "content" for name, _ in self.adapters]
+        if "content" not in roles:
+            roles = ["content"] * len(self.adapters)
+        self.content = [(i + 1, name, weight) for i, ((name, weight), role) in enumerate(zip(self.adapters, roles))
+                        if role == "content"]
+        self.styles = {name: weight for (name, weight), role in zip(self.adapters, roles) if role == "style"}
+
     def _check_groups(self, tokenizer) -> None:
-        """Given groups must name each adapter's concept with words of the prompt: a word the prompt lacks would
-        leave that adapter's mask empty, and the adapter silently unused."""
-        if len(self.groups) != len(self.adapters) or not all(self.groups):
-            raise ConfigError(f"CLoRA: {len(self.groups)} concept groups for {len(self.adapters)} adapters; give "
-                              "each adapter one non-empty group of prompt words")
+        """Given groups must name each content adapter's concept with words of the prompt: a word the prompt lacks
+        would leave that adapter's mask empty, and the adapter silently unused."""
+        if len(self.groups) != len(self.content) or not all(self.groups):
+            raise ConfigError(f"CLoRA: {len(self.groups)} concept groups for {len(self.content)} content adapters; "
+                              "give each one non-empty group of prompt words")
         missing = [word for words in self.groups for word in words
                    if not any(token_positions(tokenizer, prompt, word) for prompt in self.prompts)]
         if missing:
             raise ConfigError(f"CLoRA: concept words not in the prompt: {', '.join(map(repr, missing))}")
 
     def _triggers(self, pipe) -> list[str]:
-        """Default concept groups: each adapter's first trigger word (its name when it has none)."""
+        """Default concept groups: each content adapter's first trigger word (its name when it has none)."""
         known = getattr(pipe, "_studio_triggers", {})
-        return [(known.get(name) or [name])[0] for name, _ in self.adapters]
+        return [(known.get(name) or [name])[0] for _, name, _ in self.content]
+
+    def latent_step(self, latents: torch.Tensor) -> float:
+        """η: the given step size, or the paper's 20 scaled by this latent's area relative to 64×64."""
+        if self.step_size is not None:
+            return self.step_size
+        return PAPER_STEP_SIZE * latents.shape[-2] * latents.shape[-1] / PAPER_LATENT_AREA
 
     def _alter_steps(self) -> tuple[int, set[int]]:
         last = int(round(self.alter_fraction * self.num_steps))
@@ -131,8 +166,36 @@ class CLoRA(CompositionMethod):
 
     # -- the contrastive latent update ---------------------------------------------------------------------------
     def _routes(self) -> list[tuple[str, str, int]]:
-        """(key, adapter or BASE, prompt index): the base prompt without adapters, then each adapter."""
-        return [(BASE_KEY, BASE, 0)] + [(name, name, i + 1) for i, (name, _) in enumerate(self.adapters)]
+        """(key, adapter or BASE, prompt index): the base prompt without adapters, then each content adapter."""
+        return [(BASE_KEY, BASE, 0)] + [(name, name, prompt) for prompt, name, _ in self.content]
+
+    def _weights(self, key: str) -> dict[str, float]:
+        """The adapters active in route ``key`` when style adapters take part: the styles, and its own adapter."""
+        own = {name: weight for _, name, weight in self.content if name == key}
+        return {**own, **self.styles}
+
+    def _maps(self, pipe, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
+        """Each route's conditional cross-attention maps at latent ``z`` (with gradients to it)."""
+        routes = self._routes()
+        batch = len(z)
+        conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
+        model_input = pipe.scheduler.scale_model_input(z, timestep)
+        if not self.styles:  # one batched call, each slice routed through its adapter
+            stacked = model_input.repeat(len(routes), 1, 1, 1)
+            hidden, added = pipe.stack_conditions(conditional)
+            names = [adapter for _, adapter, _ in routes for _ in range(batch)]
+            with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
+                predict_noise(pipe.unet, stacked, timestep, hidden, names, added, **pipe.unet_inputs(len(routes)))
+            maps = store.mean()
+            return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
+        out = []
+        for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
+            set_adapter_weights(pipe.studio_base(), self._weights(key))
+            hidden, added = pipe.stack_conditions([condition])
+            with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
+                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **pipe.unet_inputs(1))
+            out.append(store.mean())
+        return out
 
     def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
         if step == 0:  # an image smaller than the requested maps has no layer that large: use its latent grid
@@ -141,39 +204,31 @@ class CLoRA(CompositionMethod):
         if step >= last or not any(self.indices):
             return latents
         rounds = 1 + (self._extra_rounds() if step in iterative else 0)
-
-        routes = self._routes()
-        batch = len(latents)
-        conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
-        names = [adapter for _, adapter, _ in routes for _ in range(batch)]
+        step_size = self.latent_step(latents)
         for _ in range(rounds):
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
-                model_input = pipe.scheduler.scale_model_input(z, timestep).repeat(len(routes), 1, 1, 1)
-                hidden, added = pipe.stack_conditions(conditional)
-                with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                    predict_noise(pipe.unet, model_input, timestep, hidden, names, added,
-                                  **pipe.unet_inputs(len(routes)))
-                maps = store.mean()
-                loss = self._loss([maps[i * batch : (i + 1) * batch] for i in range(len(routes))])
+                loss = self._loss(self._maps(pipe, z, timestep, conditions))
                 if loss.requires_grad and float(loss.detach()) > 0:
                     gradient = torch.autograd.grad(loss, z)[0]
-                    latents = (z - self.step_size * gradient).detach()
+                    latents = (z - step_size * gradient).detach()
             self.losses.append(float(loss.detach()))
         return latents
 
     def _loss(self, route_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         maps, labels = [], []
-        for prompt_maps, indices in zip(route_maps, self.indices):
-            for position, label in indices:
+        for prompt_maps, (_, _, prompt) in zip(route_maps, self._routes()):
+            for position, label in self.indices[prompt]:
                 maps.append(prompt_maps[:, :, position].mean(0))
                 labels.append(label)
         return contrastive_loss(maps, labels, self.temperature)
 
     # -- evaluation, masks and fusion ---------------------------------------------------------------------------
     def plan(self, step: int) -> list[Route]:
-        return [Route(BASE_KEY, prompt=0)] + [Route(name, adapter=name, prompt=i + 1)
-                                                for i, (name, _) in enumerate(self.adapters)]
+        if self.styles:
+            return [Route(key, merged=self._weights(key), prompt=prompt) for key, _, prompt in self._routes()]
+        return [Route(BASE_KEY, prompt=0)] + [Route(name, adapter=name, prompt=prompt)
+                                                for prompt, name, _ in self.content]
 
     def observe(self, step: int, maps: Mapping[str, torch.Tensor]) -> None:
         side = self.capture_resolution
@@ -181,7 +236,8 @@ class CLoRA(CompositionMethod):
         for key, _, prompt in self._routes():
             if key == BASE_KEY:
                 continue
-            positions = [pos for pos, label in self.indices[prompt] if label == prompt - 1]  # its own concept
+            label = [n for _, n, _ in self.content].index(key)
+            positions = [pos for pos, group in self.indices[prompt] if group == label]  # its own concept
             route_maps = maps[key]  # [batch, queries, tokens]
             if step < self.apply_mask_after:
                 masks[key] = torch.ones(route_maps.shape[0], side, side, device=route_maps.device)
@@ -211,4 +267,5 @@ class CLoRA(CompositionMethod):
     def describe(self) -> dict:
         return {"groups": self.groups, "step_size": self.step_size, "temperature": self.temperature,
                 "mask_threshold": self.mask_threshold, "alter_fraction": self.alter_fraction,
-                "extra_rounds": self.extra_rounds, "uncovered": self.uncovered}
+                "extra_rounds": self.extra_rounds, "uncovered": self.uncovered,
+                "styles": sorted(self.styles)}

@@ -1,18 +1,24 @@
 """CMLoRA (Zou et al., ICLR 2025, §7): frequency-ordered, dominant-weighted, cached multi-LoRA composition.
 
-Adapters profiled as high-frequency (H: subject, style, object) lead; low-frequency ones (L: background) enter
-in the late phase. At each refresh step the dominant adapter rotates and gets a fresh full UNet pass that
-rewrites its deep-feature cache; the others take shallow passes from their cached deep features
-(DeepCache-style), which really skips the deep blocks. Weights: the dominant adapter's share is
-(N − 0.5)/(2N − 1.5), each other one's 1/(2N − 1.5).
+Every adapter is evaluated at every step, as in the official code; only which one is *dominant* changes.
+Adapters profiled as high-frequency (H: subject, style, object) take the dominant role in the early phase;
+in the late phase the rotation moves one place along the H-then-L list, so the first H adapter is never
+dominant again and the low-frequency ones (L: background) become dominant in turn. At each refresh step the
+new dominant adapter gets a full UNet pass that rewrites its deep-feature cache; the others take shallow passes
+from their cached deep features (DeepCache-style), which really skips the deep blocks. Weights: the dominant
+adapter's share is (N − 0.5)/(2N − 1.5), each other one's 1/(2N − 1.5).
 
 Implements the paper's intent where the official code deviates (METHODS §7.5): the cache is used on the
 non-uniform schedule (the official default mode never reuses features), the late-phase cache reset really
-resets, the phase boundary is a fraction of T (0.55), and the weights are constant.
+resets, the phase boundary is a fraction of T (0.55), and the weights are constant. A cached feature is never
+older than ``max_staleness``·T steps (at least one): the schedule was made for T = 220, where an adapter's
+cache waits at most N refresh intervals (≤ 7% of T for N ≤ 5); at T = 20 the same rotation would reuse
+features 40% of T old.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
@@ -38,14 +44,19 @@ def dominant_shares(n: int) -> tuple[float, float]:
 class CMLoRA(CompositionMethod):
     name = "cmlora"
 
-    def __init__(self, cache_interval: int = 0, phase_boundary: float = 0.55, use_cache: bool = True) -> None:
+    def __init__(self, cache_interval: int = 0, phase_boundary: float = 0.55, use_cache: bool = True,
+                 max_staleness: float = 0.1) -> None:
         super().__init__()
-        if not 0 <= phase_boundary <= 1 or cache_interval < 0:
-            raise ConfigError("CMLoRA: phase_boundary is a fraction of the steps between 0 and 1 and cache_interval "
-                              f"is ≥ 0, not {phase_boundary!r} and {cache_interval!r}")
+        if not 0 <= phase_boundary <= 1 or cache_interval < 0 or not 0 < max_staleness <= 1:
+            raise ConfigError("CMLoRA: phase_boundary and max_staleness are fractions of the steps (0–1, "
+                              f"max_staleness above 0) and cache_interval is ≥ 0, not {phase_boundary!r}, "
+                              f"{max_staleness!r} and {cache_interval!r}")
         self.cache_interval = cache_interval
         self.phase_boundary = phase_boundary
         self.use_cache = use_cache
+        self.max_staleness = max_staleness
+        self.max_age = 1
+        self.written: dict[str, int] = {}
         self.order: list[str] = []
         self.high: list[str] = []
         self.low: list[str] = []
@@ -66,6 +77,8 @@ class CMLoRA(CompositionMethod):
         self.counter = 0
         self.dominant = self.high[0]
         self.late_reset_done = False
+        self.max_age = max(1, math.ceil(self.max_staleness * num_steps))
+        self.written = {}
 
     def _late(self, step: int) -> bool:
         return bool(self.low) and step > self.phase_boundary * self.num_steps
@@ -77,34 +90,28 @@ class CMLoRA(CompositionMethod):
             self.dominant = self.high[self.counter % len(self.high)]
         self.counter += 1
 
-    def active(self, step: int) -> list[str]:
-        """The adapters composed at ``step``: early phase the H list, late phase the first H leaves, L enters."""
-        if self._late(step):
-            return self.order[1 : len(self.high) + 1] if len(self.order) > len(self.high) else self.order
-        return self.high if self.low else self.order
-
     def plan(self, step: int) -> list[Route]:
         if step in self.refresh:
             self._rotate(step)
-        names = self.active(step)
         if not self.use_cache:
-            return [Route(n, adapter=n) for n in names]
-        if step == 0:
-            return [Route(n, adapter=n, cache="write") for n in names]
+            return [Route(n, adapter=n) for n in self.order]
+        reset = step == 0
         if self._late(step) and step in self.refresh and not self.late_reset_done:
-            self.late_reset_done = True  # the phase changed: rebuild every cache (a real reset)
-            return [Route(n, adapter=n, cache="write") for n in names]
-        return [Route(n, adapter=n, cache="write" if (step in self.refresh and n == self.dominant) else "read")
-                for n in names]
+            self.late_reset_done = reset = True  # the phase changed: rebuild every cache (a real reset)
+        routes = []
+        for name in self.order:
+            fresh = step in self.refresh and name == self.dominant
+            write = reset or fresh or step - self.written.get(name, -self.max_age - 1) > self.max_age
+            if write:
+                self.written[name] = step
+            routes.append(Route(name, adapter=name, cache="write" if write else "read"))
+        return routes
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
-        names = [n for n in self.active(step) if n in predictions]
-        dominant_share, other_share = dominant_shares(len(names))
-        weights = [dominant_share if n == self.dominant else other_share for n in names]
-        if self.dominant not in names:
-            weights = [1.0] * len(names)
-        return fuse_weighted([predictions[n] for n in names], weights)
+        dominant_share, other_share = dominant_shares(len(self.order))
+        weights = [dominant_share if n == self.dominant else other_share for n in self.order]
+        return fuse_weighted([predictions[n] for n in self.order], weights)
 
     def describe(self) -> dict:
         return {"cache_interval": self.cache_interval, "phase_boundary": self.phase_boundary,
-                "use_cache": self.use_cache, "order": self.order}
+                "use_cache": self.use_cache, "max_staleness": self.max_staleness, "order": self.order}

@@ -57,8 +57,8 @@ def test_clora_groups_are_configurable(setup, tmp_path):
 
 
 @pytest.mark.parametrize("groups, message", [
-    ([["red"]], "1 concept groups for 2 adapters"),
-    ([["red"], ["blue"], ["white"]], "3 concept groups for 2 adapters"),
+    ([["red"]], "1 concept groups for 2 content adapters"),
+    ([["red"], ["blue"], ["white"]], "3 concept groups for 2 content adapters"),
     ([["red"], []], "one non-empty group"),
     ([["red"], ["purple", "blue"]], "concept words not in the prompt: 'purple'"),
 ])
@@ -106,3 +106,39 @@ def test_clora_on_an_image_smaller_than_its_maps_captures_at_the_latent_size(set
                   method_options={"groups": [["red"], ["blue"]]}, output_type="np")
     assert output.images.shape == (1, 32, 32, 3) and output.masks
     assert all(mask.shape[-1] == 32 // pipe.vae_scale_factor for mask in output.masks.values())
+
+
+
+def test_a_style_adapter_is_active_in_every_pass_and_never_contrasted(setup):
+    from pipelines.methods.base import Route
+    from pipelines.methods.clora import BASE_KEY
+
+    pipe, _ = setup
+    method = CLoRA(groups=[["sks"]], roles=["content", "style"])
+    method.prepare([("c", 1.0), ("s", 0.8)], 4, {})
+    method.bind(pipe, ["a red solid sks on a white background"] * 3)
+    assert method.plan(0) == [Route(BASE_KEY, merged={"s": 0.8}, prompt=0),
+                              Route("c", merged={"c": 1.0, "s": 0.8}, prompt=1)]
+    assert [label for prompt in method.indices for _, label in prompt] == [0, 0, 0]  # only the content concept
+    with pytest.raises(ConfigError, match="adapter roles"):
+        CLoRA(roles=["content", "texture"])
+
+
+def test_the_role_comes_from_the_adapters_kind(setup, tmp_path):
+    pipe, _ = setup
+    base = pipe.studio_base()
+    content, style = unet_only_adapter(base, 21), unet_only_adapter(base, 22)
+    content.metadata["studio.trigger_words"], style.metadata["studio.trigger_words"] = '["sks"]', '["xyz"]'
+    style.metadata["studio.kind"] = "style"
+    paths = [save_adapter(content, tmp_path / "c.safetensors"), save_adapter(style, tmp_path / "s.safetensors")]
+    output = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  adapters=[(p, 1.0) for p in paths], method="clora", output_type="np")
+    names = [name for name, _ in output.recipe["adapters"]]
+    assert output.recipe["styles"] == [names[1]]
+    assert set(output.masks) == {names[0], "__clora_base__"}
+
+
+def test_the_latent_step_scales_with_the_latent_area():
+    assert CLoRA().latent_step(torch.zeros(1, 4, 64, 64)) == 20.0  # the paper's η on SD's 64×64 latents
+    assert CLoRA().latent_step(torch.zeros(1, 4, 16, 16)) == 1.25
+    assert CLoRA(step_size=5.0).latent_step(torch.zeros(1, 4, 16, 16)) == 5.0

@@ -6,7 +6,8 @@ import torch
 
 from pipelines import CMLoRAPipeline, CompositionPipeline
 from pipelines.merged_routing import merged_routing
-from pipelines.methods.cmlora import dominant_shares, refresh_steps
+from pipelines.methods.base import Prediction
+from pipelines.methods.cmlora import CMLoRA, dominant_shares, refresh_steps
 from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
 from studio.adapters.file import save_adapter
 from studio.errors import AdapterError, ConfigError
@@ -125,6 +126,40 @@ def test_cmlora_schedule_and_weights_follow_the_paper():
     assert dom + 3 * other == pytest.approx(1.0)
 
 
+def test_cmlora_evaluates_every_adapter_and_rotates_only_the_dominant_one():
+    method = CMLoRA()
+    method.prepare([("subject", 1.0), ("background", 1.0)], 20, {"background": {"class": "L"}})
+    predictions = {"subject": Prediction((torch.zeros(1), torch.zeros(1))),
+                   "background": Prediction((torch.ones(1), torch.ones(1)))}
+    dominant = []
+    for step in range(20):
+        assert [route.adapter for route in method.plan(step)] == ["subject", "background"]
+        dominant.append(method.dominant)
+        share = float(method.fuse(step, predictions).cond)  # the background's share of the fused prediction
+        assert share == pytest.approx(dominant_shares(2)[0] if method.dominant == "background" else
+                                      dominant_shares(2)[1])
+    boundary = int(0.55 * 20)
+    assert set(dominant[:boundary + 1]) == {"subject"} and set(dominant[boundary + 2 :]) == {"background"}
+
+
+@pytest.mark.parametrize(("steps", "bound"), [(20, 2), (220, 22)])
+def test_cmlora_cache_age_is_bounded_by_a_fraction_of_the_steps(steps, bound):
+    method = CMLoRA()
+    names = ["a", "b", "c"]
+    method.prepare([(n, 1.0) for n in names], steps, {})
+    written, oldest, full = {}, 0, 0
+    for step in range(steps):
+        for route in method.plan(step):
+            if route.cache == "write":
+                written[route.adapter] = step
+                full += 1
+            else:
+                oldest = max(oldest, step - written[route.adapter])
+    assert 0 < oldest <= bound
+    if steps == 220:  # the paper's regime: the bound never binds (3 full passes at step 0, then one per refresh)
+        assert full == 3 + len(refresh_steps(220)) - 1
+
+
 def test_named_pipeline_uses_its_method(setup):
     pipe, paths = setup
     named = CMLoRAPipeline.from_base(pipe.studio_base())
@@ -176,7 +211,7 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": "abc"})
     with pytest.raises(ConfigError, match="switch interval must be at least 1, not 0"):
         run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": 0})
-    with pytest.raises(ConfigError, match="phase_boundary is a fraction"):
+    with pytest.raises(ConfigError, match="phase_boundary and max_staleness are fractions"):
         run(pipe, adapters=[(paths[0], 1.0)], method="cmlora", method_options={"phase_boundary": 2.0})
     other = make_random_base()
     foreign = make_adapter(other)

@@ -7,7 +7,7 @@ from studio.adapters.file import read_adapter
 from studio.data import procedural
 from studio.errors import ConfigError
 from tests.conftest import make_random_base
-from trainers import TrainConfig
+from trainers import TrainConfig, train
 from trainers.b4m import (
     RESNET_TARGETS,
     TARGETS,
@@ -39,22 +39,41 @@ def test_basis_is_deterministic_and_orthogonal_on_square_layers():
     unet = make_random_base().pipe.unet
     first, second = make_basis(unet, 8, seed=3), make_basis(unet, 8, seed=3)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    key = next(k for k in first if k.endswith("attn1.to_q.A_frozen"))
-    path = key.removesuffix(".A_frozen")
+    path = next(k for k in first if k.endswith("attn1.to_q.A_frozen")).removesuffix(".A_frozen")
     a_frozen, b_frozen = first[f"{path}.A_frozen"], first[f"{path}.B_frozen"]
     assert b_frozen.abs().sum() > 0  # ΔW ≠ 0 at step 0 on square layers
-    gram = torch.cat([a_frozen.T, b_frozen]).T @ torch.cat([a_frozen.T, b_frozen])
-    assert torch.allclose(gram, torch.eye(8), atol=1e-5)  # rows of one orthonormal Q
-    cross = next(k for k in first if k.endswith("attn2.to_k.B_frozen"))
-    assert first[cross].abs().sum() == 0  # non-square: B_f = 0 stays frozen
+    joined = torch.cat([a_frozen.T, b_frozen])  # distinct rows of one orthonormal Q (1280 × r)
+    assert torch.linalg.eigvalsh(joined.T @ joined).max() <= 1 + 1e-5
+    narrow = make_basis(unet, 8, seed=3, prior_rows=0)  # Q drawn with d rows: the rows span all of it
+    joined = torch.cat([narrow[f"{path}.A_frozen"].T, narrow[f"{path}.B_frozen"]])
+    assert torch.allclose(joined.T @ joined, torch.eye(8), atol=1e-5)
+    for basis in (first, narrow):
+        cross = next(k for k in basis if k.endswith("attn2.to_k.B_frozen"))
+        assert basis[cross].abs().sum() == 0  # non-square: B_f = 0 stays frozen
+
+
+def test_the_frozen_block_has_the_official_scale_and_spares_to_out():
+    """The official code draws Q from 1280 rows for every layer, and gives only square to_q/to_k/to_v the prior:
+    on a narrow layer B_f·A_f is then about d/1280 of what a Q with d rows gives."""
+    unet = make_random_base().pipe.unet
+    official, narrow = make_basis(unet, 4, seed=0), make_basis(unet, 4, seed=0, prior_rows=0)
+    path = next(k for k in official if k.endswith("attn1.to_q.A_frozen")).removesuffix(".A_frozen")
+    width = official[f"{path}.A_frozen"].shape[1] * 2
+
+    def block(basis):
+        return float(torch.linalg.matrix_norm(basis[f"{path}.B_frozen"] @ basis[f"{path}.A_frozen"], ord=2))
+
+    assert block(official) < 4 * width / 1280 * block(narrow)
+    out = next(k for k in official if k.endswith("attn1.to_out.0.B_frozen"))
+    assert official[out].abs().sum() == 0  # square, but the official code gives to_out.0 no prior
 
 
 def test_prior_on_all_layers_gives_every_layer_orthonormal_frozen_halves():
     """``prior="all"``: the layers without the paper's square prior (cross-attention keys and values, convolutions)
     get a non-zero frozen B_f and A_f, halves of orthonormal bases of their output and input spaces."""
     unet = make_random_base().pipe.unet
-    paper, everywhere = (make_basis(unet, 4, seed=0, targets=TARGETS + RESNET_TARGETS, prior=prior)
-                         for prior in ("square", "all"))
+    paper, everywhere = (make_basis(unet, 4, seed=0, targets=TARGETS + RESNET_TARGETS, prior=prior, prior_rows=0)
+                         for prior in ("square", "all"))  # Q with d rows: the halves' Gram matrices are O(1)
     for suffix in ("attn2.to_k", "conv1"):
         path = next(k for k in everywhere if k.endswith(f"{suffix}.B_frozen")).removesuffix(".B_frozen")
         assert paper[f"{path}.B_frozen"].abs().sum() == 0
@@ -148,6 +167,34 @@ def test_make_keeps_the_content_runs_learned_down_half(tmp_path, shape_images, s
         assert torch.equal(module.down, content.modules["unet"][path].down)
         half_out = module.up.shape[0] // 2
         assert torch.equal(module.up[half_out:], style.modules["unet"][path].up[half_out:])
+
+
+def test_break_steps_the_main_half_before_the_auxiliary_loss(tmp_path, shape_images):
+    """As the official code: the main loss is clipped and stepped on its own, and the auxiliary loss is computed
+    with the updated main half; it then trains only the other half."""
+    base = make_random_base()
+    basis = save_basis(make_basis(base.pipe.unet, 4, seed=0), tmp_path / "basis.safetensors", {})
+    aux = procedural_aux_sets("style", tmp_path, per_set=2, seed=0, trigger="zwx")
+    seen = []
+
+    class Watched(B4MBreak):
+        def training_loss(self, ctx, step):
+            before = {side: [p.detach().clone() for p in self.plp.halves(side)] for side in ("A", "B")}
+            loss = super().training_loss(ctx, step)
+            moved = {side: any(not torch.equal(p, q) for p, q in zip(self.plp.halves(side), before[side]))
+                     for side in ("A", "B")}
+            grads = torch.autograd.grad(loss, self.plp.halves("A") + self.plp.halves("B"), allow_unused=True,
+                                        retain_graph=True)
+            reached = {"A": any(g is not None for g in grads[: len(before["A"])]),
+                       "B": any(g is not None for g in grads[len(before["A"]) :])}
+            seen.append((moved, reached))
+            return loss
+
+    config = TrainConfig(images=shape_images, output="watched", output_dir=tmp_path / "out", train_batch_size=2,
+                         max_train_steps=2, max_grad_norm=1.0)
+    train(config, Watched("content", B4MConfig(learning_rate=1e-2, aux_learning_rate=1e-2), basis, aux),
+          base=base)
+    assert seen == [({"A": True, "B": False}, {"A": False, "B": True})] * 2
 
 
 def test_style_run_can_have_its_own_rate(tmp_path):

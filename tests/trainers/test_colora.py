@@ -68,3 +68,61 @@ def test_budget_below_minimum_rank_and_missing_targets(tmp_path, shape_images):
                          target_modules=("no_such_projection",))
     with pytest.raises(ConfigError, match="cannot train a LoRA"):
         train(config, get_method("lora"), base=make_random_base())
+
+
+def test_faig_takes_the_absolute_value_per_weight_as_the_official_code():
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from trainers.colora import PROBE_ADAPTER, faig_scores
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]), net, adapter_name=PROBE_ADAPTER)
+    layers = {name: net[int(name)] for name in ("0", "2")}
+    for layer in layers.values():
+        for part in (layer.lora_A[PROBE_ADAPTER], layer.lora_B[PROBE_ADAPTER]):
+            part.weight.data.normal_()
+            part.weight.requires_grad_(False)
+    inputs = [torch.randn(4, 6) for _ in range(2)]
+    target = torch.randn(4, 3)
+
+    class Context:  # what faig_scores asks of a training context: the loss of one probe sample
+        @staticmethod
+        def denoising_loss(batch, generator, noise, timesteps):
+            return (net(batch) - target).square().sum()
+
+    samples = [(x, None, None) for x in inputs]
+    points = 4
+    scores = faig_scores(Context, layers, samples, points)
+    # by hand: the gradient of a plain copy with W + a·ΔW, per sample, summed over a, times ΔW, |·| per weight
+    deltas = {n: layer.get_delta_weight(PROBE_ADAPTER) for n, layer in layers.items()}
+    expected, signed = {n: 0.0 for n in layers}, {n: 0.0 for n in layers}
+    for x in inputs:
+        total = {n: torch.zeros_like(d) for n, d in deltas.items()}
+        for k in range(points):
+            weights = {n: (layers[n].base_layer.weight + k / points * deltas[n]).detach().requires_grad_(True)
+                       for n in layers}
+            hidden = torch.tanh(torch.nn.functional.linear(x, weights["0"], layers["0"].base_layer.bias))
+            out = torch.nn.functional.linear(hidden, weights["2"], layers["2"].base_layer.bias)
+            (out - target).square().sum().backward()
+            for n in layers:
+                total[n] += weights[n].grad
+        for n in layers:
+            expected[n] += float((total[n] * deltas[n]).abs().sum()) / points / len(inputs)
+            signed[n] += abs(float((total[n] * deltas[n]).sum())) / points / len(inputs)
+    for n in layers:
+        assert scores[n] == pytest.approx(expected[n], rel=1e-4)
+        assert scores[n] > 1.2 * signed[n]  # a signed sum per layer would cancel
+
+
+def test_discriminative_faig_subtracts_the_score_on_the_class_images(tmp_path, shape_images):
+    scores = {}
+    for discriminative in (False, True):
+        method = CoLoRAMethod(CoLoRAConfig(score="taylor", probe_rank=4, probe_steps=2, probe_samples=2,
+                                           budget_rank=8, discriminative=discriminative, probe_learning_rate=1e-2))
+        config = TrainConfig(images=shape_images, output=f"d{discriminative}", output_dir=tmp_path,
+                             max_train_steps=1, train_batch_size=2, with_prior_preservation=True, num_class_images=2)
+        [path] = train(config, method, base=make_random_base()).outputs
+        scores[discriminative] = json.loads(read_adapter(path).metadata["studio.rank_plan"])["scores"]
+    assert all(scores[True][m] < scores[False][m] for m in scores[False])
