@@ -49,12 +49,12 @@ def build_guided(config: TinyBuildConfig, work_dir: Path | None = None, export_d
     if Path(export_dir).resolve() == (ASSETS / "tiny-sd").resolve():
         raise ConfigError("build-guided never overwrites the shipped model; choose another output folder")
     work_dir = Path(work_dir) if work_dir else cache_dir() / "build-guided"
-    work_dir.mkdir(parents=True, exist_ok=True)
+    interim = work_dir / "interim" / Path(export_dir).name
+    builder = TinyBuilder(config, work_dir, export_dir, interim_export_dir=interim)
     settings, recorded = asdict(config), work_dir / "build_config.json"
     if recorded.exists() and json.loads(recorded.read_text()) != settings:
         raise ConfigError(f"{work_dir} holds a build with other settings ({recorded}); resume it with those, or "
                           "start this one in another --work-dir")
     atomic_write(recorded, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
     torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
-    interim = work_dir / "interim" / Path(export_dir).name
-    return TinyBuilder(config, work_dir, export_dir, interim_export_dir=interim).run()
+    return builder.run()

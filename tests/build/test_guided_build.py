@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import studio.build.guided
 from studio.build.guided import build_guided
 from studio.build.tiny import LatentSet, TinyBuilder
+from studio.cli import main
 from studio.errors import ConfigError
 from tests.build.test_tiny_build import small
 
@@ -91,3 +93,18 @@ def test_build_guided_refuses_other_settings_in_the_same_work_dir(start_model, t
                      tmp_path / "m" / "guided")
     with pytest.raises(ConfigError, match="caption noise"):
         TinyBuilder(guided(start_model, caption_drop_attribute=0.9), tmp_path / "x")
+
+
+def test_build_guided_command_passes_its_flags(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(studio.build.guided, "build_guided",
+                        lambda config, work_dir, export_dir: seen.append((config, work_dir, export_dir)) or export_dir)
+    assert main(["build-guided", "--caption-drop-attribute", "0.25", "--caption-wrong-attribute", "0.05",
+                 "--max_train_steps", "12", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "m")]) == 0
+    config, work_dir, export_dir = seen[0]
+    assert (config.caption_drop_attribute, config.caption_wrong_attribute, config.diffusion_steps) == (0.25, 0.05, 12)
+    assert config.start_from == "assets/tiny-sd" and work_dir == tmp_path / "w" and export_dir == tmp_path / "m"
+    monkeypatch.undo()
+    assert main(["build-guided", "--caption-drop-attribute", "0.9", "--caption-wrong-attribute", "0.5",
+                 "--work-dir", str(tmp_path / "x"), "--output", str(tmp_path / "m")]) == 2
+    assert "caption noise" in capsys.readouterr().err and not (tmp_path / "x" / "build_config.json").exists()
