@@ -15,24 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
+from PIL import Image
 
+from frontends.cli import add_app_flags
+from frontends.compare import compare_methods
+from frontends.generate import GenerationRequest, generate
+from pipelines.loading import load_base
+from pipelines.methods import METHODS
+from studio.adapters.file import read_adapter
 from studio.adapters.library import (
     AdapterSummary,
     delete_adapter,
     export_adapter,
     import_adapter,
+    library_dir,
     list_adapters,
     resolve_adapter,
 )
 from studio.errors import StudioError
-from studio.generate import GenerationRequest, generate
-from studio.models import BaseModel, load_base
+from studio.eval.domain import DomainEvaluator
+from studio.models import BaseModel
 from studio.png import default_outputs, numbered_png, read_recipe, save_png
+from studio.text import split_words
+from trainers import TRAINERS, TrainConfig
+from trainers import run as run_trainer
+from trainers.b4m import B4MConfig
+from trainers.sara import SaraConfig
 
 OUTPUTS = default_outputs()
 ROWS = 4  # adapter stack rows, as in Fooocus
-METHODS = ["merge", "switch", "composite", "cmlora", "clora"]
-TRAIN_METHODS = ["lora", "b4m", "sara", "colora"]
 LIBRARY_COLUMNS = ["name", "kind", "method", "trigger words", "rank", "frequency", "base", "file"]
 
 
@@ -78,7 +90,7 @@ class Studio:
         elif method == "cmlora":
             options["cache_interval"] = int(cache_interval)
         elif method == "clora":
-            groups = [[w.strip() for w in part.split(",") if w.strip()] for part in clora_words.split("|")]
+            groups = [split_words(part) for part in clora_words.split("|")]
             if any(groups):
                 options["groups"] = groups  # the pipeline checks them against the adapters and the prompt
             if clora_fill:
@@ -90,7 +102,7 @@ class Studio:
             if randomize else int(seed), steps=int(steps), guidance_scale=float(guidance), width=int(size),
             height=int(size), num_images=int(batch), adapters=adapters, method=method if adapters else "merge",
             method_options=options, perp_neg=[(negative, float(perp_neg_weight))] if perp_neg else [],
-            decor_remove=[w.strip() for w in decor_words.split(",") if w.strip()], decor_alpha=float(decor_alpha),
+            decor_remove=split_words(decor_words), decor_alpha=float(decor_alpha),
             adapter_prompts=adapter_prompts if method == "clora" else [],
         )
 
@@ -118,9 +130,6 @@ class Studio:
                                            *extras]) + stopped
 
     def compare(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
-        from studio.eval.compare import COMPOSITION_METHODS, compare_methods
-        from studio.eval.domain import DomainEvaluator
-
         rows, rest = values[: 4 * ROWS], values[4 * ROWS :]
         request = self.request(rows, *rest)
         if not request.adapters:
@@ -129,7 +138,7 @@ class Studio:
             base = self.base(model)
             evaluator = DomainEvaluator.load() if base.family == "tiny" else None
             gallery = []
-            for item in compare_methods(base, request, COMPOSITION_METHODS, evaluator):
+            for item in compare_methods(base, request, tuple(METHODS), evaluator):
                 path = save_png(item.result.image, _output_path(request.seed), item.result.parameters,
                                 item.result.recipe)
                 scores = ", ".join(f"{k}: {v or 'rejected'}" for k, v in item.scores.items())
@@ -243,8 +252,6 @@ def _unchanged_lists() -> list[Any]:
 
 def _free_name(name: str) -> str:
     """``name``, or ``name-2``, ``name-3``… when the library already holds it: training never overwrites."""
-    from studio.adapters.library import library_dir
-
     candidate, index = name, 2
     while (library_dir() / f"{candidate}.safetensors").exists():
         candidate, index = f"{name}-{index}", index + 1
@@ -255,28 +262,20 @@ def run_training(base: BaseModel, method: str, folder: Path, style: Path | None,
                  rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
                  should_stop, b4m_prior: str = "square") -> list[Path]:
     """The Train tab's job: one of the studio's trainers on the staged images."""
-    from trainers import TrainConfig, get_method, train
-
-    decor = [w.strip() for w in decor_words.split(",") if w.strip()]
+    decor = split_words(decor_words)
     config = TrainConfig(images=folder, instance_prompt=f"a {trigger} shape" if kind == "content" else
                          f"a shape in {trigger} style", trigger_words=[trigger], kind=kind, output=name,
                          max_train_steps=steps, rank=rank, learning_rate=learning_rate, decor_remove=decor,
                          validation_prompt=f"a red solid {trigger} on a white background" if kind == "content"
                          else f"a red {trigger} circle on a white background", validation_steps=max(1, steps // 4),
                          num_validation_images=1)
+    options = None  # the method's defaults
     if method == "b4m":
-        from trainers.b4m import B4MConfig, train_b4m
-
-        b4m = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
-                        rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
-        return train_b4m(b4m, config, base=base, progress=progress, should_stop=should_stop)
-    if method == "sara":
-        from trainers.sara import SaraConfig, SaraMethod
-
-        trainer = SaraMethod(SaraConfig(threshold=threshold))
-    else:
-        trainer = get_method(method)
-    return train(config, trainer, progress=progress, base=base, should_stop=should_stop).outputs
+        options = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
+                            rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
+    elif method == "sara":
+        options = SaraConfig(threshold=threshold)
+    return run_trainer(method, config, options, base=base, progress=progress, should_stop=should_stop)
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
@@ -309,8 +308,6 @@ def _output_path(seed: int) -> Path:
 
 def _mask_images(base: BaseModel) -> list[tuple[str, str]]:
     """CLoRA's masks of the last image, as grey PNGs beside it."""
-    from PIL import Image
-
     masks = getattr(base.pipe, "last_masks", {}) or {}
     shown = []
     for name, mask in masks.items():
@@ -337,8 +334,6 @@ def library_table(summaries: Sequence[AdapterSummary] | None = None) -> list[lis
 
 def triggers_for(prompt: str, *rows: Any) -> str:
     """Append the trigger words of the enabled adapters to the prompt (from their metadata)."""
-    from studio.adapters.file import read_adapter
-
     words = []
     for index in range(ROWS):
         enabled, name = rows[2 * index], rows[2 * index + 1]
@@ -473,7 +468,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
                                             interactive=True, column_count=(2, "fixed"))
                     style_files = gr.File(label="Style images (Break-for-Make only)", file_count="multiple",
                                           file_types=["image"])
-                    train_method = gr.Radio(TRAIN_METHODS, value="lora", label="Method", elem_id="train-method")
+                    train_method = gr.Radio(list(TRAINERS), value="lora", label="Method", elem_id="train-method")
                     kind = gr.Radio(["content", "style"], value="content", label="Kind (not used by Break-for-Make)")
                     trigger = gr.Textbox(label="Trigger word (Break-for-Make: the content's; the style's is this "
                                                "word + \"style\", e.g. sksstyle)", value="sks", elem_id="trigger")
@@ -521,8 +516,6 @@ def build_app(model: str | None = None) -> gr.Blocks:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from studio.cli import add_app_flags
-
     parser = argparse.ArgumentParser(description="Adapter Studio web app")
     add_app_flags(parser)
     return parser.parse_args(argv)
@@ -534,8 +527,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """Launch the app with parsed flags (``--host --port --share --auth --model``)."""
-    import torch
-
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("STUDIO_THREADS", "1")))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

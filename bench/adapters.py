@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from bench.measure import generate_images, read_generations
+from pipelines.loading import load_base
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import grid_cases
 from studio.eval.two_objects import read_two_objects
-from studio.models import load_base
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 

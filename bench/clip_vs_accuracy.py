@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.clip import load_clip
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import generate_batch, grid_cases
-from studio.models import load_base
 
 
 def main() -> None:

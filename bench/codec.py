@@ -14,10 +14,10 @@ import argparse
 import numpy as np
 import torch
 
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
-from studio.models import load_base
 
 
 @torch.no_grad()

@@ -18,19 +18,26 @@ import argparse
 import atexit
 import itertools
 import shutil
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.measure import measured
+from bench.random_sd import random_loras, sd15_folder
+from bench.two_subjects import PAIRS
+from pipelines.attention_capture import capture_cross_attention
+from pipelines.loading import load_base
+from pipelines.methods import METHODS
+from studio.adapters.file import read_adapter
+from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
-from studio.models import load_base
-
-METHODS = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 def demo_adapters() -> list[str]:
@@ -44,11 +51,6 @@ def setup(args) -> tuple:
     """(base, adapter files, prompt): the embedded model and its demo adapters, or SD 1.5 with random LoRAs."""
     if args.arch == "tiny":
         return load_base(args.model), demo_adapters(), "a red zwx sks on a white background"
-    import tempfile
-    from pathlib import Path
-
-    from bench.random_sd import random_loras, sd15_folder
-
     work = Path(tempfile.mkdtemp(prefix="studio-bench-sd15-"))
     atexit.register(shutil.rmtree, work, True)  # trained files and models are for this run only
     base = load_base(sd15_folder(work / "model"))
@@ -65,8 +67,6 @@ SIZE: dict[str, int] = {}  # height/width when --size is given
 
 def speed(args) -> None:
     """Each method timed alternately with the single-LoRA reference (same seed and steps); ratio of medians."""
-    import statistics
-
     base, files, prompt = setup(args)
     pipe = base.pipe
     adapters_by_n = {n: [(files[i % len(files)], 1.0) for i in range(n)] for n in (1, 2, 3, 4)}
@@ -99,8 +99,6 @@ def quality(args) -> None:
     """N = 2: sks-moon + zwx-zigzag on "a {color} zwx sks on a {background} background" (moon and zigzag).
     N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (studio.eval.two_objects):
     the c1 region a zigzag moon and the c2 region a cross."""
-    from bench.two_subjects import PAIRS
-
     base = load_base(args.model)
     evaluator = DomainEvaluator.load()
     content, cross, style = (str(SHIPPED / f"{name}.safetensors") for name in ("sks-moon", "xyz-cross", "zwx-zigzag"))
@@ -139,11 +137,6 @@ def quality(args) -> None:
 def loaded(args) -> None:
     """Time per step with ``--loaded`` adapters attached and ``--active`` of them composed (diffusers #11816);
     the two conditions alternate, extras attached and detached between runs, so drift hits both alike."""
-    import statistics
-
-    from studio.adapters.file import read_adapter
-    from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
-
     base, files, prompt = setup(args)
     active = [(files[i % len(files)], 1.0) for i in range(args.active)]
     run(base.pipe, prompt, active, "composite", 2, 0)
@@ -168,10 +161,6 @@ def loaded(args) -> None:
 def capture(args) -> None:
     """Cost of CLoRA's cross-attention capture: one UNet call (batch 2, the model's size) with and without the
     maps stored at the capture resolution, alternated; ratio of medians."""
-    import statistics
-
-    from pipelines.attention_capture import capture_cross_attention
-
     base = load_base(args.model)
     unet = base.pipe.unet
     size = (args.size or base.default_size) // base.pipe.vae_scale_factor

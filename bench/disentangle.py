@@ -26,11 +26,12 @@ import torch
 from PIL import Image
 
 from bench.measure import read_generations
-from studio.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
+from frontends.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
-from studio.models import load_base
-from trainers.b4m import PRIORS, RESNET_TARGETS, TARGETS
+from trainers import TrainConfig, get_method, train
+from trainers.b4m import PRIORS, RESNET_TARGETS, TARGETS, B4MConfig, train_b4m
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
@@ -49,8 +50,6 @@ B4M_TARGETS = {"attention": TARGETS, "attention+resnet": TARGETS + RESNET_TARGET
 def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior: bool = True,
          recipe: str = "kv", seed: int = 0, **extra) -> Path:
     """A plain rank-8 LoRA with one of the :data:`RECIPES`."""
-    from trainers import TrainConfig, get_method, train
-
     config = TrainConfig(images=images, output=name, output_dir=out, kind=kind, rank=8, max_train_steps=steps,
                          train_batch_size=4, seed=seed, with_prior_preservation=prior, num_class_images=96,
                          lr_scheduler="cosine", lr_warmup_steps=20, **RECIPES[recipe][kind], **extra)
@@ -58,15 +57,12 @@ def lora(base, images: Path, kind: str, name: str, out: Path, steps: int, prior:
 
 
 def b4m(args, base, evaluator, work: Path) -> None:
-    from trainers import TrainConfig
-    from trainers.b4m import B4MConfig, train_b4m
-
     content = render_demo_images(work / "content", "content", count=5)
     style = render_demo_images(work / "style", "style", count=5)
     start = time.perf_counter()
     config = TrainConfig(output="b4m", output_dir=work / "out", seed=args.seed, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
-        content=content, style=style, rank=args.rank, main_learning_rate=args.lr, aux_learning_rate=args.lr / 10,
+        content=content, style=style, rank=args.rank, learning_rate=args.lr, aux_learning_rate=args.lr / 10,
         make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers), config, base=base)

@@ -22,21 +22,20 @@ import numpy as np
 import torch
 
 from bench.measure import read_generations
-from studio.build.demo_adapters import render_demo_images
+from frontends.build.demo_adapters import render_demo_images
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import grid_cases
-from studio.models import load_base
+from trainers import TrainConfig, get_method, train
+from trainers.colora import CoLoRAConfig, CoLoRAMethod
+from trainers.sara import SaraConfig, SaraMethod, apply_sparse_delta, read_sparse_delta
 
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
 def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sara: dict, colora: dict
               ) -> dict[str, tuple[list[Path], float]]:
-    from trainers import TrainConfig, get_method, train
-    from trainers.colora import CoLoRAConfig, CoLoRAMethod
-    from trainers.sara import SaraConfig, SaraMethod
-
     def config(name: str) -> TrainConfig:
         return TrainConfig(images=images, output=name, output_dir=out, kind="style", max_train_steps=steps,
                            train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
@@ -57,8 +56,6 @@ def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sar
 
 
 def main() -> None:
-    from trainers.sara import apply_sparse_delta, read_sparse_delta
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)

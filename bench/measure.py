@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from studio.eval.prompt_following import generate_batch
+
 
 @dataclass
 class Measurement:
@@ -63,8 +65,6 @@ def measured(device: torch.device) -> Iterator[Measurement]:
 def generate_images(base, prompts: list[str], steps: int, **options: Any) -> np.ndarray:
     """One uint8 image per prompt (seed = its index), 25 per pipeline call; ``options`` go to the pipeline
     (adapters, method, negative prompt, DECOR, Perp-Neg)."""
-    from studio.eval.prompt_following import generate_batch
-
     return np.concatenate([generate_batch(base, prompts[start : start + 25],
                                           range(start, min(start + 25, len(prompts))), steps, **options)
                            for start in range(0, len(prompts), 25)])

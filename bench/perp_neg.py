@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from bench.measure import read_generations
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
-from studio.models import load_base
 
 UNNAMED_COLOR = "orange"  # the color the embedded model draws most often when a prompt names none
 

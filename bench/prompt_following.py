@@ -18,9 +18,9 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
+from pipelines.loading import load_base
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import measure_guidance_sweep, measure_pair_following, measure_prompt_following
-from studio.models import load_base
 
 
 def _scales(text: str) -> list[float]:

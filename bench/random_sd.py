@@ -10,6 +10,12 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from pipelines import CompositionPipeline
+from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+from studio.text import build_clip_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs" / "sd1"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -22,19 +28,11 @@ def _config(component: str) -> dict:
 
 def sd15_unet():
     """SD 1.5's UNet with random weights."""
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**_config("unet"))
 
 
 def sd15_folder(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """A complete diffusers folder with SD 1.5's architecture and random weights (UNet, VAE, CLIP text encoder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pipelines import CompositionPipeline
-    from studio.text import build_clip_tokenizer
-
     if (folder / "model_index.json").exists():
         return folder
     torch.manual_seed(seed)
@@ -51,8 +49,6 @@ def sd15_folder(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16)
 
 def random_loras(base, count: int, folder: Path, rank: int = 8, seed: int = 0) -> list[str]:
     """``count`` LoRA files on every UNet attention projection of ``base``, keyed to its fingerprint."""
-    from studio.adapters.file import AdapterFile, LoraModule, save_adapter
-
     generator = torch.Generator().manual_seed(seed)
     linears = {n: m for n, m in base.pipe.unet.named_modules()
                if isinstance(m, torch.nn.Linear) and n.endswith(ATTENTION) and ".attn" in n}

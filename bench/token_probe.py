@@ -16,11 +16,11 @@ import argparse
 import numpy as np
 import torch
 
+from pipelines.loading import load_base
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.prompt_following import generate_batch
 from studio.eval.two_objects import read_two_objects
-from studio.models import load_base
 
 
 def probe_cases(n: int) -> list[tuple[str, str, str, str, str, str]]:

@@ -21,6 +21,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from bench.measure import measured
+from bench.random_sd import sd15_unet
+from frontends.build.components import make_unet as tiny
+from trainers.colora import allocate_ranks
+from trainers.sara import SaraConfig, SaraMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("full", "lora", "sara", "sara_attention", "colora")  # sara_attention: SaRA on LoRA's modules only
@@ -28,24 +35,16 @@ METHODS = ("full", "lora", "sara", "sara_attention", "colora")  # sara_attention
 
 def make_unet(arch: str):
     if arch == "tiny":
-        from studio.build.components import make_unet as tiny
-
         return tiny()
-    from bench.random_sd import sd15_unet
-
     return sd15_unet()
 
 
 def trainable(unet, method: str, budget: int) -> list[torch.nn.Parameter]:
     """Make ``method``'s parameters trainable with about ``budget`` values (full: everything)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     unet.requires_grad_(method == "full")
     if method == "full":
         return list(unet.parameters())
     if method.startswith("sara"):
-        from trainers.sara import SaraConfig, SaraMethod
-
         scope = "attention_only" if method == "sara_attention" else "all"
         sara = SaraMethod(SaraConfig(target_params=budget, progressive=False, lambda_rank=5e-4, scope=scope))
         context = SimpleNamespace(base=SimpleNamespace(pipe=SimpleNamespace(unet=unet)),
@@ -60,8 +59,6 @@ def trainable(unet, method: str, budget: int) -> list[torch.nn.Parameter]:
     rank = max(1, round(budget / per_rank))
     pattern = {}
     if method == "colora":  # per-layer ranks under the same budget (scores: the layer width, for the bench)
-        from trainers.colora import allocate_ranks
-
         dims = {n: (m.in_features, m.out_features) for n, m in linears.items()}
         scores = {n: float(m.in_features) for n, m in linears.items()}
         ranks = allocate_ranks(scores, dims, rank * per_rank, min_rank=1, max_rank=4 * rank, multiple=1)
@@ -72,8 +69,6 @@ def trainable(unet, method: str, budget: int) -> list[torch.nn.Parameter]:
 
 
 def run_one(arch: str, method: str, size: int, batch: int, steps: int, budget: int) -> dict:
-    from bench.measure import measured
-
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = make_unet(arch).to(device)

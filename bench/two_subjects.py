@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.loading import load_base
 from studio.adapters.library import SHIPPED
 from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
-from studio.models import load_base
 
 PAIRS = (("red", "blue"), ("blue", "yellow"), ("green", "purple"), ("yellow", "purple"), ("orange", "blue"),
          ("purple", "green"))

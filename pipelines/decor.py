@@ -13,14 +13,15 @@ from collections.abc import Sequence
 
 import torch
 
+from studio.errors import ConfigError
+from studio.text import clean_prompt
+
 
 def unwanted_basis(word_embeddings: Sequence[torch.Tensor], rank: int | None = None,
                    relative_cutoff: float = 1e-3) -> torch.Tensor:
     """V (d × k): orthonormal directions spanning the stacked word-token rows (each tensor m_i × d)."""
     rows = [e.float() for e in word_embeddings if len(e)]
     if not rows:
-        from studio.errors import ConfigError
-
         raise ConfigError("DECOR: the words to remove tokenize to nothing")
     stacked = torch.cat(rows, dim=0)
     _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
@@ -33,8 +34,6 @@ def unwanted_basis(word_embeddings: Sequence[torch.Tensor], rank: int | None = N
 def check_alpha(alpha: float) -> None:
     """DECOR's strength is a fraction: 0 keeps the embeddings, 1 removes the directions exactly."""
     if not 0.0 <= alpha <= 1.0:
-        from studio.errors import ConfigError
-
         raise ConfigError(f"DECOR α must be between 0 and 1, not {alpha}")
 
 
@@ -53,9 +52,6 @@ Block = tuple[int, int, torch.Tensor]  # (first column, end column, basis) of on
 def decor_blocks(pipe, words: Sequence[str], rank: int | None = None) -> list[Block]:
     """Unwanted-concept bases per text encoder. Each word is encoded the way the pipeline encodes prompts
     (``encode_texts``), and only its own token rows are kept (no BOS, EOS or padding)."""
-    from studio.errors import ConfigError
-    from studio.text import clean_prompt
-
     cleaned = [clean_prompt(w) for w in words if w.strip()]
     if not cleaned:
         raise ConfigError("DECOR needs at least one word to remove")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -33,46 +34,33 @@ from pipelines.call_contract import (
     refuse_sdxl_arguments,
 )
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
-from pipelines.decor import check_alpha
+from pipelines.decor import check_alpha, decor_blocks, project_blocks
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
 from pipelines.methods import make_method
-from pipelines.methods.base import Prediction, Route
+from pipelines.methods.base import Conditioning, Prediction, Route
 from pipelines.native_lora import shared_base
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
-from studio.adapters.inject import pinned_lora_modules
+from studio.adapters.file import read_adapter
+from studio.adapters.inject import (
+    attach_adapter,
+    attached_adapters,
+    detach_adapter,
+    pinned_lora_modules,
+    set_adapter_weights,
+    set_layer_weights,
+)
+from studio.adapters.library import resolve_adapter
+from studio.adapters.prompt_tags import adapters_from_prompts
+from studio.adapters.weights import AdapterWeight, weight_from_mapping
 from studio.errors import ConfigError
+from studio.models import BaseModel, detect_family, fingerprint
+from studio.text import clean_prompt, split_words
 
 logger = logging.getLogger(__name__)
 
 AdapterSpec = tuple[str | Path, float] | str | Path
-
-
-@dataclass
-class Conditioning:
-    """One prompt's UNet conditioning for every guidance branch ([uncond, cond, negatives…], or [cond] alone when
-    guidance is off); SDXL adds pooled embeddings and time ids, IP-Adapter image embeddings (one per adapter)."""
-
-    hidden: list[torch.Tensor]
-    pooled: list[torch.Tensor] | None = None
-    time_ids: list[torch.Tensor] | None = None
-    images: list[list[torch.Tensor]] | None = None
-    guided: bool = True
-
-    def __len__(self) -> int:
-        return len(self.hidden)
-
-    @property
-    def cond_index(self) -> int:
-        """Where the conditional branch is."""
-        return 1 if self.guided else 0
-
-    def branch(self, index: int) -> Conditioning:
-        """Branch ``index`` alone (CLoRA's conditional-only attention pass)."""
-        return Conditioning([self.hidden[index]], *(None if part is None else [part[index]]
-                                                    for part in (self.pooled, self.time_ids, self.images)),
-                            guided=False)
 
 
 class CompositionEngine:
@@ -85,10 +73,6 @@ class CompositionEngine:
 
     def studio_base(self):
         """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
-        import json
-
-        from studio.models import BaseModel, detect_family, fingerprint
-
         if getattr(self, "_studio_base", None) is None:
             domain_file = Path(str(self.config.get("_name_or_path") or "")) / "studio_model.json"
             domain = json.loads(domain_file.read_text()) if domain_file.is_file() else None
@@ -113,8 +97,6 @@ class CompositionEngine:
     @classmethod
     def from_base(cls, base) -> CompositionEngine:
         """A composition pipeline sharing the modules of a loaded studio ``BaseModel``."""
-        from dataclasses import replace
-
         pipe = cls(**base.pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         pipe._studio_base = replace(base, pipe=pipe)
@@ -130,11 +112,6 @@ class CompositionEngine:
         """Load (or reuse) each adapter; returns (attached name, weight) in the user's order. A weight in diffusers'
         dict form ({"text_encoder": …, "unet": {"down": …}}) becomes per-layer factors and weight 1. All or
         nothing: every file is read and checked before any is attached, and a failed attach detaches this call's."""
-        from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter, set_layer_weights
-        from studio.adapters.library import resolve_adapter
-        from studio.adapters.weights import AdapterWeight
-
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
         loaded = self._loaded()
@@ -194,8 +171,6 @@ class CompositionEngine:
         single-adapter routes of one pass type share one batched UNet call. Returns the predictions and, with
         ``capture_resolution``, each route's conditional cross-attention maps. ``kv`` caches the text-side
         projections across steps: each call is keyed by its routing, its prompts and the active weights."""
-        from studio.adapters.inject import set_adapter_weights
-
         batch, count = len(latents), len(conditions[0])
         width = batch * count
         cond_at = conditions[0].cond_index
@@ -292,8 +267,6 @@ class CompositionEngine:
         """Prompt embeddings [uncond, cond, negatives…] (or [cond] without guidance); DECOR projects the
         conditional one only (METHODS §5.1). ``text.given`` holds the caller's embeddings, used instead of
         encoding. As diffusers, ``clip_skip`` applies to the prompt, not to the negative prompt."""
-        from studio.text import clean_prompt
-
         per_prompt = text.per_prompt
         batch = len(prompts) * per_prompt
         device, dtype = self._execution_device, self.unet.dtype
@@ -320,8 +293,6 @@ class CompositionEngine:
         second = _per_prompt(text.prompt_2, len(prompts))
         cond = encode(prompts, second, "each", given.prompt, given.pooled, text.clip_skip)
         if text.decor_remove:
-            from pipelines.decor import decor_blocks, project_blocks
-
             cond = (project_blocks(cond[0], decor_blocks(self, text.decor_remove, text.decor_rank),
                                    text.decor_alpha), cond[1])
         if not text.guided:
@@ -422,7 +393,7 @@ class CompositionEngine:
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
-            decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
+            decor_remove = split_words(decor_remove)
         self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -540,8 +511,6 @@ class CompositionEngine:
         any, diffusers' own adapters stay as diffusers left them and the ``scale`` of ``cross_attention_kwargs``
         works as in stock; with some, diffusers' own become the shared base for the block (scaled by it).
         Returns the LoRA scale for the text encoders and the ``cross_attention_kwargs`` for the UNet."""
-        from studio.adapters.inject import set_adapter_weights
-
         managed = set(self._loaded().values())
         if managed:
             set_adapter_weights(self.studio_base(), dict(resolved), managed)
@@ -711,8 +680,6 @@ def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative
 def adapter_spec(spec: Any) -> tuple[str | Path, Any]:
     """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair; the weight is a
     number or diffusers' ``set_adapters`` dict form (an :class:`~studio.adapters.weights.AdapterWeight`)."""
-    from studio.adapters.weights import AdapterWeight, weight_from_mapping
-
     if isinstance(spec, str | Path):
         return spec, 1.0
     if not isinstance(spec, Sequence) or len(spec) != 2 or not isinstance(spec[0], str | Path):
@@ -728,8 +695,6 @@ def with_prompt_tags(prompt, adapters) -> tuple[Any, list]:
     """A1111's ``<lora:NAME:W>`` tags taken out of the prompt(s) and added after ``adapters``."""
     if prompt is None:
         return prompt, adapters
-    from studio.adapters.prompt_tags import adapters_from_prompts
-
     texts, tagged = adapters_from_prompts([prompt] if isinstance(prompt, str) else list(prompt))
     if not tagged:
         return prompt, adapters
@@ -770,7 +735,5 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 
 def _frequency_profile(adapter) -> dict:
-    import json
-
     raw = adapter.metadata.get("studio.freq_profile")
     return json.loads(raw) if raw else {}

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from studio.adapters.file import read_adapter, update_metadata
 
 
 def radial_profile(gray: torch.Tensor) -> torch.Tensor:
@@ -62,10 +65,6 @@ def default_profile_prompts(adapter, domain: dict | None) -> list[str]:
 def profile_adapter(pipe, path: str | Path, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
                     steps: int = 30, h: float = 0.2, tau_h: float = 0.0, show_progress: bool = False) -> dict:
     """ΔH of an adapter over prompts × seeds (same seed with and without it) and its H/L class."""
-    from tqdm import tqdm
-
-    from studio.adapters.file import read_adapter
-
     adapter = read_adapter(path)
     base = pipe.studio_base()
     prompts = list(prompts or default_profile_prompts(adapter, base.domain))
@@ -84,7 +83,5 @@ def profile_adapter(pipe, path: str | Path, prompts: Sequence[str] | None = None
 def store_profile(path: str | Path, profile: dict, out: str | Path | None = None) -> Path:
     """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically; the tensors, their
     dialect and precision unchanged)."""
-    from studio.adapters.file import read_adapter, update_metadata
-
     read_adapter(path)  # only adapters the studio can read are profiled
     return update_metadata(path, {"studio.freq_profile": json.dumps(profile)}, out)

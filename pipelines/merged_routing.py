@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from peft.tuners.lora import LoraLayer
 
+from studio.adapters.inject import lora_modules
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 DEFAULT_BUDGET_BYTES = 1 << 30
 
@@ -120,8 +122,6 @@ call each base layer runs its slices on merged weights, and peft's own LoRA bran
     Yields None (and changes nothing: routed calls keep peft's mixed batch) when a layer is not a plain
     Linear/Conv2d LoRA or the merged copies would take more than ``budget_bytes``.
     """
-    from studio.adapters.inject import lora_modules
-
     layers = [layer for _, layer in lora_modules(unet)]
     adapters = list(adapters)
     if (unet.__dict__.get("_studio_merged_routing") is not None or not all(map(_supported, layers))

@@ -19,6 +19,7 @@ from diffusers.utils import scale_lora_layers, unscale_lora_layers
 
 from pipelines.merged_routing import BASE as BASE  # re-exported: the routes name it
 from pipelines.merged_routing import active_merged_routing
+from studio.adapters.inject import lora_modules
 
 
 @dataclass
@@ -61,8 +62,6 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
     def inject(module, args, kwargs):
         kwargs["adapter_names"] = names
         return args, kwargs
-
-    from studio.adapters.inject import lora_modules
 
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True) for _, module in lora_modules(unet)]
     try:

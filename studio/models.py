@@ -1,31 +1,26 @@
-"""Load a base model: the embedded one, a local diffusers folder, a single-file checkpoint, or (online) a hub id.
-
-Whatever the source, the result is a diffusers pipeline on the best device with the right dtype and attention
-backend, plus what the rest of the studio needs to know about it: its family (sd1, sd2, sdxl or tiny),
-cross-attention width and a fingerprint that adapters record so a mismatched base is caught before loading.
-Nothing is downloaded unless the user names a hub id and the hub is reachable.
+"""What the studio knows about a base model: its family (sd1, sd2, sdxl or tiny), cross-attention width, default
+size and steps, and a fingerprint that adapters record so a mismatched base is caught before loading; plus the
+device, dtype and scheduler choices. Loading itself lives in :mod:`pipelines.loading`, since what it builds is a
+composition pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
-from studio.errors import ConfigError, ModelLoadError
-
-logger = logging.getLogger(__name__)
+from studio.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny-sd"
 SINGLE_FILE_CONFIGS = ASSETS / "configs"
-EMBEDDED_NAMES = {"", "tiny", "tiny-sd", "embedded", "default"}
+EMBEDDED_NAMES = {"", "tiny", "tiny-sd", "embedded", "default"}  # what names the embedded model
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -126,148 +121,16 @@ def set_scheduler(pipe: Any, name: str) -> None:
     """Swap the pipeline's scheduler by short name (``ddim``, ``euler_a``, ``dpm++``…), keeping its schedule."""
     if name not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    import diffusers
-
     class_name, overrides = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def _configure(pipe: Any, device: torch.device) -> None:
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda":
-        try:
-            import xformers  # noqa: F401
-
-            pipe.enable_xformers_memory_efficient_attention()
-            logger.info("attention: xformers")
-        except ImportError:
-            logger.info("attention: torch SDPA")
-    pipe.to(device)
+def sampler_label(pipe: Any) -> str:
+    """The pipeline's scheduler under A1111's sampler name (``DDIM``, ``Euler a``, …)."""
+    name = type(pipe.scheduler).__name__
+    return SAMPLER_LABELS.get(name, name)
 
 
-def _pipeline_class(family: str):
-    """The composition pipelines: subclasses of diffusers' StableDiffusion(XL)Pipeline."""
-    from pipelines import CompositionPipeline, CompositionXLPipeline
-
-    return CompositionXLPipeline if family == "sdxl" else CompositionPipeline
-
-
-def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any] | None]:
-    index_file = path / "model_index.json"
-    if not index_file.exists():
-        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json); pass a model folder "
-                             "or a .safetensors checkpoint file")
-    try:
-        index = json.loads(index_file.read_text())
-        unet_config = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path} has an unreadable model_index.json or unet/config.json: {error}") from error
-    domain_file = path / "studio_model.json"
-    domain = json.loads(domain_file.read_text()) if domain_file.exists() else None
-    family = detect_family(index, unet_config, domain)
-    pipeline_class = _pipeline_class(family)
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
-    except Exception as error:
-        raise ModelLoadError(f"could not load the model folder {path}: {_short(error)}") from error
-    return pipe, family, domain
-
-
-def _single_file_family(path: Path) -> str:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as error:
-        raise ModelLoadError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): "
-                             f"{_short(error)}") from error
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.transformer.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise ModelLoadError(f"{path} does not look like a Stable Diffusion checkpoint (no SD 1.x, 2.x or SDXL text "
-                         "encoder keys found)")
-
-
-def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
-    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download)."""
-    if path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"{path}: only .safetensors checkpoints are loaded; .ckpt files are pickles that can "
-                             "run code. Convert it to safetensors with a tool you trust first")
-    family = _single_file_family(path)
-    from studio.text import build_clip_tokenizer
-
-    config = SINGLE_FILE_CONFIGS / family
-    tokenizers = {"tokenizer": build_clip_tokenizer()}
-    if family in ("sd2", "sdxl"):  # OpenCLIP's tokenizer pads with "!" (id 0)
-        key = "tokenizer_2" if family == "sdxl" else "tokenizer"
-        tokenizers[key] = build_clip_tokenizer(pad_token="!")
-    pipeline_class = _pipeline_class(family)
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        pipe = pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True,
-                                               torch_dtype=dtype, **tokenizers, **extra)
-    except Exception as error:
-        raise ModelLoadError(f"could not load the checkpoint {path} as {family}: {_short(error)}") from error
-    return pipe, family
-
-
-def load_base(spec: str | os.PathLike | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-              scheduler: str | None = None) -> BaseModel:
-    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id."""
-    target = choose_device(device)
-    dtype = dtype or choose_dtype(target)
-    text = "" if spec is None else str(spec)
-    domain = None
-    if text.lower() in EMBEDDED_NAMES:
-        if not (EMBEDDED_MODEL / "model_index.json").exists():
-            raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_MODEL}; run `studio build-tiny`")
-        pipe, family, domain = _load_folder(EMBEDDED_MODEL, dtype)
-        source = str(EMBEDDED_MODEL)
-    else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            pipe, family, domain = _load_folder(path, dtype)
-        elif path.is_file():
-            pipe, family = _load_single_file(path, dtype)
-        elif _looks_like_hub_id(text) and not path.exists():
-            pipe, family = _load_hub(text, dtype)
-        else:
-            raise ModelLoadError(f"no model at {text!r}: not a folder, not a file, and not a hub id")
-        source = text
-    if scheduler:
-        set_scheduler(pipe, scheduler)
-    _configure(pipe, target)
-    base = BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
-                     fingerprint=fingerprint(pipe))
-    pipe._studio_base = base  # the composition pipeline validates adapters against this
-    return base
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
-
-
-def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, str]:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise ModelLoadError(f"{repo_id!r} is a hub id, but HF_HUB_OFFLINE is set; download the model yourself and "
-                             "pass its local folder")
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
-    except Exception as error:
-        raise ModelLoadError(f"could not fetch {repo_id!r} from the hub (offline?): {_short(error)}; pass a local "
-                             "model folder or .safetensors file instead") from error
-    family = detect_family(dict(pipe.config), dict(pipe.unet.config))
-    return pipe, family
-
-
-def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+def seeded_generator(seed: int) -> torch.Generator:
+    """Initial noise is drawn on the CPU so a seed means the same image on every device."""
+    return torch.Generator("cpu").manual_seed(int(seed))

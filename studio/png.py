@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +86,9 @@ def numbered_png(folder: str | os.PathLike, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
     return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
+
+
+def with_lora_tags(prompt: str, adapters: Sequence[tuple[str | os.PathLike, float]]) -> str:
+    """A1111 writes active LoRAs into the prompt as ``<lora:name:weight>``."""
+    tags = " ".join(f"<lora:{Path(str(a)).stem}:{w:g}>" for a, w in adapters)
+    return f"{prompt} {tags}".strip() if tags else prompt

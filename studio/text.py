@@ -10,10 +10,12 @@ from __future__ import annotations
 import gzip
 import html
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
 import ftfy
+from transformers import CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408
 START_TOKEN = "<|startoftext|>"
@@ -58,7 +60,12 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_TOKEN):
     """A transformers ``CLIPTokenizer`` with CLIP's real vocabulary, built offline."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = clip_bpe()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
+
+
+def split_words(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated words (``"circle, square"``, or several such strings, as repeated flags give them) → the
+    stripped, non-empty words: DECOR's concepts, trigger phrases, CLoRA's word groups."""
+    joined = text if isinstance(text, str) else ",".join(text)
+    return [word.strip() for word in joined.split(",") if word.strip()]

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    from studio.models import load_base
+    from pipelines.loading import load_base
 
     return load_base(device="cpu")
 
@@ -42,8 +42,8 @@ def evaluator():
 
 def make_random_base(seed: int = 0, family: str = "tiny"):
     """The embedded architecture with random weights, built in code (fast, independent of the build)."""
+    from frontends.build import components
     from pipelines import CompositionPipeline
-    from studio.build import components
     from studio.models import BaseModel, fingerprint
     from studio.text import build_clip_tokenizer
 

@@ -5,9 +5,10 @@ import json
 import pytest
 from safetensors import safe_open
 
-from studio.cli import main, parse_adapter_spec, parse_option, parse_weighted_text
+from frontends.cli import main, parse_adapter_spec, parse_option, parse_weighted_text
 from studio.errors import ConfigError
 from studio.png import read_recipe
+from trainers.b4m import B4MConfig
 
 
 def test_train_then_generate_with_the_adapter(tmp_path, shape_images, monkeypatch, capsys):
@@ -54,21 +55,25 @@ def test_argument_parsers():
 
 
 def test_train_b4m_flags_reach_the_b4m_config(tmp_path, shape_images, monkeypatch):
-    """Each stage's rate and the PLP layers come from their own flags; the make rate falls back to --learning_rate."""
-    import trainers.b4m
+    """Each stage's rate and the PLP layers come from their own flags, --rank is B4M's rank as every trainer's;
+    what is not given keeps B4MConfig's defaults (the make rate: --learning_rate)."""
+    import trainers
 
     seen = []
-    monkeypatch.setattr(trainers.b4m, "train_b4m", lambda b4m, config: seen.append((b4m, config)) or [])
+    monkeypatch.setattr(trainers, "train_b4m", lambda b4m, config, **_: seen.append((b4m, config)) or [])
     common = ["train", "b4m", "--content", str(shape_images), "--style", str(shape_images), "--output", "duo",
               "--output_dir", str(tmp_path), "--learning_rate", "1e-3", "--style_learning_rate", "3e-3"]
     assert main([*common, "--make_learning_rate", "3e-4", "--target_modules", "to_q", "conv1",
-                 "--b4m_prior", "all"]) == 0
+                 "--b4m_prior", "all", "--rank", "8"]) == 0
     assert main(common) == 0
-    (first, config), (second, _) = seen
-    assert (first.main_learning_rate, first.style_learning_rate, first.make_learning_rate) == (1e-3, 3e-3, 3e-4)
+    assert main([*common, "--b4m_rank", "12"]) == 0
+    (first, config), (second, _), (third, _) = seen
+    assert (first.learning_rate, first.style_learning_rate, first.make_learning_rate) == (1e-3, 3e-3, 3e-4)
     assert first.target_modules == ("to_q", "conv1") and config.output == "duo"
-    assert second.make_learning_rate == 1e-3
+    assert second.make_learning_rate is None and second.learning_rate == 1e-3
     assert (first.prior, second.prior) == ("all", "square")
+    assert (first.rank, second.rank, third.rank) == (8, B4MConfig().rank, 12)
+    assert second.break_steps == B4MConfig().break_steps and second.content_trigger == B4MConfig().content_trigger
 
 
 def test_app_command_takes_the_documented_flags(tmp_path, monkeypatch):
@@ -153,13 +158,6 @@ def test_adapters_list_names_files_as_they_are_used_and_reports_unreadable_ones(
     assert lines[0].split()[:4] == ["NAME", "KIND", "METHOD", "RANK"]
     assert lines[1].startswith("my-style_v2 ") and not any(line.startswith("last ") for line in lines)
     assert "skipped" in err and "junk.safetensors" in err
-
-
-def test_the_cli_offers_exactly_the_pipelines_composition_methods():
-    from pipelines.methods import METHODS
-    from studio.cli import COMPOSITION_METHODS
-
-    assert COMPOSITION_METHODS == tuple(METHODS)
 
 
 def test_train_lora_takes_target_modules(tmp_path, shape_images, monkeypatch):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from studio.cli import main
-from studio.generate import GenerationRequest, generate
+from frontends.cli import main
+from frontends.generate import GenerationRequest, generate
 from studio.png import read_recipe
 
 PROMPT = "a red striped star on a white background"

@@ -4,8 +4,9 @@ import socket
 import pytest
 import torch
 
+from pipelines.loading import load_base
 from studio.errors import ConfigError, ModelLoadError
-from studio.models import detect_family, load_base, set_scheduler
+from studio.models import detect_family, set_scheduler
 
 
 def test_embedded_model_loads_offline_without_touching_the_network(monkeypatch):

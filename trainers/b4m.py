@@ -29,11 +29,14 @@ import numpy as np
 import torch
 import torch.nn.utils.parametrize as parametrize
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from studio.adapters.file import AdapterFile, LoraModule, save_adapter
+from pipelines.loading import load_base
+from studio.adapters.file import AdapterFile, LoraModule, read_adapter, save_adapter
 from studio.adapters.metadata import adapter_metadata, optimizer_learning_rates
+from studio.data import procedural
 from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
 from studio.files import atomic_path
@@ -48,27 +51,38 @@ PRIORS = ("square", "all")  # where the orthogonal prior goes: the paper's squar
 
 @dataclass
 class B4MConfig:
-    content: Path | None = None
-    style: Path | None = None
-    content_trigger: str = "sks"
-    style_trigger: str = "zwx"
-    content_prompt: str | None = None  # caption of content images without .txt; default "a {trigger} shape"
-    style_prompt: str | None = None
-    aux_style: list[Path] = field(default_factory=list)
-    aux_content: list[Path] = field(default_factory=list)
-    rank: int = 64
-    main_learning_rate: float = 1e-4
-    style_learning_rate: float | None = None  # the style run's main rate; None: main_learning_rate
-    aux_learning_rate: float = 1e-5
-    make_learning_rate: float = 1e-4
-    break_steps: int = 1000
-    make_steps: int = 1000
-    make_optimizer: str = "riemannian"  # riemannian | adamw
+    """B4M's options; a field with ``help`` is a ``studio train b4m`` flag (``rank``, ``learning_rate`` and
+    ``target_modules`` are the shared training flags of the same names)."""
+
+    content: Path | None = field(default=None, metadata={"help": "content images", "required": True})
+    style: Path | None = field(default=None, metadata={"help": "style images", "required": True})
+    content_trigger: str = field(default="sks", metadata={"help": "the content concept's trigger word"})
+    style_trigger: str = field(default="zwx", metadata={"help": "the style's trigger word"})
+    content_prompt: str | None = field(default=None, metadata={
+        "help": "caption for content images without .txt (default: 'a TRIGGER shape')"})
+    style_prompt: str | None = field(default=None, metadata={
+        "help": "caption for style images without .txt (default: 'a shape in TRIGGER style')"})
+    aux_style: list[Path] = field(default_factory=list, metadata={"help": "auxiliary style images, repeatable"})
+    aux_content: list[Path] = field(default_factory=list, metadata={"help": "auxiliary content images, repeatable"})
+    rank: int = 64  # rank of each PLP half
+    learning_rate: float = 1e-4  # the break runs' main rate (the paper's)
+    style_learning_rate: float | None = field(default=None, metadata={
+        "help": "the style break run's rate (default: --learning_rate)"})
+    aux_learning_rate: float = field(default=1e-5, metadata={"help": "the auxiliary sets' rate"})
+    make_learning_rate: float | None = field(default=None, metadata={
+        "help": "the make stage's rate (default: --learning_rate)"})
+    break_steps: int = field(default=1000, metadata={"help": "steps of each break run"})
+    make_steps: int = field(default=1000, metadata={"help": "steps of the make stage (0: assemble only)", "min": 0})
+    make_optimizer: str = field(default="riemannian", metadata={
+        "help": "the make stage's optimizer", "choices": ("riemannian", "adamw")})
     riemannian_lambda: float = 1e-6
     mcp_isolation: bool = True
     aux_images_per_set: int = 8
     target_modules: tuple[str, ...] = TARGETS  # attention projections (Linear) and/or ResNet convs (Conv2d)
-    prior: str = "square"  # orthogonal prior on square layers (the paper's) or on "all" layers
+    prior: str = field(default="square", metadata={
+        "help": "orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all layers, "
+                "so the content run can learn where the paper's B_f = 0", "choices": ("square", "all"),
+        "aliases": ("--b4m_prior",)})
 
 
 # --- PLP layers ---------------------------------------------------------------------------------------------
@@ -156,8 +170,6 @@ def save_basis(basis: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
 
 def check_basis_recipe(path: Path, recipe: dict[str, str]) -> None:
     """A resumed run must continue on the basis it started with: refuse one drawn for other settings."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as handle:
         stored = handle.metadata() or {}
     differ = [f"{key.removeprefix('studio.')} {stored[key]} (now {value})" for key, value in recipe.items()
@@ -251,8 +263,6 @@ def procedural_aux_sets(kind: str, folder: Path, per_set: int, seed: int, trigge
     As in the official recipe ("A pet in w@z yarn art style"), each caption names the *other* run's trigger
     beside the set's own concept ("a red zwx striped heart …", "a red dotted sks circle …"), so the auxiliary half
     learns under prompts shaped like the final composed one."""
-    from studio.data import procedural
-
     rng = np.random.default_rng(seed)
     sets = []
     choices = ("striped", "dotted", "checkered") if kind == "style" else ("circle", "square", "heart")
@@ -358,7 +368,7 @@ class B4MBreak(_PLPMethod):
         ctx.base.pipe.unet.requires_grad_(False)
         self.plp = PLPAdapter(ctx.base.pipe.unet, load_file(str(self.basis_path)))
         self.aux = [encode_folder(ctx, folder) for folder in self.aux_folders]
-        main_rate = self.b4m.main_learning_rate
+        main_rate = self.b4m.learning_rate
         if self.main == "style" and self.b4m.style_learning_rate:
             main_rate = self.b4m.style_learning_rate
         return [{"params": self.plp.halves(self.main_side), "lr": main_rate},
@@ -400,8 +410,6 @@ class B4MMake(_PLPMethod):
         self.started_at = 0.0
 
     def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
-        from studio.adapters.file import read_adapter
-
         self.started_at = time.time()
         basis = load_file(str(self.basis_path))
         content, style = read_adapter(self.content_file), read_adapter(self.style_file)
@@ -420,7 +428,8 @@ class B4MMake(_PLPMethod):
         ctx.base.pipe.unet.requires_grad_(False)
         self.plp = PLPAdapter(ctx.base.pipe.unet, made)
         self.style = encode_folder(ctx, self.b4m.style, self.b4m.style_prompt)
-        return [{"params": self.plp.halves("A") + self.plp.halves("B"), "lr": self.b4m.make_learning_rate}]
+        rate = self.b4m.make_learning_rate or self.b4m.learning_rate
+        return [{"params": self.plp.halves("A") + self.plp.halves("B"), "lr": rate}]
 
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         generator = ctx.generator(step)
@@ -475,8 +484,6 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
 
     ``should_stop`` (the app's Stop button) ends the running stage early, writes its adapter, and starts no later
     stage, so a stop returns only the files of the stages begun."""
-    from studio.models import load_base
-
     if b4m.content is None or b4m.style is None:
         raise ConfigError("B4M needs --content DIR and --style DIR")
     if b4m.rank < 1 or b4m.break_steps < 1 or b4m.make_steps < 0:

@@ -22,7 +22,7 @@ which then take full rank and spill the style into ordinary prompts (−20 to �
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,16 +40,22 @@ PROBE_ADAPTER = "studio_probe"
 
 @dataclass
 class CoLoRAConfig:
-    score: str = "weight_change"
-    probe_rank: int = 64
-    probe_steps: int = 200
-    probe_learning_rate: float | None = None  # None: the run's own learning rate
+    """CoLoRA's options; a field with ``help`` is a ``studio train colora`` flag."""
+
+    score: str = field(default="weight_change", metadata={
+        "help": "contribution score (faig: the paper's path integral; weight_change measured best here)",
+        "choices": ("faig", "taylor", "weight_change", "fisher")})
+    probe_rank: int = field(default=64, metadata={"help": "rank of the probe LoRA"})
+    probe_steps: int = field(default=200, metadata={"help": "steps of the probe run"})
+    probe_learning_rate: float | None = field(default=None, metadata={
+        "help": "the probe run's rate (default: --learning_rate)"})
     path_points: int = 8  # m
     probe_samples: int = 8  # K: 4 stratified timesteps × 2 images
-    budget_rank: int = 16  # parameter budget = a uniform LoRA of this rank
+    budget_rank: int = field(default=16, metadata={"help": "budget = a uniform LoRA of this rank"})
     beta: float = 1.0
-    min_rank: int = 4  # 0 lets a module drop out
-    max_rank: int = 128
+    min_rank: int = field(default=4, metadata={"help": "smallest rank of a module (0 lets a module drop out)",
+                                               "min": 0})
+    max_rank: int = field(default=128, metadata={"help": "largest rank of a module"})
     normalisation: str = "none"  # none | sqrt_params | delta_norm
 
 

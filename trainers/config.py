@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.adapters.library import library_dir
+from studio.errors import ConfigError
+
 
 @dataclass
 class TrainConfig:
@@ -58,8 +61,6 @@ class TrainConfig:
 
     def output_folder(self) -> Path:
         """Where the adapter goes: ``output_dir``, else the adapter library."""
-        from studio.adapters.library import library_dir
-
         return Path(self.output_dir) if self.output_dir else library_dir()
 
     def work_folder(self) -> Path:
@@ -67,8 +68,6 @@ class TrainConfig:
         return self.output_folder() / f"{self.output}-work"
 
     def __post_init__(self) -> None:
-        from studio.errors import ConfigError
-
         low = {"rank": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1, "repeats": 1,
                "max_train_steps": 0, "checkpointing_steps": 0, "validation_steps": 0, "lr_warmup_steps": 0}
         wrong = [f"{name} must be at least {least}, not {getattr(self, name)!r}" for name, least in low.items()

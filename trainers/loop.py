@@ -24,11 +24,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from pipelines.decor import decor_blocks, project_blocks
+from pipelines.loading import load_base
+from studio.adapters.inject import set_adapter_weights
 from studio.data.folder import TrainingImage, load_rgb, prepare_pixels, scan_folder
 from studio.errors import ConfigError
+from studio.eval.prompt_following import grid_cases, pair_cases
 from studio.files import atomic_torch_save
+from studio.models import sampler_label, seeded_generator
+from studio.png import a1111_parameters, save_png, with_lora_tags
+from studio.text import clean_prompt
 from trainers.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -201,12 +211,8 @@ def encode_captions(base, captions: Sequence[str], decor: tuple[list, float] | N
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled embedding or None) as the base's pipeline conditions the UNet; with ``decor``
     (basis, α) the hidden states are projected away from the unwanted concepts (DECOR during training)."""
-    from studio.text import clean_prompt
-
     hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions])
     if decor is not None:
-        from pipelines.decor import project_blocks
-
         hidden = project_blocks(hidden, *decor)
     return hidden, pooled
 
@@ -269,8 +275,6 @@ def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
         return [config.class_prompt] * count
     if base.family != "tiny":
         raise ConfigError("prior preservation on this base needs --class_prompt (e.g. 'a photo of a dog')")
-    from studio.eval.prompt_following import grid_cases, pair_cases
-
     pairs = count // 2 if (base.domain or {}).get("pair_caption_template") else 0
     singles = [case.prompt for case in grid_cases(count - pairs, held_out=False, seed=config.seed)]
     return singles + [scene.caption for scene in pair_cases(pairs, seed=config.seed)]
@@ -279,9 +283,6 @@ def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
 @torch.no_grad()
 def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Generate (once, cached in the work folder) the class images prior preservation trains on."""
-    from studio.generate import seeded_generator
-    from studio.text import clean_prompt
-
     folder = work_dir / "class_images"
     prompts = default_class_prompts(base, config, config.num_class_images)
     cached = folder / "class_images.pt"
@@ -361,10 +362,6 @@ def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.
 
 
 def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
-    from studio.generate import sampler_label, seeded_generator, with_lora_tags
-    from studio.png import a1111_parameters, save_png
-    from studio.text import clean_prompt
-
     config = ctx.config
     paths = []
     for weight in config.validation_weights:
@@ -378,7 +375,7 @@ def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list
             path = ctx.work_dir / "samples" / f"step-{step:06d}-w{weight:g}-{index}.png"
             text = a1111_parameters(
                 with_lora_tags(config.validation_prompt, [(config.output, weight)]), None, ctx.base.default_steps,
-                sampler_label(ctx.base), ctx.base.default_guidance_scale, config.seed + index, image.width,
+                sampler_label(ctx.base.pipe), ctx.base.default_guidance_scale, config.seed + index, image.width,
                 image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
             save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
             paths.append(path)
@@ -401,13 +398,6 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
 
 def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None, base,
            should_stop: Callable[[], bool] | None, work_dir: Path) -> TrainResult:
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
-    from studio.adapters.inject import set_adapter_weights
-    from studio.models import load_base
-
     start_time = time.time()
     if config.images is None:
         raise ConfigError("no training images: pass --images DIR")
@@ -426,8 +416,6 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
-        from pipelines.decor import decor_blocks
-
         decor = (decor_blocks(base.pipe, config.decor_remove), config.decor_alpha)
     instance = encode_set(base, pixels, captions, weights, decor)
     prior = None

@@ -7,6 +7,7 @@ The baseline every other method is compared with, and the pattern they follow: i
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,6 @@ class LoraMethod(TrainingMethod):
         self.parameters: dict[str, torch.nn.Parameter] = {}
 
     def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
-        import time
-
         self.started_at = time.time()
         config = ctx.config
         rank = self.rank or config.rank

@@ -21,16 +21,18 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
-from studio.errors import ConfigError
+from studio.errors import AdapterError, ConfigError
 from studio.files import atomic_path
 from trainers.loop import TrainingContext, TrainingMethod
 from trainers.lora import output_path, training_metadata
@@ -44,15 +46,20 @@ logger = logging.getLogger(__name__)
 class SaraConfig:
     """SaRA's own options (the shared loop's options live in TrainConfig)."""
 
-    threshold: float | None = 2e-3  # θ; ignored when target_params is set
-    target_params: int | None = None  # train the N smallest-|w| weights instead
-    lambda_rank: float = 5e-4  # nuclear-norm weight; the paper's best grid point is 5e-3
-    rank_penalty_layers: str = "random_one"  # random_one | all
+    threshold: float | None = field(default=2e-3, metadata={"help": "θ: train weights with |w| < θ"})
+    target_params: int | None = field(default=None, metadata={
+        "help": "train exactly the N smallest-|w| weights (instead of --threshold)"})
+    lambda_rank: float = field(default=5e-4, metadata={
+        "help": "nuclear-norm weight (the paper's best grid point is 5e-3)"})
+    rank_penalty_layers: str = field(default="random_one", metadata={
+        "help": "layers the nuclear norm penalises each step", "choices": ("random_one", "all")})
     rank_penalty_min_dim: int = 64  # only 2-D updates with min(shape) ≥ this are penalised
-    progressive: bool = True  # re-select at T/2
-    scope: str = "all"  # all | weights_only | attention_only
+    progressive: bool = field(default=True, metadata={"help": "re-select the trained weights at T/2"})
+    scope: str = field(default="all", metadata={
+        "help": "which tensors take part", "choices": ("all", "weights_only", "attention_only")})
     learning_rate: float | None = None  # None: 1e-3·exp(−350θ) (paper eq. 12)
-    lora_rank: int | None = None  # fixed rank of the extracted LoRA; None: by energy
+    lora_rank: int | None = field(default=None, metadata={
+        "help": "rank of the extracted LoRA (default: by energy)"})
     lora_energy: float = 0.9  # share of each ΔW's squared singular values the LoRA keeps
 
 
@@ -99,8 +106,6 @@ class SaraMethod(TrainingMethod):
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self, ctx: TrainingContext) -> list[dict[str, Any]]:
-        import time
-
         self.started_at = time.time()
         self.seed = ctx.config.seed
         unet = ctx.base.pipe.unet
@@ -269,10 +274,6 @@ def lora_from_deltas(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, torch.S
 
 def read_sparse_delta(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Size]], dict]:
     """Read a SaRA sparse-delta file: per tensor (indices, values, shape), and its metadata."""
-    from safetensors import safe_open
-
-    from studio.errors import AdapterError
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -292,8 +293,6 @@ def apply_sparse_delta(unet: nn.Module, deltas: dict, alpha: float = 1.0) -> Non
     parameters = {plain_name(n): p for n, p in unet.named_parameters() if "lora_" not in n}
     for name, (index, values, shape) in deltas.items():
         if name not in parameters or parameters[name].shape != shape:
-            from studio.errors import AdapterError
-
             raise AdapterError(f"sparse delta for {name} does not fit this UNet")
         parameters[name].view(-1).index_add_(0, index.to(parameters[name].device),
                                             alpha * values.to(parameters[name].dtype))

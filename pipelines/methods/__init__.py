@@ -12,6 +12,7 @@ from pipelines.methods.cmlora import CMLoRA
 from pipelines.methods.composite import Composite
 from pipelines.methods.merge import Merge
 from pipelines.methods.switch import Switch
+from studio.errors import ConfigError
 
 METHODS: dict[str, type[CompositionMethod]] = {"merge": Merge, "switch": Switch, "composite": Composite,
                                                "cmlora": CMLoRA, "clora": CLoRA}
@@ -20,8 +21,6 @@ METHODS: dict[str, type[CompositionMethod]] = {"merge": Merge, "switch": Switch,
 def make_method(name: str, **options: Any) -> CompositionMethod:
     """The method ``name`` with ``options``; unknown names and options, and options of the wrong kind (a word
     where a number goes), are clear errors that list what the method takes."""
-    from studio.errors import ConfigError
-
     if name not in METHODS:
         raise ConfigError(f"unknown composition method {name!r}; choose one of: {', '.join(METHODS)}")
     accepted = inspect.signature(METHODS[name]).parameters

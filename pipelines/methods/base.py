@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.guidance import weighted_mean
+
 
 @dataclass(frozen=True)
 class Route:
@@ -23,6 +25,32 @@ class Route:
     merged: Mapping[str, float] | None = None
     cache: str = "off"
     prompt: int = 0  # which prompt's embeddings: 0 = the main prompt, i = the i-th adapter's own prompt
+
+
+@dataclass
+class Conditioning:
+    """One prompt's UNet conditioning for every guidance branch ([uncond, cond, negatives…], or [cond] alone when
+    guidance is off); SDXL adds pooled embeddings and time ids, IP-Adapter image embeddings (one per adapter)."""
+
+    hidden: list[torch.Tensor]
+    pooled: list[torch.Tensor] | None = None
+    time_ids: list[torch.Tensor] | None = None
+    images: list[list[torch.Tensor]] | None = None
+    guided: bool = True
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def cond_index(self) -> int:
+        """Where the conditional branch is."""
+        return 1 if self.guided else 0
+
+    def branch(self, index: int) -> Conditioning:
+        """Branch ``index`` alone (CLoRA's conditional-only attention pass)."""
+        return Conditioning([self.hidden[index]], *(None if part is None else [part[index]]
+                                                    for part in (self.pooled, self.time_ids, self.images)),
+                            guided=False)
 
 
 @dataclass(frozen=True)
@@ -42,8 +70,6 @@ class Prediction:
 
 def fuse_weighted(predictions: Sequence[Prediction], weights: Sequence[float]) -> Prediction:
     """Weighted mean of several evaluations, per conditioning (fuse first, guide after)."""
-    from pipelines.guidance import weighted_mean
-
     return Prediction(tuple(weighted_mean([p.conditions[i] for p in predictions], weights)
                             for i in range(len(predictions[0].conditions))))
 

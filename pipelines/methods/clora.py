@@ -33,14 +33,13 @@ from pipelines.guidance import masked_fusion
 from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
 from studio.errors import ConfigError
+from studio.text import clean_prompt
 
 BASE_KEY = "__clora_base__"
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Positions of ``word``'s tokens in ``prompt`` (position 0 is BOS), every occurrence."""
-    from studio.text import clean_prompt
-
     ids = tokenizer(clean_prompt(prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
     pieces = tokenizer(clean_prompt(word), add_special_tokens=False).input_ids
     found = []

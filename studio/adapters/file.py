@@ -25,6 +25,7 @@ from studio.adapters import keys, lycoris
 from studio.adapters.metadata import network_dim_and_alpha
 from studio.errors import AdapterError
 from studio.files import atomic_path
+from studio.text import split_words
 
 LAYOUTS = ("diffusers", "kohya")
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -92,7 +93,7 @@ class AdapterFile:
         if raw:
             return list(json.loads(raw))
         phrase = self.metadata.get("modelspec.trigger_phrase", "")
-        return [w.strip() for w in phrase.split(",") if w.strip()]
+        return split_words(phrase)
 
     @property
     def base_family(self) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.file import AdapterFile, LoraModule
+from studio.adapters.file import AdapterFile, LoraModule, read_adapter
 from studio.adapters.fit import bias_or_zero, has_bias, resolve_against_base, shape_to_base
 from studio.adapters.keys import module_path_in, to_file_path
 from studio.adapters.validate import validate_adapter
@@ -214,8 +214,6 @@ def detach_adapter(base, name: str) -> None:
 
 def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> str:
     """Read, validate, attach and activate one adapter file; returns the name it is attached under."""
-    from studio.adapters.file import read_adapter
-
     attached = attach_adapter(base, read_adapter(path), name)
     set_adapter_weights(base, {attached: weight})
     return attached

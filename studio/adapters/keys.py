@@ -9,6 +9,9 @@ every other tool writes) and drop it in memory where transformers 5's CLIP has n
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
+
+from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -134,10 +137,6 @@ def sgm_names_to_diffusers(names: list[str]) -> dict[str, str]:
     the names inside a ResNet block (``in_layers_2``…) and of the modules outside the blocks that returns module
     paths rather than its old attention-processor keys, so those few renames are the table above.
     """
-    from types import SimpleNamespace
-
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
     inside = {f"lora_unet_{n}": n for n in names if n not in _SGM_OUTSIDE}
     mapped = _maybe_map_sgm_blocks_to_diffusers(
         dict(inside), SimpleNamespace(layers_per_block=SDXL_LAYERS_PER_BLOCK))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.adapters.file import AdapterFile, read_adapter
+from PIL import Image, ImageDraw
+
+from studio.adapters.file import AdapterFile, read_adapter, save_adapter
+from studio.adapters.validate import validate_adapter
 from studio.errors import AdapterError
+from studio.files import atomic_path
 
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "adapters"
 
@@ -92,8 +98,6 @@ def library_names(folders: list[Path] | None = None) -> dict[str, Path]:
 
 def close_names(name: str, names: list[str]) -> str:
     """"; close matches: a, b" (difflib), or what the library holds, for an error message."""
-    import difflib
-
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     if close:
         return f"; close matches: {', '.join(close)}"
@@ -143,18 +147,12 @@ def describe(adapter: AdapterFile) -> dict:
 
 def import_adapter(source: str | os.PathLike, base=None) -> Path:
     """Copy a user's adapter file into the library after reading it (and validating it against ``base``)."""
-    import shutil
-
-    from studio.files import atomic_path
-
     source = Path(source)
     if source.suffix.lower() != ".safetensors":
         raise AdapterError(f"{source.name}: only .safetensors adapters can be imported (pickle formats can run "
                            "code when loaded)")
     adapter = read_adapter(source)
     if base is not None:
-        from studio.adapters.validate import validate_adapter
-
         validate_adapter(adapter, base)
     destination = library_dir() / source.name
     with atomic_path(destination) as tmp:
@@ -176,8 +174,6 @@ def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
     """Write the adapter in ``layout`` to ``out``, by default ``$STUDIO_HOME/exports/<name>.safetensors`` (kohya's
     layout: ready for A1111/ComfyUI's Lora folder). Exports stay outside the library, so a copy is not listed as a
     second adapter, and never land beside a shipped file."""
-    from studio.adapters.file import save_adapter
-
     source = resolve_adapter(name_or_path)
     destination = Path(out) if out else studio_home() / "exports" / f"{source.stem}.safetensors"
     if destination.resolve() == source.resolve():
@@ -187,10 +183,6 @@ def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
 
 def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:
     """A bar chart PNG of the per-module ranks (CoLoRA's plan), drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    from studio.files import atomic_path
-
     ranks = adapter.ranks()
     if not ranks:
         raise AdapterError(f"adapter {adapter.name} has no modules to plot")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from studio import __version__
+from studio.errors import ConfigError
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "tiny": "adapter_studio_tiny",
                       "custom": "custom"}
@@ -28,8 +30,6 @@ def optimizer_learning_rates(optimizer: Any) -> list[float]:
 def network_dim_and_alpha(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, str]:
     """kohya's ``ss_network_dim``/``ss_network_alpha`` from the saved tensors: the most common rank and alpha (per
     module ranks and alphas go to ``studio.ranks`` when they differ, e.g. CoLoRA's plan)."""
-    from collections import Counter
-
     values = {"ss_network_dim": json.dumps(Counter(ranks.values()).most_common(1)[0][0]),
               "ss_network_alpha": json.dumps(Counter(alphas.values()).most_common(1)[0][0])}
     if len(set(ranks.values())) > 1:
@@ -58,8 +58,6 @@ def adapter_metadata(
 ) -> dict[str, str]:
     """String metadata for a safetensors header (values that are not strings are JSON-encoded)."""
     if kind not in ("content", "style", "content+style"):
-        from studio.errors import ConfigError
-
         raise ConfigError(f"kind must be 'content', 'style' or 'content+style', not {kind!r}")
     values: dict[str, Any] = {
         "ss_output_name": name,

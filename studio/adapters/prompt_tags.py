@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from studio.adapters.library import close_names, library_names
 from studio.errors import ConfigError
 
@@ -91,8 +93,6 @@ def split_prompt(prompt: str) -> tuple[str, list[AdapterTag]]:
 
 def _aliases(names: dict[str, Path]) -> dict[str, Path]:
     """A1111's aliases: the ``ss_output_name`` a file's header gives (read without loading its tensors)."""
-    from safetensors import safe_open
-
     aliases: dict[str, Path] = {}
     for path in names.values():
         try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from studio.data import procedural
 from studio.errors import ModelLoadError
 
 DOMAIN_CLIP = Path(__file__).resolve().parents[2] / "assets" / "clip"
@@ -57,7 +58,7 @@ class ClipScorer:
         return (100 * self.image_embeddings(images) @ self.image_embeddings(references).T).mean(1).numpy()
 
 
-def _register_domain_config() -> None:
+def register_domain_config() -> None:
     import open_clip
 
     if DOMAIN_CLIP_NAME not in open_clip.list_models():
@@ -73,7 +74,7 @@ def load_clip(model_name: str | None = None, weights: str | Path | None = None) 
     import open_clip
 
     if model_name is None or model_name == DOMAIN_CLIP_NAME:
-        _register_domain_config()
+        register_domain_config()
         model_name = DOMAIN_CLIP_NAME
         weights = weights or DOMAIN_CLIP / "open_clip_model.safetensors"
     if weights is None:
@@ -92,57 +93,7 @@ def load_clip(model_name: str | None = None, weights: str | Path | None = None) 
     return ClipScorer(model.eval(), preprocess, open_clip.get_tokenizer(model_name), model_name)
 
 
-def train_domain_clip(out_dir: Path = DOMAIN_CLIP, steps: int = 2000, batch_size: int = 128, seed: int = 0,
-                      learning_rate: float = 1e-3, hard_negatives: bool = True) -> dict[str, float]:
-    """Contrastive training on fresh renders over every attribute (reserved ones included) and their captions.
-
-    With ``hard_negatives`` each image's caption also competes against one caption that differs from it in a
-    single attribute (as NegCLIP does): in-batch negatives alone almost always differ in several attributes, so
-    they never teach the fine distinctions the caption-ranking check asks for.
-    """
-    import open_clip
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from studio.data import procedural
-    from studio.files import atomic_write
-
-    _register_domain_config()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(DOMAIN_CLIP_NAME)
-    tokenizer = open_clip.get_tokenizer(DOMAIN_CLIP_NAME)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
-                                                   pct_start=0.05)
-    for _ in tqdm(range(steps), desc="domain clip", mininterval=2):
-        scenes = [random_scene(rng) for _ in range(batch_size)]
-        images = torch.stack([preprocess(Image.fromarray(procedural.render(s))) for s in scenes])
-        captions = [s.caption for s in scenes]
-        if hard_negatives:
-            captions += [str(rng.choice(one_attribute_variants(s))) for s in scenes]
-        image_features, text_features, scale = model(images, tokenizer(captions))
-        logits = scale * image_features @ text_features.T
-        labels = torch.arange(batch_size)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch_size].T, labels)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    scorer = ClipScorer(model.eval(), preprocess, tokenizer, DOMAIN_CLIP_NAME)
-    report = caption_separation(scorer, n=500, seed=seed + 1)
-    record = {"config": DOMAIN_CLIP_CONFIG, "steps": steps, "batch_size": batch_size, "seed": seed,
-              "hard_negatives": hard_negatives, **report}
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-    return report
-
-
 def random_scene(rng: np.random.Generator):
-    from studio.data import procedural
-
     return procedural.jittered_scene(rng, str(rng.choice(list(procedural.COLORS))),
                                      str(rng.choice(procedural.TEXTURES)), str(rng.choice(procedural.SHAPES)),
                                      str(rng.choice(list(procedural.BACKGROUNDS))))
@@ -150,8 +101,6 @@ def random_scene(rng: np.random.Generator):
 
 def one_attribute_variants(scene) -> list[str]:
     """Captions that differ from the scene's in exactly one attribute."""
-    from studio.data import procedural
-
     variants = []
     for field, values in (("color", procedural.COLORS), ("texture", procedural.TEXTURES),
                           ("shape", procedural.SHAPES), ("background", procedural.BACKGROUNDS)):
@@ -164,8 +113,6 @@ def one_attribute_variants(scene) -> list[str]:
 def caption_separation(scorer: ClipScorer, n: int = 500, seed: int = 1) -> dict[str, float]:
     """On n held-out renders: how often the right caption ranks first among one-attribute variants, and how
     often CLIP-T of the matching pair exceeds that of a mismatched pair."""
-    from studio.data import procedural
-
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     images = [Image.fromarray(procedural.render(s)) for s in scenes]

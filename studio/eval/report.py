@@ -14,6 +14,10 @@ from PIL import Image
 
 from studio.data.folder import IMAGE_SUFFIXES
 from studio.errors import DataError
+from studio.eval.clip import load_clip
+from studio.eval.domain import DomainEvaluator
+from studio.eval.judge import DomainJudge
+from studio.png import read_recipe
 
 METRICS = ("clip_t", "clip_i", "attributes")
 
@@ -29,8 +33,6 @@ def _images(folder: Path) -> list[Path]:
 
 def read_prompts(paths: list[Path], prompts_file: Path | None) -> list[str]:
     if prompts_file is None:
-        from studio.png import read_recipe
-
         prompts = []
         for path in paths:
             parameters, _ = read_recipe(path)
@@ -63,8 +65,6 @@ def evaluate_folder(images: Path, prompts_file: Path | None = None, reference: P
     loaded = [Image.open(p).convert("RGB") for p in paths]
     rows = [{"image": p.name, "prompt": t} for p, t in zip(paths, prompts)]
     if "clip_t" in metrics or ("clip_i" in metrics and reference):
-        from studio.eval.clip import load_clip
-
         scorer = load_clip(clip_model, clip_weights)
         if "clip_t" in metrics:
             for row, value in zip(rows, scorer.clip_t(loaded, prompts)):
@@ -74,9 +74,6 @@ def evaluate_folder(images: Path, prompts_file: Path | None = None, reference: P
             for row, value in zip(rows, scorer.clip_i(loaded, references)):
                 row["clip_i"] = float(value)
     if "attributes" in metrics:
-        from studio.eval.domain import DomainEvaluator
-        from studio.eval.judge import DomainJudge
-
         readings = DomainEvaluator.load().read(loaded)
         for row, reading, prompt in zip(rows, readings, prompts):
             expected = DomainJudge.expected(prompt)

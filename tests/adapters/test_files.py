@@ -198,7 +198,7 @@ def test_an_incomplete_loha_module_names_the_missing_part(tmp_path):
 
 
 def test_cli_inspect_and_convert(tmp_path, random_base, capsys):
-    from studio.cli import main
+    from frontends.cli import main
 
     path = save_adapter(make_adapter(random_base), tmp_path / "demo.safetensors")
     assert main(["adapters", "inspect", str(path)]) == 0

@@ -181,9 +181,9 @@ def test_a_module_failing_late_leaves_no_layer_behind(sd_base, tmp_path):
 
 @pytest.mark.parametrize("label", list(SD_FORMATS) + list(SDXL_FORMATS))
 def test_each_dialect_through_generate_by_name_and_by_prompt_tag(label, sd_base, xl_base, tmp_path, monkeypatch):
-    """``studio.generate.generate`` (what ``studio generate`` and the app call): ``--adapter NAME:0.8`` and
+    """``frontends.generate.generate`` (what ``studio generate`` and the app call): ``--adapter NAME:0.8`` and
     ``<lora:NAME:0.8>`` in the prompt give one image, and it differs from the base's."""
-    from studio.generate import GenerationRequest, generate
+    from frontends.generate import GenerationRequest, generate
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
     (tmp_path / "adapters").mkdir()

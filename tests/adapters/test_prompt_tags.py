@@ -139,7 +139,7 @@ def test_per_block_weights_in_diffusers_dict_form(sd_base, library):
 def test_cli_generate_takes_lycoris_files_and_tags(tmp_path, monkeypatch, tiny_base):
     from PIL import Image
 
-    from studio.cli import main
+    from frontends.cli import main
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
     (tmp_path / "adapters").mkdir()

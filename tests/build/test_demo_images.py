@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from studio.build.demo_adapters import render_demo_images
+from frontends.build.demo_adapters import render_demo_images
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
 
@@ -26,8 +26,8 @@ def test_demo_content_sets_can_show_the_subject_beside_another_object(tmp_path):
 def test_demo_recipes_train_convolutions_and_every_attention_projection(tmp_path, random_base, monkeypatch):
     import tempfile
 
+    from frontends.build.demo_adapters import build_demo_adapters
     from studio.adapters.file import read_adapter
-    from studio.build.demo_adapters import build_demo_adapters
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()

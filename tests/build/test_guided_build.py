@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import studio.build.guided
-from studio.build.guided import build_guided
-from studio.build.tiny import LatentSet, TinyBuilder
-from studio.cli import main
+import frontends.build.guided
+from frontends.build.guided import build_guided
+from frontends.build.tiny import LatentSet, TinyBuilder
+from frontends.cli import main
 from studio.errors import ConfigError
 from tests.build.test_tiny_build import small
 
@@ -97,7 +97,7 @@ def test_build_guided_refuses_other_settings_in_the_same_work_dir(start_model, t
 
 def test_build_guided_command_passes_its_flags(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(studio.build.guided, "build_guided",
+    monkeypatch.setattr(frontends.build.guided, "build_guided",
                         lambda config, work_dir, export_dir: seen.append((config, work_dir, export_dir)) or export_dir)
     assert main(["build-guided", "--caption-drop-attribute", "0.25", "--caption-wrong-attribute", "0.05",
                  "--max_train_steps", "12", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "m")]) == 0

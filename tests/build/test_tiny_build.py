@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from studio.build.tiny import LatentSet, TinyBuildConfig, TinyBuilder
-from studio.models import load_base
+from frontends.build.tiny import LatentSet, TinyBuildConfig, TinyBuilder
+from pipelines.loading import load_base
 
 
 def small(**overrides):

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from frontends.build.domain_clip import train_domain_clip
 from studio.data import procedural
 from studio.errors import DataError, ModelLoadError
-from studio.eval.clip import DOMAIN_CLIP_NAME, load_clip, one_attribute_variants, train_domain_clip
+from studio.eval.clip import DOMAIN_CLIP_NAME, load_clip, one_attribute_variants
 from studio.eval.judge import DomainJudge
 from studio.eval.report import evaluate_folder
 

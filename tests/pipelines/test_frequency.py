@@ -22,7 +22,10 @@ def test_profile_is_measured_and_stored_in_the_file(setup, tmp_path):  # noqa: F
     pipe, _ = setup
     path = save_adapter(unet_only_adapter(pipe.studio_base(), 7), tmp_path / "p.safetensors")
     profile = profile_adapter(pipe, path, prompts=["a sks"], seeds=(0,), steps=3)
-    assert profile["class"] in ("H", "L") and profile["n_pairs"] == 1 and profile["delta_h"] != 0
+    assert profile["class"] == ("H" if profile["delta_h"] > profile["tau_h"] else "L")
+    assert profile["n_pairs"] == 1 and profile["delta_h"] != 0
+    assert [profile_adapter(pipe, path, prompts=["a sks"], seeds=(0,), steps=3, tau_h=profile["delta_h"] + shift
+                            )["class"] for shift in (-1, 1)] == ["H", "L"]  # the threshold decides the class
     store_profile(path, profile)
     stored = read_adapter(path).metadata["studio.freq_profile"]
     assert str(round(profile["delta_h"], 6))[:6] in stored

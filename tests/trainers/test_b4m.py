@@ -118,7 +118,7 @@ def test_frozen_half_is_not_a_parameter():
 def test_b4m_writes_content_style_and_made_adapters(tmp_path, shape_images, style_images):
     base = make_random_base()
     b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=2,
-                    aux_images_per_set=2, main_learning_rate=1e-2, aux_learning_rate=1e-3, make_learning_rate=1e-2)
+                    aux_images_per_set=2, learning_rate=1e-2, aux_learning_rate=1e-3, make_learning_rate=1e-2)
     config = TrainConfig(output="duo", output_dir=tmp_path / "out", train_batch_size=2, seed=0)
     content_path, style_path, made_path = train_b4m(b4m, config, base=base)
     content, style, made = (read_adapter(p) for p in (content_path, style_path, made_path))
@@ -140,7 +140,7 @@ def test_make_keeps_the_content_runs_learned_down_half(tmp_path, shape_images, s
     """The official code re-randomises A_l of square layers in the make stage; we keep it (0 make steps)."""
     base = make_random_base()
     b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=0,
-                    aux_images_per_set=2, main_learning_rate=1e-2)
+                    aux_images_per_set=2, learning_rate=1e-2)
     config = TrainConfig(output="keep", output_dir=tmp_path, train_batch_size=2)
     content_path, style_path, made_path = train_b4m(b4m, config, base=base)
     content, style, made = (read_adapter(p) for p in (content_path, style_path, made_path))
@@ -155,7 +155,7 @@ def test_style_run_can_have_its_own_rate(tmp_path):
 
     base = make_random_base()
     basis = save_basis(make_basis(base.pipe.unet, 4, seed=0), tmp_path / "basis.safetensors", {})
-    config = B4MConfig(main_learning_rate=1e-3, style_learning_rate=3e-3, aux_learning_rate=1e-4)
+    config = B4MConfig(learning_rate=1e-3, style_learning_rate=3e-3, aux_learning_rate=1e-4)
     rates = {}
     for main in ("content", "style"):
         run = B4MBreak(main, config, basis, [])
@@ -175,7 +175,7 @@ def test_b4m_on_resnet_convolutions_loads_in_a_plain_diffusers_pipeline(tmp_path
     diffusers' own ``load_lora_weights`` and change the UNet's output."""
     base = make_random_base()
     b4m = B4MConfig(content=shape_images, style=style_images, rank=4, break_steps=2, make_steps=2,
-                    aux_images_per_set=2, main_learning_rate=1e-2, aux_learning_rate=1e-2, make_learning_rate=1e-2,
+                    aux_images_per_set=2, learning_rate=1e-2, aux_learning_rate=1e-2, make_learning_rate=1e-2,
                     target_modules=TARGETS + RESNET_TARGETS)
     config = TrainConfig(output="conv", output_dir=tmp_path / "out", train_batch_size=2, seed=0)
     paths = train_b4m(b4m, config, base=base)

@@ -44,7 +44,7 @@ def test_b4m_files_state_each_stage_rates(tmp_path, shape_images):
     from trainers.b4m import B4MConfig, train_b4m
 
     b4m = B4MConfig(content=shape_images, style=shape_images, rank=4, break_steps=1, make_steps=1,
-                    aux_images_per_set=2, main_learning_rate=1e-2, aux_learning_rate=1e-3, make_learning_rate=3e-3)
+                    aux_images_per_set=2, learning_rate=1e-2, aux_learning_rate=1e-3, make_learning_rate=3e-3)
     config = TrainConfig(output="duo", output_dir=tmp_path, train_batch_size=2, seed=0)
     content, _, made = train_b4m(b4m, config, base=make_random_base())
     content_meta, made_meta = read_adapter(content).metadata, read_adapter(made).metadata

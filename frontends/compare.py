@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from frontends.generate import GeneratedImage, GenerationRequest, generate
+from pipelines.methods import METHODS
 from studio.eval.domain import DomainEvaluator
-from studio.generate import GeneratedImage, GenerationRequest, generate
 from studio.models import BaseModel
-
-COMPOSITION_METHODS = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 @dataclass
@@ -19,7 +18,7 @@ class MethodResult:
     scores: dict[str, str | None]
 
 
-def compare_methods(base: BaseModel, request: GenerationRequest, methods: Sequence[str] = COMPOSITION_METHODS,
+def compare_methods(base: BaseModel, request: GenerationRequest, methods: Sequence[str] = tuple(METHODS),
                     evaluator: DomainEvaluator | None = None) -> list[MethodResult]:
     """Run ``request`` once per method (one image each); on the embedded model, read each image's attributes."""
     results = []

@@ -3,16 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
+
+import torch
+
+from frontends.build.demo_adapters import DEMO_DIR, build_demo_adapters, render_demo_images
+from frontends.build.domain_clip import DOMAIN_CLIP, train_domain_clip
+from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
+from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
+from frontends.config_flags import add_config_flags, config_from_args, non_negative_int, positive_int
+from frontends.generate import GenerationRequest, generate
+from pipelines.frequency import profile_adapter, store_profile
+from pipelines.loading import load_base
+from pipelines.methods import METHODS
+from studio.adapters.file import read_adapter
+from studio.adapters.library import (
+    SHIPPED,
+    describe,
+    export_adapter,
+    library_dir,
+    list_adapters,
+    plot_ranks,
+    resolve_adapter,
+)
+from studio.data import procedural
+from studio.errors import ConfigError, StudioError
+from studio.eval.report import evaluate_folder, format_table
+from studio.files import atomic_write
+from studio.png import default_outputs, numbered_png, save_png
+from studio.text import split_words
+from trainers import TRAINERS
+from trainers import run as run_trainer
+from trainers.b4m import B4MConfig
+from trainers.config import TrainConfig
+from trainers.sara import SaraConfig
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    from studio.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
-
     config = TinyBuildConfig(seed=args.seed)
     if args.max_train_steps is not None:
         config.diffusion_steps = args.max_train_steps
@@ -22,7 +56,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _build_guided(args: argparse.Namespace) -> int:
-    from studio.build.guided import GUIDED_EXPORT, build_guided, guided_config
+    from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
 
     config = guided_config(seed=args.seed, drop_attribute=args.caption_drop_attribute,
                            wrong_attribute=args.caption_wrong_attribute, steps=args.max_train_steps,
@@ -32,10 +66,6 @@ def _build_guided(args: argparse.Namespace) -> int:
 
 
 def _build_evaluator(args: argparse.Namespace) -> int:
-    import torch
-
-    from studio.eval.domain import DEFAULT_EVALUATOR, train_evaluator
-
     torch.set_num_threads(1)
     accuracy = train_evaluator(args.output or DEFAULT_EVALUATOR, steps=args.max_train_steps, seed=args.seed)
     print(" ".join(f"{name}={value:.3f}" for name, value in accuracy.items()))
@@ -43,10 +73,6 @@ def _build_evaluator(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from studio.generate import GenerationRequest, generate
-    from studio.models import load_base
-    from studio.png import default_outputs, numbered_png, save_png
-
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device, scheduler=args.scheduler)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=args.seed,
@@ -55,7 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
                                 adapters=[parse_adapter_spec(a) for a in args.adapter], method=args.method,
                                 method_options=dict(parse_option(o) for o in args.method_option),
                                 perp_neg=[parse_weighted_text(t) for t in args.perp_neg],
-                                decor_remove=[w.strip() for w in ",".join(args.decor_remove).split(",") if w.strip()],
+                                decor_remove=split_words(args.decor_remove),
                                 decor_alpha=args.decor_alpha, adapter_prompts=args.adapter_prompt)
     out = Path(args.out) if args.out else None
     for index, result in enumerate(generate(base, request)):
@@ -70,8 +96,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def parse_adapter_spec(text: str) -> tuple[str, float]:
     """``FILE[:WEIGHT]`` → (file, weight); a weight that is not a number is an error."""
-    from studio.errors import ConfigError
-
     source, sep, weight = text.rpartition(":")
     if not sep or "/" in weight or weight.endswith(".safetensors"):
         return text, 1.0
@@ -95,10 +119,6 @@ def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:
 def parse_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as int, float, true/false, a JSON list (``groups=[["red"],["blue"]]``), or
     kept as text."""
-    import json
-
-    from studio.errors import ConfigError
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"method option {text!r} must look like KEY=VALUE")
@@ -117,10 +137,6 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def _single_thread_on_cpu() -> None:
     """One thread: on 2-core machines two threads spin-wait and one generation varied from 0.7 s to 50 s."""
-    import os
-
-    import torch
-
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("STUDIO_THREADS", "1")))
 
@@ -139,28 +155,6 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
-#: pipelines.methods.METHODS' names, literal so that ``studio --help`` does not import torch (a test pins them)
-COMPOSITION_METHODS = ("merge", "switch", "composite", "cmlora", "clora")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number ≥ 1 (steps, ranks, sizes, counts)."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number ≥ 0 (0 = off, or none)."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
-    return value
 
 
 def add_app_flags(parser: argparse.ArgumentParser) -> None:
@@ -173,8 +167,6 @@ def add_app_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _adapters_list(args: argparse.Namespace) -> int:
-    from studio.adapters.library import list_adapters
-
     skipped: list[tuple[Path, str]] = []
     rows = list_adapters(skipped=skipped)
     if not rows:
@@ -194,34 +186,31 @@ def _adapters_list(args: argparse.Namespace) -> int:
 
 
 def _adapters_inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from studio.adapters.file import read_adapter
-    from studio.adapters.library import describe, resolve_adapter
-
     adapter = read_adapter(resolve_adapter(args.file))
     print(json.dumps(describe(adapter), indent=2))
     if args.plot:
-        from studio.adapters.library import plot_ranks
-
         print(plot_ranks(adapter, args.plot), file=sys.stderr)
     return 0
 
 
 def _adapters_convert(args: argparse.Namespace) -> int:
-    from studio.adapters.library import export_adapter
-
     print(export_adapter(args.file, args.to, args.out, args.save_precision))
     return 0
 
 
-def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = True,
-                       learning_rate_help: str | None = None, target_modules_help: str | None = None) -> None:
-    """Flags of the shared training loop, named as in diffusers' and kohya's training scripts."""
-    from trainers.config import TrainConfig
-
+def add_training_flags(parser: argparse.ArgumentParser, options: type | None = None) -> None:
+    """Flags of the shared training loop, named as in diffusers' and kohya's training scripts. ``--rank``,
+    ``--learning_rate`` and ``--target_modules`` also set the method's options of those names (B4M's)."""
     defaults = TrainConfig()
-    parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=images_required)
+    own = {f.name: f for f in fields(options)} if options is not None else {}
+
+    def default_of(name: str) -> str:
+        value = getattr(options(), name) if name in own else getattr(defaults, name)
+        if isinstance(value, tuple):
+            return " ".join(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    parser.add_argument("--images", "--train_data_dir", dest="images", type=Path, required=options is not B4MConfig)
     parser.add_argument("--instance_prompt", default=None, help="caption for images without a .txt sidecar")
     parser.add_argument("--trigger", dest="trigger_words", action="append", default=[], help="trigger word")
     parser.add_argument("--kind", choices=["content", "style"], default=defaults.kind)
@@ -233,11 +222,13 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--no_center_crop", dest="center_crop", action="store_false")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
-    parser.add_argument("--rank", "--network_dim", dest="rank", type=positive_int, default=defaults.rank)
+    parser.add_argument("--rank", "--network_dim", dest="rank", type=positive_int, default=None,
+                        help=f"adapter rank (default: {default_of('rank')})")
     parser.add_argument("--network_alpha", "--lora_alpha", dest="network_alpha", type=float, default=None)
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help=learning_rate_help or f"default {defaults.learning_rate:g} (SaRA: 1e-3·exp(−350θ))")
+                        help="default: 1e-3·exp(−350θ) (SaRA, paper eq. 12)" if options is SaraConfig
+                        else f"default: {default_of('learning_rate')}")
     parser.add_argument("--text_encoder_lr", type=float, default=None)
     parser.add_argument("--lr_scheduler", default=defaults.lr_scheduler)
     parser.add_argument("--lr_warmup_steps", type=non_negative_int, default=defaults.lr_warmup_steps)
@@ -266,82 +257,32 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--save_precision", choices=["fp16", "bf16", "fp32"], default=None,
                         help="precision of the saved factors (default: fp16 for --save_as kohya, as sd-scripts; fp32)")
     parser.add_argument("--target_modules", nargs="+", default=None,
-                        help=target_modules_help or "layers the LoRA trains (default: to_q to_k to_v to_out.0; add "
-                        "conv1 conv2 for the ResNet convolutions, as the demo adapters do)")
+                        help=f"layers the adapter trains (default: {default_of('target_modules')}; add conv1 "
+                        "conv2 for the ResNet convolutions, as the demo adapters do)")
     parser.add_argument("--device", default=None)
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from dataclasses import fields
-
-    from trainers.config import TrainConfig
-
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "target_modules" in values:
         values["target_modules"] = tuple(values["target_modules"])
-    values["decor_remove"] = [w.strip() for w in ",".join(values.get("decor_remove", [])).split(",") if w.strip()]
+    values["decor_remove"] = split_words(values.get("decor_remove", []))
     return TrainConfig(**values)
 
 
-def _make_sara(args: argparse.Namespace):
-    from trainers.sara import SaraConfig, SaraMethod
-
-    return SaraMethod(SaraConfig(
-        threshold=args.threshold, target_params=args.target_params, lambda_rank=args.lambda_rank,
-        rank_penalty_layers=args.rank_penalty_layers, progressive=args.progressive, scope=args.scope,
-        learning_rate=args.learning_rate, lora_rank=args.lora_rank))
-
-
-def _make_colora(args: argparse.Namespace):
-    from trainers.colora import CoLoRAConfig, CoLoRAMethod
-
-    return CoLoRAMethod(CoLoRAConfig(
-        score=args.score, probe_rank=args.probe_rank, probe_steps=args.probe_steps,
-        probe_learning_rate=args.probe_learning_rate, budget_rank=args.budget_rank, min_rank=args.min_rank,
-        max_rank=args.max_rank))
-
-
-def _train_b4m(args: argparse.Namespace) -> int:
-    from trainers.b4m import TARGETS, B4MConfig, train_b4m
-
-    _single_thread_on_cpu()
-    config = train_config_from_args(args)
-    rate = args.learning_rate or 1e-4
-    b4m = B4MConfig(content=args.content, style=args.style, content_trigger=args.content_trigger,
-                    style_trigger=args.style_trigger, content_prompt=args.content_prompt,
-                    style_prompt=args.style_prompt, aux_style=args.aux_style, aux_content=args.aux_content,
-                    rank=args.b4m_rank, main_learning_rate=rate, aux_learning_rate=args.aux_learning_rate,
-                    style_learning_rate=args.style_learning_rate, make_learning_rate=args.make_learning_rate or rate,
-                    break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
-                    target_modules=tuple(args.target_modules or TARGETS), prior=args.b4m_prior)
-    start = time.perf_counter()
-    for path in train_b4m(b4m, config):
-        print(path)
-    print(f"content, style and made adapters in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
-    return 0
-
-
 def _train(args: argparse.Namespace) -> int:
-    from trainers import get_method, train
-
     _single_thread_on_cpu()
-    config = train_config_from_args(args)
-    method = args.make_method(args) if hasattr(args, "make_method") else get_method(args.method)
-    result = train(config, method)
-    for path in result.outputs:
+    options_class = TRAINERS[args.method].options
+    options = config_from_args(options_class, args) if options_class is not None else None
+    start = time.perf_counter()
+    for path in run_trainer(args.method, train_config_from_args(args), options):
         print(path)
-    print(f"{result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}", file=sys.stderr)
+    print(f"trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 
 
 def _adapters_profile(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.frequency import profile_adapter, store_profile
-    from studio.adapters.library import SHIPPED, library_dir, resolve_adapter
-    from studio.models import load_base
-
     _single_thread_on_cpu()
     base = load_base(args.model, device=args.device)
     path = resolve_adapter(args.file)
@@ -356,9 +297,6 @@ def _adapters_profile(args: argparse.Namespace) -> int:
 
 
 def _build_demo_adapters(args: argparse.Namespace) -> int:
-    from studio.build.demo_adapters import DEMO_DIR, build_demo_adapters
-    from studio.models import load_base
-
     _single_thread_on_cpu()
     base = load_base(args.model) if args.model else None
     overrides = {field: value for field, value in (("steps", args.max_train_steps), ("images", args.images),
@@ -370,9 +308,6 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
 
 
 def _demo_images(args: argparse.Namespace) -> int:
-    from studio.build.demo_adapters import render_demo_images
-    from studio.data import procedural
-
     kind = "content" if args.concept in procedural.RESERVED_SHAPES else "style"
     render_demo_images(args.folder, kind, count=args.count, seed=args.seed, trigger=args.trigger,
                        concept=args.concept, pairs=args.pairs if kind == "content" else 0)
@@ -381,8 +316,6 @@ def _demo_images(args: argparse.Namespace) -> int:
 
 
 def _build_clip(args: argparse.Namespace) -> int:
-    from studio.eval.clip import DOMAIN_CLIP, train_domain_clip
-
     _single_thread_on_cpu()
     report = train_domain_clip(args.output or DOMAIN_CLIP, steps=args.max_train_steps, seed=args.seed)
     print(" ".join(f"{k}={v:.3f}" for k, v in report.items()))
@@ -390,11 +323,6 @@ def _build_clip(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from studio.eval.report import evaluate_folder, format_table
-    from studio.files import atomic_write
-
     _single_thread_on_cpu()
     report = evaluate_folder(args.images, args.prompts, args.reference, tuple(args.metrics.split(",")),
                              args.clip_model, args.clip_weights)
@@ -466,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", "--num_images", dest="num_images", type=positive_int, default=1)
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="an adapter file or library name, repeatable")
-    gen.add_argument("--method", default="merge", choices=COMPOSITION_METHODS)
+    gen.add_argument("--method", default="merge", choices=list(METHODS))
     gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
     gen.add_argument("--adapter-prompt", dest="adapter_prompt", action="append", default=[],
@@ -484,62 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train an adapter from a folder of images")
     methods = train.add_subparsers(dest="method", required=True)
-    lora = methods.add_parser("lora", help="plain LoRA (the baseline)")
-    add_training_flags(lora)
-    lora.set_defaults(handler=_train)
+    for name, trainer in TRAINERS.items():
+        method = methods.add_parser(name, help=trainer.help)
+        add_training_flags(method, trainer.options)
+        if trainer.options is not None:
+            add_config_flags(method, trainer.options)
+        if name == "b4m":  # the name B4M's rank flag had before --rank meant rank for every trainer
+            method.add_argument("--b4m_rank", dest="rank", type=positive_int, help=argparse.SUPPRESS)
+        method.set_defaults(handler=_train)
 
-    sara = methods.add_parser("sara", help="SaRA: train the smallest pretrained weights (sparse)")
-    add_training_flags(sara)
-    sara.add_argument("--threshold", type=float, default=2e-3, help="θ: train weights with |w| < θ")
-    sara.add_argument("--target_params", type=positive_int, default=None,
-                      help="train exactly the N smallest-|w| weights")
-    sara.add_argument("--lambda_rank", type=float, default=5e-4)
-    sara.add_argument("--rank_penalty_layers", choices=["random_one", "all"], default="random_one")
-    sara.add_argument("--no_progressive", dest="progressive", action="store_false")
-    sara.add_argument("--scope", choices=["all", "weights_only", "attention_only"], default="all")
-    sara.add_argument("--lora_rank", type=positive_int, default=None,
-                      help="rank of the extracted LoRA (default: energy)")
-    sara.set_defaults(handler=_train, make_method=_make_sara)
-
-    b4m = methods.add_parser("b4m", help="Break-for-Make: content, style and the made content+style adapter")
-    add_training_flags(b4m, images_required=False,
-                       learning_rate_help="the break runs' main rate (default 1e-4, the paper's)",
-                       target_modules_help="layers with PLP halves: attention projections (to_q to_k to_v to_out.0, "
-                                           "the default) and/or ResNet convolutions (conv1 conv2)")
-    b4m.add_argument("--content", type=Path, required=True, help="content images")
-    b4m.add_argument("--style", type=Path, required=True, help="style images")
-    b4m.add_argument("--content-trigger", "--content_trigger", dest="content_trigger", default="sks")
-    b4m.add_argument("--style-trigger", "--style_trigger", dest="style_trigger", default="zwx")
-    b4m.add_argument("--content_prompt", default=None, help="caption for content images without .txt")
-    b4m.add_argument("--style_prompt", default=None, help="caption for style images without .txt")
-    b4m.add_argument("--aux-style", "--aux_style", dest="aux_style", type=Path, action="append", default=[])
-    b4m.add_argument("--aux-content", "--aux_content", dest="aux_content", type=Path, action="append", default=[])
-    b4m.add_argument("--b4m_rank", type=positive_int, default=64)
-    b4m.add_argument("--aux_learning_rate", type=float, default=1e-5)
-    b4m.add_argument("--style_learning_rate", type=float, default=None,
-                     help="the style break run's rate (default: --learning_rate)")
-    b4m.add_argument("--make_learning_rate", type=float, default=None,
-                     help="the make stage's rate (default: --learning_rate)")
-    b4m.add_argument("--break_steps", type=positive_int, default=1000)
-    b4m.add_argument("--make_steps", type=non_negative_int, default=1000)
-    b4m.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
-    b4m.add_argument("--b4m_prior", choices=["square", "all"], default="square",
-                     help="orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all "
-                          "layers, so the content run can learn where the paper's B_f = 0")
-    b4m.set_defaults(handler=_train_b4m)
-
-    colora = methods.add_parser("colora", help="CoLoRA: per-layer ranks from measured contributions")
-    add_training_flags(colora)
-    colora.add_argument("--budget_rank", type=positive_int, default=16, help="budget = a uniform LoRA of this rank")
-    colora.add_argument("--score", choices=["faig", "taylor", "weight_change", "fisher"], default="weight_change",
-                        help="contribution score (faig: the paper's path integral; weight_change measured best here)")
-    colora.add_argument("--probe_rank", type=positive_int, default=64)
-    colora.add_argument("--probe_steps", type=positive_int, default=200)
-    colora.add_argument("--probe_learning_rate", type=float, default=None,
-                        help="the probe run's rate (default: --learning_rate)")
-    colora.add_argument("--min_rank", type=positive_int, default=4)
-    colora.add_argument("--max_rank", type=positive_int, default=128)
-    colora.set_defaults(handler=_train, make_method=_make_colora)
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)
@@ -585,8 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from studio.errors import StudioError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

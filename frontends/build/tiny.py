@@ -5,9 +5,9 @@ which ``pair_fraction`` of the samples are two-object scenes. Before it, the VAE
 kinds of image, because a VAE trained on single objects decodes a second color poorly; the encoder stays fixed,
 so the latents of the single-object stage keep their meaning.
 
-Until the fifth session the VAE's initial weights were not seeded (torch seeds its default generator at random
-in every process), so the shipped VAE, and the latents every later stage trained on, cannot be rebuilt bit for
-bit; a build from scratch now is reproducible and makes an equivalent model, not the same one.
+The shipped VAE was trained before its initial weights were seeded (torch seeds its default generator at random
+in every process), so it, and the latents every later stage trained on, cannot be rebuilt bit for bit; a build
+from scratch is reproducible and makes an equivalent model, not the same one.
 
 Every stage is seeded and resumable: state lives in a cache folder outside the repository (default
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from studio.build import components
+from frontends.build import components
 from studio.data import procedural
 from studio.errors import ConfigError, DataError, ModelLoadError
 from studio.files import atomic_torch_save, cache_dir
@@ -399,11 +400,8 @@ class TinyBuilder:
     def export(self, vae, text_encoder, unet, scaling: float, step: int, folder: Path | None = None) -> None:
         """Write the fp16 diffusers folder to ``folder`` (default ``export_dir``) atomically (build beside it, then
         swap)."""
-        from diffusers import StableDiffusionPipeline
-
         export_dir = self.export_dir if folder is None else Path(folder)
         export_dir.parent.mkdir(parents=True, exist_ok=True)
-
         pipe = StableDiffusionPipeline(
             vae=_half_copy(vae, components.make_vae),
             text_encoder=_half_copy(text_encoder, components.make_text_encoder),

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from studio import __version__
+from studio.adapters.library import resolve_adapter
 from studio.errors import ConfigError
-from studio.models import SAMPLER_LABELS, BaseModel
-from studio.png import a1111_parameters
+from studio.models import BaseModel, sampler_label, seeded_generator
+from studio.png import a1111_parameters, with_lora_tags
 
 
 @dataclass
@@ -66,11 +67,6 @@ class GeneratedImage:
     recipe: dict[str, Any]
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """Initial noise is drawn on the CPU so a seed means the same image on every device."""
-    return torch.Generator("cpu").manual_seed(int(seed))
-
-
 def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
              ) -> tuple[str, dict[str, Any]]:
     """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
@@ -83,8 +79,9 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
     if request.decor_remove:
         fields["DECOR"] = f"{', '.join(request.decor_remove)} (alpha {request.decor_alpha:g})"
     parameters = a1111_parameters(
-        with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps, sampler_label(base),
-        request.guidance_scale, seed, request.width, request.height, base.name, base.fingerprint,
+        with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps,
+        sampler_label(base.pipe), request.guidance_scale, seed, request.width, request.height, base.name,
+        base.fingerprint,
         {**fields, "Version": f"adapter-studio {__version__}", **request.extra},
     )
     recipe = {
@@ -111,30 +108,14 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
     return parameters, recipe
 
 
-def sampler_label(base: BaseModel) -> str:
-    """The scheduler under A1111's sampler name (``DDIM``, ``Euler a``, …)."""
-    name = type(base.pipe.scheduler).__name__
-    return SAMPLER_LABELS.get(name, name)
-
-
-def with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
-    """A1111 writes active LoRAs into the prompt as ``<lora:name:weight>``."""
-    tags = " ".join(f"<lora:{Path(str(a)).stem}:{w:g}>" for a, w in adapters)
-    return f"{prompt} {tags}".strip() if tags else prompt
-
-
 def adapter_hash(spec: str) -> str:
     """A1111's short LoRA hash: the first 12 hex digits of the file's sha256 (hashed once per file version)."""
-    from studio.adapters.library import resolve_adapter
-
     path = resolve_adapter(spec).resolve()
     return _file_hash(str(path), path.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=64)
 def _file_hash(path: str, mtime_ns: int) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:  # hashlib.file_digest would need Python 3.11
         for block in iter(lambda: handle.read(1 << 20), b""):

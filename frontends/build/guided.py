@@ -3,7 +3,7 @@
 The shipped model's captions always name every attribute correctly, so it follows prompts as well unguided as
 guided. Stable Diffusion's web captions are partial and often wrong, which is why it follows prompts poorly at
 guidance 1 and relies on classifier-free guidance; Perp-Neg, guidance-averaging composition and negative prompts
-assume that. This build continues the shipped model's diffusion stage (:class:`~studio.build.tiny.TinyBuilder`
+assume that. This build continues the shipped model's diffusion stage (:class:`~frontends.build.tiny.TinyBuilder`
 with ``start_from``) on captions that leave each attribute out or name it wrong at set rates, with the usual
 empty-caption dropout, single and two-object scenes mixed from the first step.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from studio.build.tiny import ASSETS, TinyBuildConfig, TinyBuilder
+from frontends.build.tiny import ASSETS, TinyBuildConfig, TinyBuilder
 from studio.errors import ConfigError
 from studio.files import atomic_write, cache_dir
 

@@ -14,6 +14,8 @@ kind's :data:`RECIPES` entry says what it trains and on how many images.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from studio.data import procedural
+from trainers import TrainConfig, get_method, train
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "adapters"
 #: Cross-attention keys and values only (as Custom Diffusion): they see the text, so a new trigger changes little
@@ -91,11 +94,6 @@ def build_demo_adapters(output_dir: Path = DEMO_DIR, seed: int = 0, base=None, o
                         **overrides) -> list[Path]:
     """Train the demo adapters (``only`` those named) on the embedded model with their kind's :data:`RECIPES`
     (``overrides`` replace recipe fields for every adapter, e.g. ``steps=1``); returns the written files."""
-    import shutil
-    import tempfile
-
-    from trainers import TrainConfig, get_method, train
-
     written = []
     with tempfile.TemporaryDirectory(prefix="studio-demo-") as tmp:  # training images and class images
         work = Path(tmp)
