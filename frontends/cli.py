@@ -17,6 +17,7 @@ import torch
 from frontends.build.demo_adapters import DEMO_DIR, build_demo_adapters, render_demo_images
 from frontends.build.domain_clip import DOMAIN_CLIP, train_domain_clip
 from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
+from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
 from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
 from frontends.config_flags import add_config_flags, config_from_args, non_negative_int, positive_int
 from frontends.generate import GenerationRequest, generate
@@ -56,8 +57,6 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _build_guided(args: argparse.Namespace) -> int:
-    from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
-
     config = guided_config(seed=args.seed, drop_attribute=args.caption_drop_attribute,
                            wrong_attribute=args.caption_wrong_attribute, steps=args.max_train_steps,
                            start_from=args.start_from)

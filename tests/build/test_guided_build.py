@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import frontends.build.guided
+import frontends.cli
 from frontends.build.guided import build_guided
 from frontends.build.tiny import LatentSet, TinyBuilder
 from frontends.cli import main
@@ -97,7 +97,7 @@ def test_build_guided_refuses_other_settings_in_the_same_work_dir(start_model, t
 
 def test_build_guided_command_passes_its_flags(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(frontends.build.guided, "build_guided",
+    monkeypatch.setattr(frontends.cli, "build_guided",
                         lambda config, work_dir, export_dir: seen.append((config, work_dir, export_dir)) or export_dir)
     assert main(["build-guided", "--caption-drop-attribute", "0.25", "--caption-wrong-attribute", "0.05",
                  "--max_train_steps", "12", "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "m")]) == 0
