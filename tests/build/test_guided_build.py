@@ -47,6 +47,9 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(start_model, tmp_path
     resumed = build_guided(guided(start_model), tmp_path / "b", tmp_path / "b-model" / "guided")
     a, b = _unet(whole), _unet(resumed)
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    states = [torch.load(tmp_path / run / "diffusion.pt", weights_only=True) for run in ("a", "b")]
+    for name in ("unet", "text_encoder"):  # fp32 training weights: every step's captions were the same
+        assert all(torch.allclose(v, states[1][name][k], rtol=0, atol=1e-6) for k, v in states[0][name].items())
     domain = json.loads((whole / "studio_model.json").read_text())
     assert domain["build_step"] == 4
     assert domain["build_config"]["caption_drop_attribute"] == 0.3
