@@ -17,6 +17,7 @@ import torch
 from frontends.build.demo_adapters import DEMO_DIR, build_demo_adapters, render_demo_images
 from frontends.build.domain_clip import DOMAIN_CLIP, train_domain_clip
 from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
+from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
 from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
 from frontends.config_flags import add_config_flags, config_from_args, non_negative_int, positive_int
 from frontends.generate import GenerationRequest, generate
@@ -52,6 +53,14 @@ def _build_tiny(args: argparse.Namespace) -> int:
         config.diffusion_steps = args.max_train_steps
     out = build_tiny(config, work_dir=args.work_dir, export_dir=args.output or DEFAULT_EXPORT)
     print(out)
+    return 0
+
+
+def _build_guided(args: argparse.Namespace) -> int:
+    config = guided_config(seed=args.seed, drop_attribute=args.caption_drop_attribute,
+                           wrong_attribute=args.caption_wrong_attribute, steps=args.max_train_steps,
+                           start_from=args.start_from)
+    print(build_guided(config, work_dir=args.work_dir, export_dir=args.output or GUIDED_EXPORT))
     return 0
 
 
@@ -343,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                            _build_tiny, None, "assets/tiny-sd",
                            "the diffusion stage's steps (the VAE and decoder stages keep their own counts)")
     build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
+    guided = _build_command(commands, "build-guided", "fine-tune the embedded model on noisy, partial captions so "
+                            "that it needs guidance (resumable)", _build_guided, 6000, "assets/tiny-sd-guided")
+    guided.add_argument("--start-from", default="assets/tiny-sd", help="the model to fine-tune")
+    guided.add_argument("--caption-drop-attribute", type=float, default=0.3,
+                        help="probability that a caption leaves an attribute out")
+    guided.add_argument("--caption-wrong-attribute", type=float, default=0.1,
+                        help="probability that a caption names an attribute wrong")
+    guided.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
     _build_command(commands, "build-clip", "train the embedded domain's small CLIP", _build_clip, 2000, "assets/clip")
     demos = _build_command(commands, "build-demo-adapters", "train the demo content and style adapters",
                            _build_demo_adapters, None, "assets/adapters")

@@ -13,6 +13,11 @@ Every stage is seeded and resumable: state lives in a cache folder outside the r
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
 continues where it stopped. The EMA weights are exported in the diffusers folder layout (fp16) to
 ``assets/tiny-sd`` at every export interval, so the repository always holds the newest usable model.
+
+With ``start_from`` the build fine-tunes an exported model instead: its VAE is kept (no VAE stages; the data is
+encoded with it and scaled by its recorded factor) and its text encoder and UNet continue training. With
+``caption_drop_attribute`` / ``caption_wrong_attribute`` every training caption is drawn noisy at each step
+(:class:`studio.data.procedural.CaptionNoise`), so the model needs classifier-free guidance to follow a prompt.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tqdm.auto import tqdm
 
 from frontends.build import components
 from studio.data import procedural
+from studio.errors import ConfigError, DataError, ModelLoadError
 from studio.files import atomic_torch_save, cache_dir
 from studio.text import build_clip_tokenizer
 
@@ -69,17 +75,31 @@ class TinyBuildConfig:
     caption_dropout: float = 0.1  # empty prompts, so classifier-free guidance works
     checkpoint_every: int = 250
     export_every: int = 1_000
+    caption_drop_attribute: float = 0.0  # each attribute left out of a caption with this probability
+    caption_wrong_attribute: float = 0.0  # … or named wrong with this one (procedural.CaptionNoise)
+    start_from: str | None = None  # an exported model folder (relative to the repository) to fine-tune
+
+    @property
+    def caption_noise(self) -> procedural.CaptionNoise:
+        return procedural.CaptionNoise(self.caption_drop_attribute, self.caption_wrong_attribute)
 
 
 class TinyBuilder:
     """Runs the build stages in order, skipping those already finished in the cache folder."""
 
     def __init__(self, config: TinyBuildConfig, work_dir: Path | None = None, export_dir: Path = DEFAULT_EXPORT,
-                 progress: Callable[[str, int, int, dict], None] | None = None) -> None:
+                 progress: Callable[[str, int, int, dict], None] | None = None,
+                 interim_export_dir: Path | None = None) -> None:
+        """``interim_export_dir``: where exports before the last step go (default ``export_dir``)."""
         self.config = config
+        try:
+            self.caption_noise = config.caption_noise
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         self.work_dir = Path(work_dir) if work_dir else cache_dir() / "build-tiny"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.export_dir = Path(export_dir)
+        self.interim_export_dir = Path(interim_export_dir) if interim_export_dir else self.export_dir
         self.progress = progress
         self.tokenizer = build_clip_tokenizer(components.MAX_TOKENS)
 
@@ -113,6 +133,19 @@ class TinyBuilder:
             return {"images": images, "ids": ids}
 
         return self._cached_arrays("pairs", make)
+
+    def pair_scenes(self, ids: np.ndarray) -> list[procedural.PairScene]:
+        """The two-object set's scenes (for noisy captions), replayed from its seed; checked against the stored
+        caption tokens, so a data set made otherwise is refused rather than mislabelled."""
+        rng = np.random.default_rng(self.config.seed + 1)
+        scenes = [procedural.base_training_pair(rng) for _ in range(len(ids))]
+        check = min(len(ids), 256)
+        replayed = self.tokenizer([s.caption for s in scenes[:check]], padding="max_length",
+                                  max_length=components.MAX_TOKENS, truncation=True, return_tensors="np").input_ids
+        if not np.array_equal(replayed, ids[:check]):
+            raise DataError(f"the two-object set in {self.work_dir} was not made by this build's seed; delete "
+                             "pairs.npz and pair_latents.pt to remake it")
+        return scenes
 
     def codec_data(self) -> dict[str, np.ndarray]:
         """Renders for the decoder alone, half single objects and half pairs, over every shape and texture.
@@ -237,10 +270,15 @@ class TinyBuilder:
 
     # -- stage 4: text encoder + UNet -----------------------------------------------------------------------------
     def diffusion(self, vae, data: dict[str, np.ndarray], latents: dict[str, torch.Tensor],
-                  pair_ids: np.ndarray, pair_latents: dict[str, torch.Tensor]) -> None:
+                  pair_ids: np.ndarray, pair_latents: dict[str, torch.Tensor], scaling: float | None = None) -> None:
+        """``scaling``: the latent scaling factor (default: the one measured on the single-object latents)."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         text_encoder, unet = components.make_text_encoder(), components.make_unet()
+        if cfg.start_from:
+            start = self.start_folder()
+            text_encoder.load_state_dict(_float_weights(start / "text_encoder" / "model.safetensors"))
+            unet.load_state_dict(_float_weights(start / "unet" / "diffusion_pytorch_model.safetensors"))
         ema = {"text_encoder": components.make_text_encoder(), "unet": components.make_unet()}
         ema["text_encoder"].load_state_dict(text_encoder.state_dict())
         ema["unet"].load_state_dict(unet.state_dict())
@@ -255,12 +293,16 @@ class TinyBuilder:
         state = self._resume("diffusion", modules)
         step = state.get("step", 0)
         scheduler = components.make_training_scheduler()
-        scaling = float(latents["scaling_factor"])
+        scaling = float(latents["scaling_factor"]) if scaling is None else scaling
         captions = [str(c) for c in data["captions"]] + [""]
         ids = self.tokenizer(captions, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
                              return_tensors="pt").input_ids
         singles = LatentSet(latents["mean"], latents["std"], ids[torch.from_numpy(data["combo"])])
         pairs = LatentSet(pair_latents["mean"], pair_latents["std"], torch.from_numpy(pair_ids).long())
+        if self.caption_noise.active:
+            combos = procedural.base_training_combinations()
+            singles.scenes = [combos[i] for i in data["combo"]]
+            pairs.scenes = [_pair_attributes(p) for p in self.pair_scenes(pair_ids)]
         empty = ids[-1]
         bar = tqdm(total=cfg.diffusion_steps, initial=step, desc="text encoder + unet", mininterval=2)
         while step < cfg.diffusion_steps:
@@ -288,8 +330,10 @@ class TinyBuilder:
             self._report("diffusion", step, cfg.diffusion_steps, {"loss": loss.item()})
             if step % cfg.checkpoint_every == 0 or step == cfg.diffusion_steps:
                 self._checkpoint("diffusion", step, modules)
-            if step % cfg.export_every == 0 or step == cfg.diffusion_steps:
+            if step == cfg.diffusion_steps:
                 self.export(vae, ema["text_encoder"], ema["unet"], scaling, step)
+            elif step % cfg.export_every == 0:
+                self.export(vae, ema["text_encoder"], ema["unet"], scaling, step, self.interim_export_dir)
         bar.close()
 
     def sample_batch(self, gen: torch.Generator, step: int, singles: LatentSet, pairs: LatentSet,
@@ -298,20 +342,32 @@ class TinyBuilder:
 
         From ``pairs_from_step`` on, a ``pair_fraction`` of the samples are two-object scenes. Their draws come
         after the single-object ones, so the single-object stage's random stream is the same as before pairs
-        existed. Dropped captions (for classifier-free guidance) are empty whatever the image."""
+        existed. Dropped captions (for classifier-free guidance) are empty whatever the image. With caption noise,
+        each caption is drawn noisy from a NumPy stream of its own, seeded by (seed, step), so torch's stream is
+        the same as without noise."""
         cfg = self.config
         idx = torch.randint(0, len(singles), (cfg.batch_size,), generator=gen)
         x0, tokens = singles.draw(idx, gen, scaling), singles.tokens[idx]
         dropped = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        sources = [(singles, i) for i in idx.tolist()]
         if step >= cfg.pairs_from_step:
             chosen = torch.rand(cfg.batch_size, generator=gen) < cfg.pair_fraction
             pair_idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=gen)
             x0 = torch.where(chosen[:, None, None, None], pairs.draw(pair_idx, gen, scaling), x0)
             tokens = torch.where(chosen[:, None], pairs.tokens[pair_idx], tokens)
+            sources = [(pairs, j) if c else source
+                       for c, j, source in zip(chosen.tolist(), pair_idx.tolist(), sources)]
+        if self.caption_noise.active:
+            rng = np.random.default_rng([cfg.seed, step])
+            noisy = [_noisy_caption(rng, source.scenes[i], self.caption_noise) for source, i in sources]
+            tokens = self.tokenizer(noisy, padding="max_length", max_length=components.MAX_TOKENS, truncation=True,
+                                    return_tensors="pt").input_ids.to(tokens.dtype)
         return x0, torch.where(dropped[:, None], empty, tokens)
 
     def run(self) -> Path:
         data, pairs = self.data(), self.pair_data()
+        if self.config.start_from:
+            return self._fine_tune(data, pairs)
         vae = self.vae(data["images"])
         latents = self.latents(vae, data["images"])
         pair_latents = self.latents(vae, pairs["images"], "pair_latents")
@@ -319,9 +375,33 @@ class TinyBuilder:
         self.diffusion(vae, data, latents, pairs["ids"], pair_latents)
         return self.export_dir
 
+    def start_folder(self) -> Path:
+        """The model ``start_from`` names: a path, relative paths taken from the repository root."""
+        folder = Path(self.config.start_from)
+        folder = folder if folder.is_absolute() else ASSETS.parent / folder
+        if not (folder / "studio_model.json").exists():
+            raise ModelLoadError(f"no embedded model to fine-tune at {folder} (expected an exported diffusers folder "
+                             "with studio_model.json)")
+        return folder
+
+    def _fine_tune(self, data: dict[str, np.ndarray], pairs: dict[str, np.ndarray]) -> Path:
+        """The diffusion stage continued from ``start_from``, on latents of its own VAE at its own scale."""
+        start = self.start_folder()
+        vae = components.make_vae()
+        vae.load_state_dict(_float_weights(start / "vae" / "diffusion_pytorch_model.safetensors"))
+        vae.eval().requires_grad_(False)
+        scaling = float(json.loads((start / "vae" / "config.json").read_text())["scaling_factor"])
+        latents = self.latents(vae, data["images"])
+        pair_latents = self.latents(vae, pairs["images"], "pair_latents")
+        self.diffusion(vae, data, latents, pairs["ids"], pair_latents, scaling)
+        return self.export_dir
+
     # -- export -----------------------------------------------------------------------------------------------
-    def export(self, vae, text_encoder, unet, scaling: float, step: int) -> None:
-        """Write the fp16 diffusers folder to ``export_dir`` atomically (build beside it, then swap)."""
+    def export(self, vae, text_encoder, unet, scaling: float, step: int, folder: Path | None = None) -> None:
+        """Write the fp16 diffusers folder to ``folder`` (default ``export_dir``) atomically (build beside it, then
+        swap)."""
+        export_dir = self.export_dir if folder is None else Path(folder)
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
         pipe = StableDiffusionPipeline(
             vae=_half_copy(vae, components.make_vae),
             text_encoder=_half_copy(text_encoder, components.make_text_encoder),
@@ -333,7 +413,7 @@ class TinyBuilder:
             requires_safety_checker=False,
         )
         pipe.vae.register_to_config(scaling_factor=scaling)
-        staging = self.export_dir.with_name(self.export_dir.name + ".staging")
+        staging = export_dir.with_name(export_dir.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
         _declare_float32(staging / "text_encoder" / "config.json")
@@ -357,14 +437,17 @@ class TinyBuilder:
             "default_guidance_scale": 5.0,
             "default_steps": 20,
         }
+        if self.config.start_from:
+            start = json.loads((self.start_folder() / "studio_model.json").read_text())
+            domain["fine_tuned_from"] = {"model": self.config.start_from, "build_step": start.get("build_step")}
         (staging / "studio_model.json").write_text(json.dumps(domain, indent=2) + "\n")
-        old = self.export_dir.with_name(self.export_dir.name + ".old")
+        old = export_dir.with_name(export_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
-        if self.export_dir.exists():
-            os.replace(self.export_dir, old)
-        os.replace(staging, self.export_dir)
+        if export_dir.exists():
+            os.replace(export_dir, old)
+        os.replace(staging, export_dir)
         shutil.rmtree(old, ignore_errors=True)
-        logger.info("exported step %d to %s", step, self.export_dir)
+        logger.info("exported step %d to %s", step, export_dir)
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _step_generator(self, stage: str, step: int) -> torch.Generator:
@@ -399,6 +482,7 @@ class LatentSet:
     mean: torch.Tensor
     std: torch.Tensor
     tokens: torch.Tensor
+    scenes: list | None = None  # each image's attributes, for noisy captions (see _noisy_caption)
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -407,6 +491,25 @@ class LatentSet:
         """Scaled latent samples of the images at ``idx``."""
         mean = self.mean[idx].float()
         return (mean + self.std[idx].float() * torch.randn(mean.shape, generator=gen)) * scaling
+
+
+def _pair_attributes(pair: procedural.PairScene) -> tuple[tuple[str, str, str], tuple[str, str, str], str]:
+    return ((pair.left.color, pair.left.texture, pair.left.shape),
+            (pair.right.color, pair.right.texture, pair.right.shape), pair.left.background)
+
+
+def _noisy_caption(rng: np.random.Generator, scene: tuple, noise: procedural.CaptionNoise) -> str:
+    """A noisy caption of a single-object (color, texture, shape, background) or two-object scene tuple."""
+    if len(scene) == 4:
+        return procedural.noisy_caption(rng, *scene, noise)
+    return procedural.noisy_pair_caption(rng, *scene, noise)
+
+
+def _float_weights(path: Path) -> dict[str, torch.Tensor]:
+    """An exported (fp16) safetensors file as fp32 tensors."""
+    from safetensors.torch import load_file
+
+    return {key: value.float() for key, value in load_file(str(path)).items()}
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:

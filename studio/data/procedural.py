@@ -5,6 +5,10 @@ or a :class:`PairScene` (two smaller objects side by side, the first-named on th
 known exactly; the evaluator, the benchmarks and the adapter demos all rely on that.
 Reserved shapes and textures are never shown to the base model: adapters learn them. Some color-shape and
 texture-shape combinations are held out of the base training to measure generalisation.
+
+Captions can be made noisy and partial (:class:`CaptionNoise`), as web captions are: an attribute left out ("a red
+star") or named wrong. A model trained on exact captions follows them unguided; on noisy ones its conditional
+distribution is broad and classifier-free guidance must sharpen it, which is Stable Diffusion's situation.
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ def caption(color: str, texture: str, shape: str, background: str) -> str:
     return f"a {color} {texture} {shape} on a {background} background"
 
 
+def partial_caption(color: str | None, texture: str | None, shape: str | None, background: str | None) -> str:
+    """A caption naming only the given attributes: "a red star", "a striped shape on a gray background", "a heart".
+
+    With all four named it is :func:`caption`."""
+    return f"{_object_phrase(color, texture, shape)}{_background_phrase(background)}"
+
+
+def _object_phrase(color: str | None, texture: str | None, shape: str | None) -> str:
+    return "a " + " ".join([word for word in (color, texture) if word] + [shape or "shape"])
+
+
+def _background_phrase(background: str | None) -> str:
+    return f" on a {background} background" if background else ""
+
+
 def is_held_out(color: str, texture: str, shape: str) -> bool:
     return (color, shape) in HELD_OUT_COLOR_SHAPE or (texture, shape) in HELD_OUT_TEXTURE_SHAPE
 
@@ -136,6 +155,94 @@ class PairScene:
 def pair_caption(first: tuple[str, str, str], second: tuple[str, str, str], background: str) -> str:
     """The two-object caption: ``a {color} {texture} {shape} and a … on a {background} background``."""
     return f"a {' '.join(first)} and a {' '.join(second)} on a {background} background"
+
+
+def partial_pair_caption(first: tuple[str | None, str | None, str | None],
+                         second: tuple[str | None, str | None, str | None], background: str | None) -> str:
+    """The two-object caption naming only the given attributes; with all named it is :func:`pair_caption`."""
+    return f"{_object_phrase(*first)} and {_object_phrase(*second)}{_background_phrase(background)}"
+
+
+@dataclass(frozen=True)
+class CaptionNoise:
+    """How often each attribute of a training caption is left out or named wrong.
+
+    Each attribute (color, texture, shape, background; in a two-object caption each object's three and the shared
+    background) is decided independently: left out with probability ``drop_attribute``, replaced by another value
+    of the base vocabulary with probability ``wrong_attribute``, else named as drawn. A wrong value never forms a
+    held-out color-shape or texture-shape pair with the other named attributes (those stay unseen), and a wrong
+    color in a two-object caption is never the other object's color. The empty caption of classifier-free
+    guidance is separate (the build's ``caption_dropout``)."""
+
+    drop_attribute: float = 0.0
+    wrong_attribute: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.drop_attribute <= 1.0 and 0.0 <= self.wrong_attribute <= 1.0
+                and self.drop_attribute + self.wrong_attribute <= 1.0):
+            raise ValueError(f"caption noise needs probabilities in [0, 1] that sum to at most 1, got drop "
+                             f"{self.drop_attribute} and wrong {self.wrong_attribute}")
+
+    @property
+    def active(self) -> bool:
+        return self.drop_attribute > 0.0 or self.wrong_attribute > 0.0
+
+
+_VOCABULARY: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "texture": BASE_TEXTURES, "shape": BASE_SHAPES,
+                                           "background": tuple(BACKGROUNDS)}
+
+
+def _decide(rng: np.random.Generator, noise: CaptionNoise) -> str:
+    """"keep", "drop" or "wrong" for one attribute (one uniform draw, so the stream has a fixed length)."""
+    u = rng.random()
+    return "drop" if u < noise.drop_attribute else "wrong" if u < noise.drop_attribute + noise.wrong_attribute \
+        else "keep"
+
+
+def _wrong_value(rng: np.random.Generator, name: str, named: dict[str, str | None], avoid: frozenset[str]) -> str:
+    """Another value of attribute ``name`` that makes no new held-out pair with the other ``named`` attributes."""
+    trial = dict(named)
+    candidates = []
+    for value in _VOCABULARY[name]:
+        trial[name] = value
+        if value == named[name] or value in avoid:
+            continue
+        if (name != "texture" and (trial["color"], trial["shape"]) in HELD_OUT_COLOR_SHAPE) or \
+                (name != "color" and (trial["texture"], trial["shape"]) in HELD_OUT_TEXTURE_SHAPE):
+            continue
+        candidates.append(value)
+    return candidates[int(rng.integers(len(candidates)))]
+
+
+def _noisy_object(rng: np.random.Generator, color: str, texture: str, shape: str, background: str | None,
+                  noise: CaptionNoise, avoid_colors: frozenset[str] = frozenset()) -> dict[str, str | None]:
+    """The attributes a noisy caption names for one object (``None``: left out); ``background`` None: not decided
+    here."""
+    named: dict[str, str | None] = {"color": color, "texture": texture, "shape": shape, "background": background}
+    decisions = {name: _decide(rng, noise) for name in named if named[name] is not None}
+    for name, decision in decisions.items():
+        if decision == "drop":
+            named[name] = None
+    for name, decision in decisions.items():
+        if decision == "wrong":
+            named[name] = _wrong_value(rng, name, named, avoid_colors if name == "color" else frozenset())
+    return named
+
+
+def noisy_caption(rng: np.random.Generator, color: str, texture: str, shape: str, background: str,
+                  noise: CaptionNoise) -> str:
+    """The caption of a single-object scene with ``noise`` applied; without noise it is :func:`caption`."""
+    named = _noisy_object(rng, color, texture, shape, background, noise)
+    return partial_caption(named["color"], named["texture"], named["shape"], named["background"])
+
+
+def noisy_pair_caption(rng: np.random.Generator, first: tuple[str, str, str], second: tuple[str, str, str],
+                       background: str, noise: CaptionNoise) -> str:
+    """The caption of a two-object scene with ``noise`` applied; without noise it is :func:`pair_caption`."""
+    left = _noisy_object(rng, *first, background, noise, avoid_colors=frozenset({second[0]}))
+    right = _noisy_object(rng, *second, None, noise, avoid_colors=frozenset({first[0], left["color"]} - {None}))
+    return partial_pair_caption((left["color"], left["texture"], left["shape"]),
+                                (right["color"], right["texture"], right["shape"]), left["background"])
 
 
 def base_training_pair(rng: np.random.Generator) -> PairScene:

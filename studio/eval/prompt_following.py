@@ -3,7 +3,8 @@
 Generates images for prompts over the attribute grid, reads them with the domain evaluator, and reports the
 fraction of images whose color, texture, shape and background match the prompt, separately for combinations
 the base trained on ("seen") and combinations held out of its training ("held_out"). Two-object prompts ("a red
-solid star and a blue dotted circle on …") are read per object (``studio.eval.two_objects``).
+solid star and a blue dotted circle on …") are read per object (``studio.eval.two_objects``). Prompts may leave
+attributes out ("a red star"): the evaluator still reads all four, and only the named ones are scored.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ ATTRIBUTE_NAMES = ("color", "texture", "shape", "background")
 
 @dataclass(frozen=True)
 class PromptCase:
-    color: str
-    texture: str
-    shape: str
-    background: str
+    """A single-object prompt; an attribute set to ``None`` is left out of the prompt and not scored."""
+
+    color: str | None
+    texture: str | None
+    shape: str | None
+    background: str | None
 
     @property
     def prompt(self) -> str:
-        return procedural.caption(self.color, self.texture, self.shape, self.background)
+        return procedural.partial_caption(self.color, self.texture, self.shape, self.background)
 
     def expected(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in ATTRIBUTE_NAMES}
+        return {name: getattr(self, name) for name in ATTRIBUTE_NAMES if getattr(self, name) is not None}
 
 
 def grid_cases(n: int, held_out: bool, seed: int = 0) -> list[PromptCase]:
@@ -44,6 +47,19 @@ def grid_cases(n: int, held_out: bool, seed: int = 0) -> list[PromptCase]:
     combos = procedural.held_out_combinations() if held_out else procedural.base_training_combinations()
     order = np.random.default_rng(seed).permutation(len(combos))
     return [PromptCase(*combos[order[i % len(combos)]]) for i in range(n)]
+
+
+def partial_cases(cases: Sequence[PromptCase], drop_attribute: float, seed: int = 0) -> list[PromptCase]:
+    """``cases`` with each attribute left out with probability ``drop_attribute`` (seeded); a case keeps at least
+    one attribute, so every prompt is scored on something."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for case in cases:
+        keep = rng.random(len(ATTRIBUTE_NAMES)) >= drop_attribute
+        if not keep.any():
+            keep[rng.integers(len(ATTRIBUTE_NAMES))] = True
+        out.append(PromptCase(*(getattr(case, n) if k else None for n, k in zip(ATTRIBUTE_NAMES, keep))))
+    return out
 
 
 @torch.no_grad()
@@ -76,10 +92,14 @@ def _generate_in_batches(base: BaseModel, prompts: Sequence[str], seed: int, ste
 
 
 def score(readings: Sequence[Reading], cases: Sequence[PromptCase]) -> dict[str, float]:
-    """Per-attribute accuracy and the all-four rate."""
-    hits = {name: [getattr(r, name) == getattr(c, name) for r, c in zip(readings, cases)] for name in ATTRIBUTE_NAMES}
-    result = {name: float(np.mean(values)) for name, values in hits.items()}
-    result["all"] = float(np.mean([all(h[i] for h in hits.values()) for i in range(len(cases))]))
+    """Per-attribute accuracy over the prompts that name the attribute (NaN where none does), and the rate at
+    which every named attribute is right ("all"; all four for full prompts)."""
+    hits = [{name: getattr(r, name) == value for name, value in c.expected().items()} for r, c in zip(readings, cases)]
+    result = {}
+    for name in ATTRIBUTE_NAMES:
+        named = [h[name] for h in hits if name in h]
+        result[name] = float(np.mean(named)) if named else float("nan")
+    result["all"] = float(np.mean([all(h.values()) for h in hits]))
     return result
 
 
@@ -94,6 +114,22 @@ def measure_prompt_following(base: BaseModel, evaluator: DomainEvaluator, n: int
         tables[split] = score(evaluator.read(images), cases)
         tables[split]["n"] = count
     return tables
+
+
+def measure_guidance_sweep(base: BaseModel, evaluator: DomainEvaluator, guidance_scales: Sequence[float],
+                           n: int = 300, seed: int = 0, steps: int | None = None, drop_attribute: float = 0.0,
+                           batch_size: int = 25) -> list[dict[str, float]]:
+    """Accuracy on the same ``n`` seen prompts (and seeds) at each guidance scale: one row per scale.
+
+    With ``drop_attribute`` the prompts are partial (:func:`partial_cases`) and scored on what they name."""
+    cases = grid_cases(n, held_out=False, seed=seed)
+    if drop_attribute:
+        cases = partial_cases(cases, drop_attribute, seed)
+    rows = []
+    for scale in guidance_scales:
+        images = _generate_in_batches(base, [c.prompt for c in cases], seed, steps, scale, batch_size)
+        rows.append({"guidance": float(scale), "n": n, **score(evaluator.read(images), cases)})
+    return rows
 
 
 def pair_cases(n: int, seed: int = 0) -> list[procedural.PairScene]:

@@ -73,3 +73,75 @@ def test_pair_scenes_refuse_one_color_or_two_backgrounds():
     with pytest.raises(ValueError, match="one background"):
         procedural.PairScene(red, procedural.with_attributes(red, color="blue", background="black"))
 
+
+
+def test_partial_captions_name_only_what_is_given():
+    assert procedural.partial_caption("red", None, "star", None) == "a red star"
+    assert procedural.partial_caption(None, "striped", None, "gray") == "a striped shape on a gray background"
+    assert procedural.partial_caption(None, None, "heart", None) == "a heart"
+    assert procedural.partial_caption("red", "solid", "star", "white") == procedural.caption("red", "solid", "star",
+                                                                                               "white")
+    assert (procedural.partial_pair_caption(("red", None, "star"), (None, "dotted", None), None)
+            == "a red star and a dotted shape")
+
+
+def test_without_noise_the_captions_are_the_exact_ones():
+    rng, noise = np.random.default_rng(0), procedural.CaptionNoise()
+    for combo in procedural.base_training_combinations()[:50]:
+        assert procedural.noisy_caption(rng, *combo, noise) == procedural.caption(*combo)
+    pair = procedural.base_training_pair(rng)
+    first, second = (pair.left.color, pair.left.texture, pair.left.shape), (pair.right.color, pair.right.texture,
+                                                                            pair.right.shape)
+    assert procedural.noisy_pair_caption(rng, first, second, pair.left.background, noise) == pair.caption
+
+
+def _named(caption: str) -> dict[str, str | None]:
+    """Parse a single-object caption back into its named attributes."""
+    text, _, background = caption.partition(" on a ")
+    words = text.split()[1:]
+    shape = None if words[-1] == "shape" else words[-1]
+    named = {"color": None, "texture": None, "shape": shape,
+             "background": background.split()[0] if background else None}
+    for word in words[:-1]:
+        named["color" if word in procedural.COLORS else "texture"] = word
+    return named
+
+
+def test_noise_rates_match_the_probabilities_and_stay_off_held_out_pairs():
+    rng, noise = np.random.default_rng(1), procedural.CaptionNoise(drop_attribute=0.3, wrong_attribute=0.2)
+    combos = procedural.base_training_combinations()
+    counts = {"drop": 0, "wrong": 0}
+    trials = 3000
+    for i in range(trials):
+        combo = combos[i % len(combos)]
+        named = _named(procedural.noisy_caption(rng, *combo, noise))
+        for name, true in zip(("color", "texture", "shape", "background"), combo):
+            outcome = "drop" if named[name] is None else "wrong" if named[name] != true else "keep"
+            counts[outcome] = counts.get(outcome, 0) + 1
+        assert (named["color"], named["shape"]) not in procedural.HELD_OUT_COLOR_SHAPE
+        assert (named["texture"], named["shape"]) not in procedural.HELD_OUT_TEXTURE_SHAPE
+    assert abs(counts["drop"] / (4 * trials) - 0.3) < 0.02
+    assert abs(counts["wrong"] / (4 * trials) - 0.2) < 0.02
+
+
+def test_noisy_captions_are_seeded_and_cover_two_object_scenes():
+    noise = procedural.CaptionNoise(drop_attribute=0.4, wrong_attribute=0.3)
+
+    def captions(seed: int) -> list[str]:
+        rng = np.random.default_rng(seed)
+        return [procedural.noisy_pair_caption(rng, ("red", "solid", "circle"), ("blue", "dotted", "star"), "white",
+                                              noise) for _ in range(400)]
+
+    first = captions(0)
+    assert first == captions(0) and first != captions(1)
+    assert all(" and a " in c for c in first)
+    assert any(c.startswith("a circle and") for c in first) and any(not c.endswith("background") for c in first)
+    for caption in first:
+        left, right = caption.split(" on a ")[0].split(" and ")
+        colors = [w for w in (left + " " + right).split() if w in procedural.COLORS]
+        assert len(colors) == len(set(colors))  # a wrong color never repeats the other object's
+
+
+def test_caption_noise_rejects_impossible_probabilities():
+    with pytest.raises(ValueError, match="caption noise"):
+        procedural.CaptionNoise(drop_attribute=0.7, wrong_attribute=0.5)
