@@ -13,15 +13,20 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from pipelines.engine import CompositionEngine
+from pipelines.engine import CompositionEngine, call_clip_skip
+from studio.prompt_weighting import encode_chunks
 
 
 class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
     """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
 
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, None]:
-        hidden, _ = self.encode_prompt(texts, self.text_encoder.device, 1, False)
-        return hidden, None
+    def encode_texts(self, texts: list[str], *, clip_skip: int | None = None, literal: bool = False
+                     ) -> tuple[torch.Tensor, None]:
+        """A1111's long, weighted prompts (:mod:`studio.prompt_weighting`); ``clip_skip`` as diffusers means it
+        (default: the current call's). ``literal``: no prompt syntax, one chunk (training captions)."""
+        skip = call_clip_skip(self, clip_skip, literal)
+        hidden, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, skip, literal=literal)
+        return hidden.to(self.unet.dtype), None
 
     def make_output(self, images) -> StableDiffusionPipelineOutput:
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

@@ -11,15 +11,24 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from pipelines.engine import CompositionEngine
+from pipelines.engine import CompositionEngine, call_clip_skip
+from studio.prompt_weighting import chunk_count, encode_chunks
 
 
 class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
     """StableDiffusionXLPipeline plus ``adapters`` and ``method``."""
 
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, _, pooled, _ = self.encode_prompt(texts, device=self.text_encoder_2.device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+    def encode_texts(self, texts: list[str], *, clip_skip: int | None = None, literal: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both encoders' hidden states side by side and the second's pooled output, with A1111's long, weighted
+        prompts (:mod:`studio.prompt_weighting`; pooled from the first chunk) and diffusers' ``clip_skip``.
+        ``literal``: no prompt syntax, one chunk (training captions)."""
+        skip = call_clip_skip(self, clip_skip, literal)
+        count = 1 if literal else max(chunk_count(self.tokenizer, texts), chunk_count(self.tokenizer_2, texts))
+        first, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, skip, True, count, literal)
+        second, pooled = encode_chunks(self.tokenizer_2, self.text_encoder_2, texts, skip, True, count, literal)
+        hidden = torch.cat([first, second], dim=-1).to(self.unet.dtype)
+        pooled = pooled.to(self.unet.dtype)
         if self.config.get("force_zeros_for_empty_prompt", False):
             empty = torch.tensor([not t for t in texts], device=hidden.device)
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)

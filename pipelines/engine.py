@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipelines import init_image
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha
@@ -273,6 +274,10 @@ class CompositionEngine:
         decor_alpha: float = 1.0,
         decor_rank: int | None = None,
         adapter_prompts: Sequence[str] | None = None,
+        clip_skip: int | None = None,
+        image: Any | None = None,
+        strength: float = 0.8,
+        mask_image: Any | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         **kwargs: Any,
@@ -280,6 +285,9 @@ class CompositionEngine:
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank)
+        self._clip_skip = check_clip_skip(clip_skip)
+        init_image.check_inputs(self, image, mask_image)
+        height, width = init_image.default_size(image, height, width, self.vae_scale_factor)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
             decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
         method_name = method or self.default_method
@@ -312,28 +320,28 @@ class CompositionEngine:
         conditions = [self.encode_conditions(texts, negative_prompt, num_images_per_prompt, negatives,
                                              list(decor_remove or []), decor_alpha, decor_rank, given)
                       for texts in prompt_sets]
-        composer.prepare(resolved, num_inference_steps, getattr(self, "_studio_profiles", {}))
-        composer.bind(self, [texts[0] for texts in prompt_sets])
+        conditions = pad_chunks(self, conditions)
         device = self._execution_device
-        cond = conditions[0].hidden[1]
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         batch = len(prompts) * num_images_per_prompt
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, cond.dtype, device,
-                                       generator, latents)
+        latents, timesteps, self._studio_init = init_image.prepare(
+            self, image, mask_image, strength, batch, height, width, conditions[0].hidden[1].dtype, device,
+            generator, latents, num_inference_steps)
+        composer.prepare(resolved, len(timesteps), getattr(self, "_studio_profiles", {}))
+        composer.bind(self, [texts[0] for texts in prompt_sets])
         extra = self.prepare_extra_step_kwargs(generator, 0.0)
         cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
         with (cached_cross_kv(self.unet, kv) if self.cache_cross_kv else contextlib.nullcontext(),
               merged_routing(self.unet, [name for name, _ in resolved], self.merged_routing_budget) as routing):
             for step, t in enumerate(timesteps):
                 latents = composer.refine(self, step, t, latents, conditions)
-                model_input = self.scheduler.scale_model_input(latents, t)
+                model_input = self.unet_input(latents, t)
                 predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
                                                   composer.capture_resolution, kv)
                 composer.observe(step, maps)
                 noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
                                               [w for _, w in negatives])
                 latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                latents = init_image.blend(self, latents, self._studio_init, timesteps, step)
                 if callback_on_step_end is not None:
                     values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
                     latents = callback_on_step_end(self, step, t, values).get("latents", latents)
@@ -348,11 +356,15 @@ class CompositionEngine:
         if decor_remove:
             self.last_recipe.update(decor_remove=list(decor_remove), decor_alpha=decor_alpha)
         images = latents if output_type == "latent" else self.image_processor.postprocess(
-            self.decode_latents_to_pixels(latents), output_type=output_type)
+            init_image.overlay(self.decode_latents_to_pixels(latents), self._studio_init), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, None)
         return self.make_output(images)
+
+    def unet_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The UNet's input at ``timestep``: scheduler-scaled latents (an inpainting UNet: with its mask inputs)."""
+        return init_image.unet_input(self, latents, timestep, getattr(self, "_studio_init", None))
 
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode in the VAE's dtype (SDXL's fp16 VAE is upcast by the SDXL pipeline's override)."""
@@ -383,6 +395,35 @@ def check_given_embeddings(pipe, prompt, prompt_embeds: torch.Tensor | None, neg
     if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
         raise ConfigError("negative_prompt_embeds and prompt_embeds need the same batch size")
     return prompt_embeds, negative_prompt_embeds
+
+
+def check_clip_skip(clip_skip: int | None) -> int | None:
+    """diffusers' ``clip_skip``: how many last text-encoder layers to skip (A1111's "Clip skip: n" is n − 1)."""
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ConfigError(f"clip_skip is a whole number ≥ 0 (layers skipped), not {clip_skip!r}")
+    return clip_skip
+
+
+def call_clip_skip(pipe, clip_skip: int | None, literal: bool = False) -> int | None:
+    """The clip skip text is encoded with: the one asked for, else (for prompts) the current call's."""
+    if clip_skip is not None or literal:
+        return clip_skip
+    return getattr(pipe, "_clip_skip", None)
+
+
+def pad_chunks(pipe, conditions: list[Conditioning]) -> list[Conditioning]:
+    """Every branch of every conditioning at the same token length: a prompt that took fewer 77-token chunks (a
+    short negative beside a long prompt) is padded with the encoded empty prompt, as A1111 pads it."""
+    longest = max(h.shape[1] for c in conditions for h in c.hidden)
+    if all(h.shape[1] == longest for c in conditions for h in c.hidden):
+        return conditions
+    empty = pipe.encode_texts([""])[0]
+
+    def pad(h: torch.Tensor) -> torch.Tensor:
+        missing = (longest - h.shape[1]) // empty.shape[1]
+        return torch.cat([h, empty.to(h.dtype).expand(len(h), -1, -1).repeat(1, missing, 1)], dim=1)
+
+    return [Conditioning([pad(h) for h in c.hidden], c.pooled) for c in conditions]
 
 
 def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative_prompt,

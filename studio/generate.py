@@ -1,7 +1,9 @@
-"""Text-to-image generation with a base model, returning images together with their reproducible recipe."""
+"""Generation with a base model (text to image, img2img, inpainting, hires fix), returning images together
+with their reproducible recipe and A1111 ``parameters``."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -10,10 +12,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines.hires import hires_fix
 from studio import __version__
 from studio.errors import ConfigError
-from studio.models import SAMPLER_LABELS, BaseModel
+from studio.models import BaseModel
 from studio.png import a1111_parameters
+from studio.samplers import SAMPLERS, current_sampler, resolve, set_sampler
 
 
 @dataclass
@@ -35,28 +39,49 @@ class GenerationRequest:
     decor_remove: list[str] = field(default_factory=list)  # DECOR: concepts projected out of the prompt
     decor_alpha: float = 1.0
     adapter_prompts: list[str] = field(default_factory=list)  # CLoRA: each adapter's own prompt
+    sampler: str | None = None  # A1111 name (``DPM++ 2M``); None: the model's own scheduler
+    schedule: str | None = None  # A1111 schedule type (``Karras``); None: Automatic
+    clip_skip: int = 1  # A1111's meaning: 1 = the last layer, 2 = the penultimate
+    init_image: str | None = None  # img2img / inpainting: the image file
+    mask: str | None = None  # inpainting: white = repaint
+    strength: float = 0.75  # A1111's "Denoising strength" of img2img
+    hires_scale: float = 1.0  # > 1: hires fix
+    hires_steps: int | None = None  # None: the first pass's steps
+    hires_strength: float = 0.7
+    hires_upscaler: str = "Latent"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
-        """Fill the model's defaults in."""
-        return GenerationRequest(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seed=self.seed,
+        """Fill the model's defaults in (the sampler: what the pipeline runs now) and check the values."""
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"clip skip counts layers from the last (1 = none skipped), not {self.clip_skip!r}")
+        if self.sampler:
+            sampler, schedule = resolve(self.sampler, self.schedule)
+        else:
+            sampler, schedule = current_sampler(base.pipe)
+            schedule = self.schedule or schedule
+            if sampler in SAMPLERS:
+                sampler, schedule = resolve(sampler, schedule)
+        return dataclasses.replace(
+            self,
             steps=self.steps or base.default_steps,
             guidance_scale=base.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
-            width=self.width or base.default_size,
-            height=self.height or base.default_size,
-            num_images=self.num_images,
-            adapters=list(self.adapters),
-            method=self.method,
-            method_options=dict(self.method_options),
-            perp_neg=list(self.perp_neg),
-            decor_remove=list(self.decor_remove),
-            decor_alpha=self.decor_alpha,
-            adapter_prompts=list(self.adapter_prompts),
+            width=self.width or _image_side(self.init_image, 0) or base.default_size,
+            height=self.height or _image_side(self.init_image, 1) or base.default_size,
+            adapters=list(self.adapters), method_options=dict(self.method_options), perp_neg=list(self.perp_neg),
+            decor_remove=list(self.decor_remove), adapter_prompts=list(self.adapter_prompts),
+            sampler=sampler,
+            schedule=schedule,
             extra=dict(self.extra),
         )
+
+
+def _image_side(path: str | None, axis: int) -> int | None:
+    """Width (axis 0) or height (1) of an init image, rounded down to 8 as A1111 sizes img2img."""
+    if not path:
+        return None
+    with Image.open(path) as image:
+        return image.size[axis] // 8 * 8
 
 
 @dataclass
@@ -83,9 +108,10 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
     if request.decor_remove:
         fields["DECOR"] = f"{', '.join(request.decor_remove)} (alpha {request.decor_alpha:g})"
     parameters = a1111_parameters(
-        with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps, sampler_label(base),
-        request.guidance_scale, seed, request.width, request.height, base.name, base.fingerprint,
-        {**fields, "Version": f"adapter-studio {__version__}", **request.extra},
+        with_lora_tags(request.prompt, request.adapters), request.negative_prompt, request.steps,
+        request.sampler or sampler_label(base), request.guidance_scale, seed, request.width, request.height,
+        base.name, model_hash(base), {**generation_fields(request), **fields,
+                                      "Version": f"adapter-studio {__version__}", **request.extra},
     )
     recipe = {
         "prompt": request.prompt,
@@ -105,6 +131,16 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
         "decor_remove": request.decor_remove,
         "decor_alpha": request.decor_alpha,
         "adapter_prompts": request.adapter_prompts,
+        "sampler": request.sampler,
+        "schedule": request.schedule,
+        "clip_skip": request.clip_skip,
+        "init_image": request.init_image,
+        "mask": request.mask,
+        "strength": request.strength,
+        "hires_scale": request.hires_scale,
+        "hires_steps": request.hires_steps,
+        "hires_strength": request.hires_strength,
+        "hires_upscaler": request.hires_upscaler,
         **(recipe_extra or {}),
         **request.extra,
     }
@@ -113,8 +149,34 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
 
 def sampler_label(base: BaseModel) -> str:
     """The scheduler under A1111's sampler name (``DDIM``, ``Euler a``, …)."""
-    name = type(base.pipe.scheduler).__name__
-    return SAMPLER_LABELS.get(name, name)
+    return current_sampler(base.pipe)[0]
+
+
+def generation_fields(request: GenerationRequest) -> dict[str, Any]:
+    """The A1111 ``parameters`` fields of the sampler and the modes, as A1111 writes them (only when used)."""
+    fields: dict[str, Any] = {}
+    if request.schedule and request.schedule != "Automatic":
+        fields["Schedule type"] = request.schedule
+    if request.clip_skip != 1:
+        fields["Clip skip"] = request.clip_skip
+    if request.init_image:
+        fields["Denoising strength"] = f"{request.strength:g}"
+    if request.hires_scale > 1:
+        fields["Denoising strength"] = f"{request.hires_strength:g}"
+        fields["Hires upscale"] = f"{request.hires_scale:g}"
+        if request.hires_steps:
+            fields["Hires steps"] = request.hires_steps
+        fields["Hires upscaler"] = request.hires_upscaler
+    return fields
+
+
+def model_hash(base: BaseModel) -> str:
+    """A1111's ``Model hash``: the first 10 hex digits of the checkpoint file's SHA-256; a model folder, which
+    A1111 cannot load, gives the studio's fingerprint."""
+    path = Path(base.source)
+    if path.is_file():
+        return _file_hash(str(path.resolve()), path.stat().st_mtime_ns)[:10]
+    return base.fingerprint[:10]
 
 
 def with_lora_tags(prompt: str, adapters: list[tuple[str, float]]) -> str:
@@ -128,7 +190,7 @@ def adapter_hash(spec: str) -> str:
     from studio.adapters.library import resolve_adapter
 
     path = resolve_adapter(spec).resolve()
-    return _file_hash(str(path), path.stat().st_mtime_ns)
+    return _file_hash(str(path), path.stat().st_mtime_ns)[:12]
 
 
 @lru_cache(maxsize=64)
@@ -139,34 +201,50 @@ def _file_hash(path: str, mtime_ns: int) -> str:
     with open(path, "rb") as handle:  # hashlib.file_digest would need Python 3.11
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
+
+
+def _open(path: str | None, mode: str, what: str) -> Image.Image | None:
+    if not path:
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the {what} {path}: {error}") from error
 
 
 def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage]:
-    """Generate ``request.num_images`` images; image i uses seed ``request.seed + i`` (A1111's batch convention)."""
+    """Generate ``request.num_images`` images; image i uses seed ``request.seed + i`` (A1111's batch convention).
+    With ``init_image``: img2img (``mask``: inpainting); with ``hires_scale`` > 1: hires fix."""
     request = request.resolved(base)
     pipe = base.pipe
-    composing: dict[str, Any] = {}
-    if request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
-        if not hasattr(pipe, "attach_adapters"):
-            raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
-        composing = {"adapters": request.adapters, "method": request.method,
-                     "method_options": request.method_options, "perp_neg": request.perp_neg or None,
-                     "decor_remove": request.decor_remove or None, "decor_alpha": request.decor_alpha,
-                     "adapter_prompts": request.adapter_prompts or None}
+    if request.sampler in SAMPLERS:
+        set_sampler(pipe, request.sampler, request.schedule)
+    if request.mask and not request.init_image:
+        raise ConfigError("a mask needs the image it masks: give an init image too")
+    call: dict[str, Any] = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None,
+                            "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
+                            "width": request.width, "height": request.height}
+    if hasattr(pipe, "attach_adapters"):
+        call.update(adapters=request.adapters, method=request.method, method_options=request.method_options,
+                    perp_neg=request.perp_neg or None, decor_remove=request.decor_remove or None,
+                    decor_alpha=request.decor_alpha, adapter_prompts=request.adapter_prompts or None,
+                    clip_skip=request.clip_skip - 1 or None)
+    elif request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
+        raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
+    init = _open(request.init_image, "RGB", "init image")
+    if init is not None:
+        call.update(image=init, strength=request.strength, mask_image=_open(request.mask, "L", "mask"))
     results = []
     for index in range(request.num_images):
         seed = request.seed + index
-        output = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
-            generator=seeded_generator(seed),
-            **composing,
-        )
+        generator = seeded_generator(seed)
+        if request.hires_scale > 1:
+            output = hires_fix(pipe, {**call, "generator": generator}, request.hires_scale, request.hires_steps,
+                               request.hires_strength, request.hires_upscaler)
+        else:
+            output = pipe(**call, generator=generator)
         parameters, recipe = describe(base, request, seed, {"composition": getattr(pipe, "last_recipe", None)})
         results.append(GeneratedImage(output.images[0], parameters, recipe))
     return results

@@ -27,25 +27,6 @@ EMBEDDED_MODEL = ASSETS / "tiny-sd"
 SINGLE_FILE_CONFIGS = ASSETS / "configs"
 EMBEDDED_NAMES = {"", "tiny", "tiny-sd", "embedded", "default"}
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-#: A1111's names for the samplers, written into the PNG ``parameters`` text.
-SAMPLER_LABELS = {"DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "EulerDiscreteScheduler": "Euler",
-                  "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun",
-                  "LMSDiscreteScheduler": "LMS", "PNDMScheduler": "PLMS", "UniPCMultistepScheduler": "UniPC",
-                  "DPMSolverMultistepScheduler": "DPM++ 2M"}
-
-
 @dataclass
 class BaseModel:
     """A loaded base model and the facts about it that adapters and pipelines check against."""
@@ -122,14 +103,54 @@ def fingerprint(pipe: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's scheduler by short name (``ddim``, ``euler_a``, ``dpm++``…), keeping its schedule."""
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    import diffusers
+def set_scheduler(pipe: Any, name: str, schedule: str | None = None) -> None:
+    """Swap the pipeline's scheduler: an A1111 sampler name (``DPM++ 2M``) with a schedule type (``Karras``), or
+    an old short name (``ddim``, ``euler_a``, ``dpm++_karras``…), keeping the model's noise schedule."""
+    from studio.samplers import set_sampler
 
-    class_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    set_sampler(pipe, name, schedule)
+
+
+def override_noise_schedule(pipe: Any, prediction_type: str | None = None, zero_snr: bool | None = None) -> None:
+    """What a single-file checkpoint cannot say about itself: ε or v prediction (SD 2.x 768-v, v-pred SDXL
+    fine-tunes) and zero terminal SNR (Lin et al. 2024: rescaled betas with trailing timesteps)."""
+    overrides: dict[str, Any] = {}
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction type is 'epsilon' or 'v_prediction', not {prediction_type!r}")
+        overrides["prediction_type"] = prediction_type
+    if zero_snr is not None:
+        overrides.update(rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
+        pipe._studio_scheduler_config = pipe.scheduler.config
+
+
+def load_vae(spec: str | os.PathLike, pipe: Any) -> Any:
+    """A VAE to replace ``pipe``'s: a diffusers folder (with or without ``vae/``) or a single ``.safetensors``
+    file in the original (LDM) layout, configured like the pipeline's own VAE."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    dtype = pipe.vae.dtype
+    try:
+        if path.is_dir():
+            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+            return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        if path.is_file():
+            if path.suffix.lower() != ".safetensors":
+                raise ModelLoadError(f"{path}: only .safetensors VAEs are loaded (.pt/.ckpt files are pickles)")
+            with tempfile.TemporaryDirectory() as config:
+                pipe.vae.save_config(config)
+                return AutoencoderKL.from_single_file(str(path), config=config, torch_dtype=dtype,
+                                                      local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"could not load the VAE {path}: {_short(error)}") from error
+    raise ModelLoadError(f"no VAE at {str(spec)!r}: not a folder and not a file")
 
 
 def _configure(pipe: Any, device: torch.device) -> None:
@@ -217,8 +238,10 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
 
 
 def load_base(spec: str | os.PathLike | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-              scheduler: str | None = None) -> BaseModel:
-    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id."""
+              scheduler: str | None = None, vae: str | os.PathLike | None = None,
+              prediction_type: str | None = None, zero_snr: bool | None = None) -> BaseModel:
+    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id.
+    ``vae`` replaces its VAE; ``prediction_type`` and ``zero_snr`` override its noise schedule."""
     target = choose_device(device)
     dtype = dtype or choose_dtype(target)
     text = "" if spec is None else str(spec)
@@ -239,8 +262,11 @@ def load_base(spec: str | os.PathLike | None = None, device: str | None = None, 
         else:
             raise ModelLoadError(f"no model at {text!r}: not a folder, not a file, and not a hub id")
         source = text
+    override_noise_schedule(pipe, prediction_type, zero_snr)
     if scheduler:
         set_scheduler(pipe, scheduler)
+    if vae is not None:
+        pipe.vae = load_vae(vae, pipe)
     _configure(pipe, target)
     base = BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
                      fingerprint=fingerprint(pipe))
@@ -259,13 +285,22 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, str]:
                              "pass its local folder")
     from diffusers import DiffusionPipeline
 
-    try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    try:  # the index and UNet config first, to pick the composition class before the weights come
+        index = DiffusionPipeline.load_config(repo_id)
+        unet_config = json.loads(Path(_hub_file(repo_id, "unet/config.json")).read_text())
+        family = detect_family(dict(index), unet_config)
+        extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = _pipeline_class(family).from_pretrained(repo_id, dtype=dtype, **extra)
     except Exception as error:
         raise ModelLoadError(f"could not fetch {repo_id!r} from the hub (offline?): {_short(error)}; pass a local "
                              "model folder or .safetensors file instead") from error
-    family = detect_family(dict(pipe.config), dict(pipe.unet.config))
     return pipe, family
+
+
+def _hub_file(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, filename)
 
 
 def _short(error: Exception) -> str:

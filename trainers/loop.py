@@ -202,7 +202,7 @@ def encode_captions(base, captions: Sequence[str], decor: tuple[list, float] | N
     (basis, α) the hidden states are projected away from the unwanted concepts (DECOR during training)."""
     from studio.text import clean_prompt
 
-    hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions])
+    hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions], literal=True)
     if decor is not None:
         from pipelines.decor import project_blocks
 
