@@ -4,6 +4,7 @@ with their reproducible recipe and A1111 ``parameters``."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,11 +56,11 @@ class GenerationRequest:
         """Fill the model's defaults in (the sampler: what the pipeline runs now) and check the values."""
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
             raise ConfigError(f"clip skip counts layers from the last (1 = none skipped), not {self.clip_skip!r}")
-        if self.sampler:
+        current = current_sampler(base.pipe)
+        if self.sampler and self.sampler != current[0]:
             sampler, schedule = resolve(self.sampler, self.schedule)
-        else:
-            sampler, schedule = current_sampler(base.pipe)
-            schedule = self.schedule or schedule
+        else:  # the pipeline's scheduler (a class outside A1111's table keeps its class name)
+            sampler, schedule = current[0], self.schedule or current[1]
             if sampler in SAMPLERS:
                 sampler, schedule = resolve(sampler, schedule)
         return dataclasses.replace(
@@ -78,10 +79,8 @@ class GenerationRequest:
 
 def _image_side(path: str | None, axis: int) -> int | None:
     """Width (axis 0) or height (1) of an init image, rounded down to 8 as A1111 sizes img2img."""
-    if not path:
-        return None
-    with Image.open(path) as image:
-        return image.size[axis] // 8 * 8
+    image = _open(path, "RGB", "init image")
+    return None if image is None else image.size[axis] // 8 * 8
 
 
 @dataclass
@@ -248,3 +247,76 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
         parameters, recipe = describe(base, request, seed, {"composition": getattr(pipe, "last_recipe", None)})
         results.append(GeneratedImage(output.images[0], parameters, recipe))
     return results
+
+
+_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")
+_RECIPE_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"num_images", "extra"}
+
+
+def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
+    """The request that made a PNG, and its model where the PNG names one it can be loaded from: the studio's
+    own recipe when present (bit-exact), else A1111's ``parameters`` text."""
+    from studio.png import read_recipe
+
+    try:
+        parameters, recipe = read_recipe(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the PNG {path}: {error}") from error
+    if recipe:
+        values = {k: v for k, v in recipe.items() if k in _RECIPE_FIELDS}
+        values["adapters"] = [(str(a), float(w)) for a, w in values.get("adapters", [])]
+        values["perp_neg"] = [(str(t), float(w)) for t, w in values.get("perp_neg", [])]
+        return GenerationRequest(**values), recipe.get("model")
+    if parameters:
+        return request_from_parameters(parameters), None
+    raise ConfigError(f"{path} carries no generation parameters (neither A1111's nor the studio's)")
+
+
+def request_from_parameters(text: str) -> GenerationRequest:
+    """An A1111 ``parameters`` text as a request: prompt (``<lora:name:weight>`` tags become adapters), size,
+    sampler and schedule (also the old combined names such as ``DPM++ 2M Karras``), clip skip, denoising
+    strength and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
+    from studio.png import parse_parameters
+
+    prompt, negative, fields = parse_parameters(text)
+    adapters = [(name, float(weight)) for name, weight in _LORA_TAG.findall(prompt)]
+    request = GenerationRequest(prompt=_LORA_TAG.sub("", prompt).strip(), negative_prompt=negative,
+                                adapters=adapters, method=fields.get("Composition", "merge"))
+    number = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance_scale", float),
+              "Clip skip": ("clip_skip", int), "Hires upscale": ("hires_scale", float),
+              "Hires steps": ("hires_steps", int)}
+    try:
+        for key, (name, kind) in number.items():
+            if key in fields:
+                setattr(request, name, kind(float(fields[key])) if kind is int else kind(fields[key]))
+        if "Size" in fields:
+            request.width, request.height = (int(v) for v in fields["Size"].lower().split("x"))
+        if "Denoising strength" in fields:
+            strength = float(fields["Denoising strength"])
+            if request.hires_scale > 1:
+                request.hires_strength = strength
+            else:
+                request.strength = strength
+    except ValueError as error:
+        raise ConfigError(f"unreadable A1111 parameters: {error}") from error
+    if "Hires upscaler" in fields:
+        request.hires_upscaler = "Latent" if fields["Hires upscaler"].startswith("Latent") else "Lanczos"
+    request.sampler, request.schedule = _a1111_sampler(fields.get("Sampler"), fields.get("Schedule type"))
+    if "Perp-Neg" in fields:
+        request.perp_neg = [(t.rsplit(":", 1)[0].strip(), float(t.rsplit(":", 1)[1]))
+                            for t in fields["Perp-Neg"].split("; ")]
+    decor = re.fullmatch(r"(.*) \(alpha ([\d.]+)\)", fields.get("DECOR", ""))
+    if decor:
+        request.decor_remove = [w.strip() for w in decor.group(1).split(",") if w.strip()]
+        request.decor_alpha = float(decor.group(2))
+    return request
+
+
+def _a1111_sampler(sampler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
+    """A1111's sampler and schedule type; before v1.9 the schedule was part of the name (``Euler Karras``)."""
+    if not sampler:
+        return None, schedule
+    for suffix in ("Karras", "Exponential"):
+        if schedule is None and sampler.endswith(f" {suffix}"):
+            return sampler[: -len(suffix) - 1], suffix
+    return sampler, schedule
