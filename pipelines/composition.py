@@ -13,20 +13,25 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from pipelines.engine import CompositionEngine, call_clip_skip
+from pipelines.engine import CompositionEngine
 from studio.prompt_weighting import encode_chunks
 
 
 class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
     """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
 
-    def encode_texts(self, texts: list[str], *, clip_skip: int | None = None, literal: bool = False
+    def encode_texts(self, texts: list[str], texts_2: list[str] | None = None, *, lora_scale: float | None = None,
+                     clip_skip: int | None = None, zero_empty: bool = True, literal: bool = False
                      ) -> tuple[torch.Tensor, None]:
-        """A1111's long, weighted prompts (:mod:`studio.prompt_weighting`); ``clip_skip`` as diffusers means it
-        (default: the current call's). ``literal``: no prompt syntax, one chunk (training captions)."""
-        skip = call_clip_skip(self, clip_skip, literal)
-        hidden, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, skip, literal=literal)
+        """diffusers' ``encode_prompt`` without guidance, for A1111's long and weighted prompts
+        (:mod:`studio.prompt_weighting`: the same embeddings for a plain prompt of up to 75 tokens);
+        ``literal``: the text as written, cut at 77 tokens (training captions). ``texts_2`` and ``zero_empty``
+        are SDXL's."""
+        hidden, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, clip_skip, literal=literal,
+                                  lora_scale=lora_scale)
         return hidden.to(self.unet.dtype), None
 
-    def make_output(self, images) -> StableDiffusionPipelineOutput:
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True):
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)

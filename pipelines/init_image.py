@@ -89,8 +89,24 @@ def default_size(image: Any, height: int | None, width: int | None, multiple: in
 
 
 def _encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
-    pixels = pixels.to(pipe.vae.device, pipe.vae.dtype)
-    return pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    """VAE latents as the pipelines decode them: fp16 VAEs that ask for it run in fp32 (SDXL), and latents are
+    normalised by the VAE's mean and std where its config has them."""
+    vae, config = pipe.vae, pipe.vae.config
+    upcast = vae.dtype == torch.float16 and config.get("force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * config.scaling_factor / std
+    return latents * config.scaling_factor
 
 
 def _batched(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -112,20 +128,21 @@ def image_latents(pipe, image: Any, height: int, width: int) -> torch.Tensor:
     return _encode(pipe, pixels)
 
 
-def prepare(pipe, image: Any, mask_image: Any, strength: float, batch: int, height: int, width: int,
-            dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None, num_steps: int
+def prepare(pipe, image: Any, mask_image: Any, strength: float, schedule: torch.Tensor, batch: int, height: int,
+            width: int, dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, InitImage | None]:
-    """Set the scheduler's timesteps; returns (starting latents, timesteps to run, init image or None)."""
-    pipe.scheduler.set_timesteps(num_steps, device=device)
-    timesteps = pipe.scheduler.timesteps
+    """Starting latents, the part of ``schedule`` (the scheduler's timesteps, set) to run, and the init image."""
+    if image is None:
+        latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generator,
+                                       latents)
+        return latents, schedule, None
     channels = pipe.vae.config.latent_channels
     shape = (batch, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    if image is None:
-        return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator, latents), timesteps, None
     strength = check_strength(strength)
+    num_steps = getattr(pipe.scheduler, "num_inference_steps", None) or len(schedule)
     run = min(int(num_steps * strength), num_steps)
     start = (num_steps - run) * pipe.scheduler.order
-    timesteps = timesteps[start:]
+    timesteps = schedule[start:]
     if hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(start)
     clean = _batched(image_latents(pipe, image, height, width).to(device, dtype), batch, "init image")
@@ -154,7 +171,7 @@ def prepare(pipe, image: Any, mask_image: Any, strength: float, batch: int, heig
     return start_latents, timesteps, init
 
 
-def unet_input(pipe, latents: torch.Tensor, timestep, init: InitImage | None) -> torch.Tensor:
+def model_input(pipe, latents: torch.Tensor, timestep, init: InitImage | None) -> torch.Tensor:
     """The scheduler-scaled latents; a 9-channel inpainting UNet also gets the mask and masked-image latents."""
     scaled = pipe.scheduler.scale_model_input(latents, timestep)
     if init is None or init.masked_latents is None:

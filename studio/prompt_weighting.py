@@ -159,10 +159,25 @@ def select_hidden(output, clip_skip: int | None, final_norm, penultimate_default
 
 
 def encode_chunks(tokenizer, text_encoder, texts: Sequence[str], clip_skip: int | None = None,
-                  penultimate_default: bool = False, chunk_count: int | None = None, literal: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  penultimate_default: bool = False, chunk_count: int | None = None, literal: bool = False,
+                  lora_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [batch, 77·chunks, width] of ``texts`` (every text padded with empty chunks to the longest,
-    or to ``chunk_count``), and the first chunk's ``text_embeds`` when the encoder has a projection."""
+    or to ``chunk_count``), and the first chunk's ``text_embeds`` when the encoder has a projection.
+    ``lora_scale`` scales the encoder's peft LoRA layers for the call, as diffusers' ``encode_prompt`` does."""
+    if lora_scale is None:
+        return _encode_chunks(tokenizer, text_encoder, texts, clip_skip, penultimate_default, chunk_count, literal)
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    scale_lora_layers(text_encoder, lora_scale)
+    try:
+        return _encode_chunks(tokenizer, text_encoder, texts, clip_skip, penultimate_default, chunk_count, literal)
+    finally:
+        unscale_lora_layers(text_encoder, lora_scale)
+
+
+def _encode_chunks(tokenizer, text_encoder, texts: Sequence[str], clip_skip: int | None,
+                   penultimate_default: bool, chunk_count: int | None, literal: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = text_encoder.device
     prompts = [chunk_tokens(tokenizer, t, literal) for t in texts]
     count = max([chunk_count or 0] + [len(p.ids) for p in prompts])
