@@ -229,7 +229,7 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
         call.update(adapters=request.adapters, method=request.method, method_options=request.method_options,
                     perp_neg=request.perp_neg or None, decor_remove=request.decor_remove or None,
                     decor_alpha=request.decor_alpha, adapter_prompts=request.adapter_prompts or None,
-                    clip_skip=request.clip_skip - 1 or None)
+                    clip_skip=request.clip_skip - 1 or None, negative_clip_skip=request.clip_skip - 1 or None)
     elif request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
         raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
     init = _open(request.init_image, "RGB", "init image")
