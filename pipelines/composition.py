@@ -29,7 +29,7 @@ class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
         are SDXL's."""
         hidden, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, clip_skip, literal=literal,
                                   lora_scale=lora_scale)
-        return hidden.to(self.unet.dtype), None
+        return hidden, None  # in the text encoder's dtype, as diffusers returns it
 
     def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True):
         if not return_dict:

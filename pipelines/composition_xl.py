@@ -40,8 +40,7 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
         first, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, clip_skip, True, count, literal, lora_scale)
         second, pooled = encode_chunks(self.tokenizer_2, self.text_encoder_2, second_texts, clip_skip, True, count,
                                        literal, lora_scale)
-        hidden = torch.cat([first, second], dim=-1).to(self.unet.dtype)
-        pooled = pooled.to(self.unet.dtype)
+        hidden = torch.cat([first.to(second.dtype), second], dim=-1)
         if zero_empty and self.zero_unconditional:
             empty = torch.tensor([not t for t in texts], device=hidden.device)
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
