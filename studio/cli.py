@@ -45,7 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
     if request is None and args.prompt is None:
         raise ConfigError("generate needs --prompt (or --from-png FILE)")
     base = load_base(args.model or png_model, device=args.device, scheduler=args.scheduler, vae=args.vae,
-                     prediction_type=args.prediction_type, zero_snr=args.zero_snr)
+                     prediction_type=args.prediction_type, zero_snr=args.zero_snr, config=args.model_config)
     given = {name: value for name, value in (
         ("prompt", args.prompt), ("negative_prompt", args.negative_prompt), ("seed", args.seed),
         ("steps", args.steps), ("guidance_scale", args.guidance_scale), ("width", args.width),
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DECOR: comma-separated concepts projected out of the prompt embedding")
     gen.add_argument("--decor-alpha", dest="decor_alpha", type=float, default=None)
     gen.add_argument("--model", default=None, help="model folder, .safetensors file or hub id (default: embedded)")
+    gen.add_argument("--model-config", dest="model_config", default=None, metavar="DIR",
+                     help="diffusers folder with the configs of a single-file checkpoint of an unusual size")
     gen.add_argument("--vae", default=None, metavar="FILE|DIR", help="replace the model's VAE (.safetensors or "
                      "diffusers folder)")
     gen.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v_prediction"],

@@ -214,15 +214,17 @@ def _single_file_family(path: Path) -> str:
                          "encoder keys found)")
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
-    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download)."""
+def _load_single_file(path: Path, dtype: torch.dtype, config_folder: str | os.PathLike | None = None
+                      ) -> tuple[Any, str]:
+    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download), or
+    from ``config_folder``: a diffusers model folder of the same architecture (a non-standard size)."""
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path}: only .safetensors checkpoints are loaded; .ckpt files are pickles that can "
                              "run code. Convert it to safetensors with a tool you trust first")
     family = _single_file_family(path)
     from studio.text import build_clip_tokenizer
 
-    config = SINGLE_FILE_CONFIGS / family
+    config = Path(config_folder) if config_folder is not None else SINGLE_FILE_CONFIGS / family
     tokenizers = {"tokenizer": build_clip_tokenizer()}
     if family in ("sd2", "sdxl"):  # OpenCLIP's tokenizer pads with "!" (id 0)
         key = "tokenizer_2" if family == "sdxl" else "tokenizer"
@@ -239,9 +241,11 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
 
 def load_base(spec: str | os.PathLike | None = None, device: str | None = None, dtype: torch.dtype | None = None,
               scheduler: str | None = None, vae: str | os.PathLike | None = None,
-              prediction_type: str | None = None, zero_snr: bool | None = None) -> BaseModel:
+              prediction_type: str | None = None, zero_snr: bool | None = None,
+              config: str | os.PathLike | None = None) -> BaseModel:
     """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id.
-    ``vae`` replaces its VAE; ``prediction_type`` and ``zero_snr`` override its noise schedule."""
+    ``vae`` replaces its VAE; ``prediction_type`` and ``zero_snr`` override its noise schedule; ``config``: the
+    diffusers folder whose configs a single-file checkpoint of a non-standard architecture takes."""
     target = choose_device(device)
     dtype = dtype or choose_dtype(target)
     text = "" if spec is None else str(spec)
@@ -256,7 +260,7 @@ def load_base(spec: str | os.PathLike | None = None, device: str | None = None, 
         if path.is_dir():
             pipe, family, domain = _load_folder(path, dtype)
         elif path.is_file():
-            pipe, family = _load_single_file(path, dtype)
+            pipe, family = _load_single_file(path, dtype, config)
         elif _looks_like_hub_id(text) and not path.exists():
             pipe, family = _load_hub(text, dtype)
         else:
