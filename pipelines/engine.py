@@ -3,7 +3,9 @@
 Each step the method plans its evaluations; the shared step runs every single-adapter evaluation of one pass
 type as one batched UNet call with per-sample adapter routing; the method fuses; a guidance combiner (CFG or
 Perp-Neg) makes the final noise estimate. A pipeline class supplies only how text is encoded
-(:meth:`CompositionEngine.encode_texts`) and the UNet's added conditions (SDXL's pooled text and time ids).
+(:meth:`CompositionEngine.encode_texts`), SDXL's size conditioning, decoding and its output type. Around the loop
+the engine keeps diffusers' ``__call__`` contract (:mod:`pipelines.call_contract`); without ``adapters=`` it
+evaluates exactly what diffusers' loop evaluates, so the images are stock's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from diffusers import StableDiffusionXLPipeline
 
 from pipelines import init_image
 from pipelines.attention_capture import capture_cross_attention
-from pipelines.call_contract import StepCallback, denoising_schedule, guidance_embedding, refuse_sdxl_arguments
+from pipelines.call_contract import (
+    StepCallback,
+    denoising_schedule,
+    guidance_embedding,
+    refuse_combinations,
+    refuse_sdxl_arguments,
+)
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha
 from pipelines.guidance import cfg
@@ -127,12 +135,16 @@ class CompositionEngine:
 
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
+        loaded = self._loaded()
+        if loaded:  # diffusers' unload_lora_weights / delete_adapters remove the studio's adapters too
+            present = set(attached_adapters(self.studio_base()))
+            for key in [key for key, name in loaded.items() if name not in present]:
+                del loaded[key]
         resolved = []
         for spec in adapters or []:
             source, weight = adapter_spec(spec)
             path = resolve_adapter(source)
             key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-            loaded = self._loaded()
             if key not in loaded:
                 adapter = read_adapter(path)
                 name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
@@ -384,13 +396,13 @@ class CompositionEngine:
         legacy = _legacy_callback(kwargs)
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
-        refuse_sdxl_arguments(self, {
-            "prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "pooled_prompt_embeds": pooled_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left, "target_size": target_size,
-            "negative_original_size": negative_original_size,
-            "negative_crops_coords_top_left": negative_crops_coords_top_left,
-            "negative_target_size": negative_target_size})
+        sizes = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size, "negative_original_size": negative_original_size,
+                 "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                 "negative_target_size": negative_target_size}  # SDXL's size conditioning
+        refuse_sdxl_arguments(self, {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2,
+                                     "pooled_prompt_embeds": pooled_prompt_embeds,
+                                     "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, **sizes})
         step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
@@ -410,13 +422,8 @@ class CompositionEngine:
         given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                                        pooled_prompt_embeds, negative_pooled_prompt_embeds, perp_neg,
                                        composer.uses_adapter_prompts)
-        if perp_neg and not guided:
-            raise ConfigError("Perp-Neg is a guidance rule: it needs guidance_scale > 1 (and a UNet without a "
-                              "guidance embedding)")
         ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
-        if ip_adapter and composer.capture_resolution is not None:
-            raise ConfigError(f"method {method_name!r} reads cross-attention maps, which IP-Adapter's attention "
-                              "processors would give up; generate without ip_adapter_image")
+        refuse_combinations(method_name, composer, bool(perp_neg), guided, ip_adapter)
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
@@ -448,16 +455,12 @@ class CompositionEngine:
                           for index, texts in enumerate(prompt_sets)]
             conditions = pad_chunks(self, conditions)
             dtype = conditions[0].hidden[-1].dtype
-            sizes = self.size_conditions(height, width, {
-                "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
-                "target_size": target_size, "negative_original_size": negative_original_size,
-                "negative_crops_coords_top_left": negative_crops_coords_top_left,
-                "negative_target_size": negative_target_size}, dtype)
+            time_ids = self.size_conditions(height, width, sizes, dtype)
             images = None
             if ip_adapter:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
-            conditions = [with_extras(c, sizes, images, batch, device) for c in conditions]
+            conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
             latents, schedule, self._studio_init = init_image.prepare(
                 self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents)
             composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
@@ -482,7 +485,7 @@ class CompositionEngine:
                                                       composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
-                                                  guidance_rescale, [w for _, w in negatives], guided)
+                                                  guidance_rescale, [w for _, w in negatives], conditions[0].guided)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                     latents = init_image.blend(self, latents, self._studio_init, schedule, step)
                     if step_callback:
@@ -544,13 +547,18 @@ class CompositionEngine:
                   conditions: list[Conditioning], kv: CrossKVCache) -> torch.Tensor:
         """``callback_on_step_end`` with the loop's tensors as diffusers names them (``prompt_embeds``: the main
         prompt's branches, concatenated as diffusers' UNet batch); returned ``latents`` and embeddings are used
-        from the next step on. Returns the latents."""
+        from the next step on, and a callback that switches guidance off (diffusers' CFG cut-off) leaves every
+        prompt its conditional branch. Returns the latents."""
         main = conditions[0]
         tensors = {"latents": latents, "prompt_embeds": torch.cat(main.hidden),
                    "negative_prompt_embeds": main.hidden[0] if main.guided else None}
         if main.pooled is not None:
             tensors.update(add_text_embeds=torch.cat(main.pooled), add_time_ids=torch.cat(main.time_ids))
         outputs = callback(self, step, timestep, tensors)
+        if main.guided and not self.do_classifier_free_guidance:  # guidance switched off (CFG cut-off callbacks)
+            conditions[:] = [c.branch(c.cond_index) for c in conditions]
+            main = conditions[0]
+            kv.entries.clear()
         parts = {"prompt_embeds": "hidden", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
         changed = {field: outputs[name].chunk(len(main)) for name, field in parts.items()
                    if outputs.get(name) is not None and outputs[name] is not tensors.get(name)}
