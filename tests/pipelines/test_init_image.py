@@ -127,3 +127,31 @@ def test_inpainting_unet_takes_its_own_path_and_refuses_img2img():
     mask = Image.new("L", (64, 64), 255)
     out = pipe(PROMPT, image=image, mask_image=mask, strength=1.0, num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 64, 64, 3)
+
+
+def test_sdxl_img2img_inpainting_and_long_prompts():
+    from tests.conftest import make_random_sdxl_base
+
+    pipe = make_random_sdxl_base().pipe
+    image = Image.new("RGB", (32, 32), (20, 30, 120))
+    prompt = ", ".join(["a white background"] * 30) + ", a red star"  # two 77-token chunks
+
+    def call(**kwargs):
+        return pipe(prompt, negative_prompt="blurry", num_inference_steps=4, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    assert np.array_equal(call(image=image, strength=1.0), call())
+    assert np.abs(call(image=image, strength=0.0) - roundtrip(pipe, image)).max() < 1e-4
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    out = call(image=image, mask_image=mask, strength=0.8)
+    assert np.abs(out - np.asarray(image, np.float32)[None] / 255)[:, :, 16:].max() < 1e-5
+
+
+def test_clora_finds_its_concept_in_a_later_chunk(setup):
+    pipe, adapters, _ = setup
+    prompt = ", ".join(["a white background"] * 19) + ", a red solid sks and a blue xyz"
+    pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), adapters=adapters,
+         method="clora", method_options={"groups": [["red"], ["blue"]]}, output_type="np")
+    masks = [pipe.last_masks[name] for name in pipe.last_masks if name != "__clora_base__"]
+    assert len(masks) == 2 and all(mask.sum() > 0 for mask in masks)
