@@ -120,7 +120,10 @@ class Studio:
                 masks += _mask_images(base)
         except StudioError as error:
             raise gr.Error(str(error)) from error
-        extras = [label for label, used in (("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove)) if used]
+        modes = (("inpaint" if request.mask else "img2img", request.init_image),
+                 ("hires fix", request.hires_scale > 1),
+                 ("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove))
+        extras = [label for label, used in modes if used]
         stopped = " · stopped" if self.stop_generation.is_set() else ""
         return gallery, masks, " · ".join([f"{len(gallery)} image(s)", f"seed {request.seed}", request.method,
                                            *extras]) + stopped
