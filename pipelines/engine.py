@@ -392,6 +392,11 @@ class CompositionEngine:
         Refused with a reason: Perp-Neg without guidance (it is a guidance rule); ``prompt_embeds`` with methods
         that give each adapter its own prompt text; methods that read cross-attention maps (CLoRA) with
         IP-Adapter inputs, whose attention processors those maps would replace.
+
+        Modes (:mod:`pipelines.init_image`): ``image`` and ``strength`` as diffusers' img2img pipeline names them,
+        ``mask_image`` as its inpaint pipeline does (white = repaint; a 9-channel UNet takes its own path); prompts
+        take A1111's syntax and any length (:mod:`studio.prompt_weighting`); ``negative_clip_skip`` applies a
+        clip skip to the negative prompts too, as A1111 does (diffusers skips on the prompt only).
         """
         legacy = _legacy_callback(kwargs)
         if kwargs:
