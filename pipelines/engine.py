@@ -128,10 +128,13 @@ class CompositionEngine:
         return self._studio_loaded
 
     def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
-        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order."""
+        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order. A weight in diffusers'
+        dict form ({"text_encoder": …, "unet": {"down": …}}) becomes per-layer factors and weight 1. All or
+        nothing: every file is read and checked before any is attached, and a failed attach detaches this call's."""
         from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
+        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter, set_layer_weights
         from studio.adapters.library import resolve_adapter
+        from studio.adapters.weights import AdapterWeight
 
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
@@ -140,28 +143,46 @@ class CompositionEngine:
             present = set(attached_adapters(self.studio_base()))
             for key in [key for key, name in loaded.items() if name not in present]:
                 del loaded[key]
-        resolved = []
+        specs = []
         for spec in adapters or []:
             source, weight = adapter_spec(spec)
             path = resolve_adapter(source)
             key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-            if key not in loaded:
-                adapter = read_adapter(path)
-                name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
-                attach_adapter(self.studio_base(), adapter, name)
-                loaded[key] = name
-                self._studio_profiles = getattr(self, "_studio_profiles", {})
-                self._studio_profiles[name] = _frequency_profile(adapter)
-                self._studio_triggers = getattr(self, "_studio_triggers", {})
-                self._studio_triggers[name] = adapter.trigger_words
+            specs.append((key, weight, None if key in self._loaded() else read_adapter(path)))
+        added: list[tuple[str, str]] = []
+        try:
+            for key, _, adapter in specs:
+                if adapter is not None and key not in self._loaded():
+                    name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
+                    attach_adapter(self.studio_base(), adapter, name)
+                    self._loaded()[key] = name
+                    added.append((key, name))
+                    self._studio_profiles = getattr(self, "_studio_profiles", {})
+                    self._studio_profiles[name] = _frequency_profile(adapter)
+                    self._studio_triggers = getattr(self, "_studio_triggers", {})
+                    self._studio_triggers[name] = adapter.trigger_words
+        except Exception:
+            for key, name in added:
+                detach_adapter(self.studio_base(), name)
+                del self._loaded()[key]
+            raise
+        resolved = []
+        self._studio_weight_recipe = {}
+        for key, weight, _ in specs:
+            loaded = self._loaded()
             loaded.move_to_end(key)
-            resolved.append((loaded[key], float(weight)))
+            layered = weight if isinstance(weight, AdapterWeight) else None
+            set_layer_weights(self.studio_base(), loaded[key], layered)
+            if layered is not None:
+                self._studio_weight_recipe[loaded[key]] = layered.describe()
+            resolved.append((loaded[key], 1.0 if layered is not None else float(weight)))
         in_use = {name for name, _ in resolved}
         while len(self._loaded()) > self.max_loaded_adapters:
             key, name = next(iter(self._loaded().items()))
             if name in in_use:
                 break
             detach_adapter(self.studio_base(), name)
+            set_layer_weights(self.studio_base(), name, None)
             del self._loaded()[key]
         return resolved
 
@@ -429,6 +450,7 @@ class CompositionEngine:
                                        composer.uses_adapter_prompts)
         ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
         refuse_combinations(method_name, composer, bool(perp_neg), guided, ip_adapter)
+        prompt, adapters = with_prompt_tags(prompt, adapters)
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
@@ -504,6 +526,8 @@ class CompositionEngine:
         self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                            if mask is not None}
         self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        if self._studio_weight_recipe:
+            self.last_recipe["adapter_weights"] = dict(self._studio_weight_recipe)
         if negatives:
             self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:
@@ -720,13 +744,33 @@ def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative
     return terms
 
 
-def adapter_spec(spec: Any) -> tuple[str | Path, float]:
-    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair."""
+def adapter_spec(spec: Any) -> tuple[str | Path, Any]:
+    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair; the weight is a
+    number or diffusers' ``set_adapters`` dict form (an :class:`~studio.adapters.weights.AdapterWeight`)."""
+    from studio.adapters.weights import AdapterWeight, weight_from_mapping
+
     if isinstance(spec, str | Path):
         return spec, 1.0
     if not isinstance(spec, Sequence) or len(spec) != 2 or not isinstance(spec[0], str | Path):
         raise ConfigError(f"each adapter is a file or name, or a (file or name, weight) pair, not {spec!r}")
+    if isinstance(spec[1], AdapterWeight):
+        return spec[0], spec[1]
+    if isinstance(spec[1], Mapping):
+        return spec[0], weight_from_mapping(spec[1], f"adapter weight for {spec[0]}")
     return spec[0], _finite_number(spec[1], f"adapter weight for {spec[0]}")
+
+
+def with_prompt_tags(prompt, adapters) -> tuple[Any, list]:
+    """A1111's ``<lora:NAME:W>`` tags taken out of the prompt(s) and added after ``adapters``."""
+    if prompt is None:
+        return prompt, adapters
+    from studio.adapters.prompt_tags import adapters_from_prompts
+
+    texts, tagged = adapters_from_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    if not tagged:
+        return prompt, adapters
+    given = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
+    return (texts[0] if isinstance(prompt, str) else texts), given + tagged
 
 
 def _finite_number(value: Any, what: str) -> float:

@@ -230,7 +230,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
                     perp_neg=request.perp_neg or None, decor_remove=request.decor_remove or None,
                     decor_alpha=request.decor_alpha, adapter_prompts=request.adapter_prompts or None,
                     clip_skip=request.clip_skip - 1 or None, negative_clip_skip=request.clip_skip - 1 or None)
-    elif request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
+    elif (request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove
+          or any(tag in request.prompt.lower() for tag in ("<lora:", "<lyco:"))):  # A1111's adapter tags
         raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
     init = _open(request.init_image, "RGB", "init image")
     if init is not None:
@@ -249,7 +250,7 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
     return results
 
 
-_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")
+_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+]?[\d.]+)>")  # the plain form; others stay for the pipeline
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"num_images", "extra"}
 
 
