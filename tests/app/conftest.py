@@ -37,7 +37,9 @@ def studio_env(tmp_path, monkeypatch):
 
 
 def form(prompt="a red solid sks on a white background", rows=None, method="merge", negative="", perp_neg=False,
-         seed=3, batch=1, weight="1.0", clora_words="", clora_fill=False):
+         seed=3, batch=1, weight="1.0", clora_words="", clora_fill=False, sampler="Model default",
+         schedule="Automatic", clip_skip=1, init=None, strength=0.75, hires_scale=1.0, hires_steps=0,
+         hires_strength=0.7, hires_upscaler="Latent"):
     """Values of the Compose form in the order the handlers take them."""
     cells = []
     chosen = rows or []
@@ -47,4 +49,5 @@ def form(prompt="a red solid sks on a white background", rows=None, method="merg
         else:
             cells += [False, None, "1.0", ""]
     return [*cells, prompt, negative, method, 5, 0, clora_words, clora_fill, perp_neg, 1.5, "", 1.0, seed, False, 3,
-            5.0, 64, batch]
+            5.0, 64, batch, sampler, schedule, clip_skip, init, strength, hires_scale, hires_steps, hires_strength,
+            hires_upscaler]
