@@ -17,8 +17,9 @@ import time
 import torch
 from PIL import Image
 
-from bench.compose import METHODS, setup
+from bench.compose import setup
 from pipelines import CompositionPipeline
+from pipelines.methods import METHODS
 
 
 def timed(pipe, prompt: str, adapters, method: str, steps: int, size: int, **mode) -> float:
