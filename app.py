@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import queue
 import random
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import torch
 from PIL import Image
 
 from frontends.cli import add_app_flags
 from frontends.compare import compare_methods
-from frontends.generate import GenerationRequest, generate
+from frontends.generate import GenerationRequest, generate, request_from_png
 from pipelines.loading import load_base
 from pipelines.methods import METHODS
 from studio.adapters.file import read_adapter
@@ -36,7 +38,8 @@ from studio.adapters.library import (
 from studio.errors import StudioError
 from studio.eval.domain import DomainEvaluator
 from studio.models import BaseModel
-from studio.png import default_outputs, numbered_png, read_recipe, save_png
+from studio.png import default_outputs, numbered_png, save_png
+from studio.samplers import SAMPLERS, SCHEDULE_FLAGS
 from studio.text import split_words
 from trainers import TRAINERS, TrainConfig
 from trainers import run as run_trainer
@@ -45,6 +48,8 @@ from trainers.sara import SaraConfig
 
 OUTPUTS = default_outputs()
 ROWS = 4  # adapter stack rows, as in Fooocus
+MODEL_SAMPLER = "Model default"
+SAMPLER_CHOICES = [MODEL_SAMPLER, *SAMPLERS]
 LIBRARY_COLUMNS = ["name", "kind", "method", "trigger words", "rank", "frequency", "base", "file"]
 
 
@@ -70,7 +75,9 @@ class Studio:
                 cache_interval: float, clora_words: str, clora_fill: bool, perp_neg: bool, perp_neg_weight: float,
                 decor_words: str,
                 decor_alpha: float, seed: float, randomize: bool, steps: float, guidance: float, size: float,
-                batch: float) -> GenerationRequest:
+                batch: float, sampler: str = MODEL_SAMPLER, schedule: str = "Automatic", clip_skip: float = 1,
+                init: Any = None, strength: float = 0.75, hires_scale: float = 1.0, hires_steps: float = 0,
+                hires_strength: float = 0.7, hires_upscaler: str = "Latent") -> GenerationRequest:
         if not prompt.strip():
             raise gr.Error("Write a prompt first.")
         adapters, adapter_prompts = [], []
@@ -104,6 +111,9 @@ class Studio:
             method_options=options, perp_neg=[(negative, float(perp_neg_weight))] if perp_neg else [],
             decor_remove=split_words(decor_words), decor_alpha=float(decor_alpha),
             adapter_prompts=adapter_prompts if method == "clora" else [],
+            sampler=None if sampler == MODEL_SAMPLER else sampler, schedule=schedule, clip_skip=int(clip_skip),
+            **_init_fields(init), strength=float(strength), hires_scale=float(hires_scale),
+            hires_steps=int(hires_steps) or None, hires_strength=float(hires_strength), hires_upscaler=hires_upscaler,
         )
 
     def generate(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
@@ -124,7 +134,10 @@ class Studio:
                 masks += _mask_images(result.masks)
         except StudioError as error:
             raise gr.Error(str(error)) from error
-        extras = [label for label, used in (("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove)) if used]
+        modes = (("inpaint" if request.mask else "img2img", request.init_image),
+                 ("hires fix", request.hires_scale > 1),
+                 ("Perp-Neg", request.perp_neg), ("DECOR", request.decor_remove))
+        extras = [label for label, used in modes if used]
         stopped = " · stopped" if self.stop_generation.is_set() else ""
         return gallery, masks, " · ".join([f"{len(gallery)} image(s)", f"seed {request.seed}", request.method,
                                            *extras]) + stopped
@@ -302,6 +315,31 @@ def _staged_images(files: Sequence[Any], captions: Any) -> Path:
     return folder
 
 
+def _init_fields(editor: Any) -> dict[str, str | None]:
+    """The img2img panel's image and painted mask (white strokes = repaint), stored under outputs/inputs by
+    content, so a PNG's recipe names files that reproduce it. An empty panel is text to image."""
+    background = editor.get("background") if isinstance(editor, dict) else editor
+    if background is None:
+        return {"init_image": None, "mask": None}
+    image = (background if isinstance(background, Image.Image) else Image.open(background)).convert("RGB")
+    layers = [layer if isinstance(layer, Image.Image) else Image.open(layer)
+              for layer in (editor.get("layers") or [] if isinstance(editor, dict) else [])]
+    painted = np.zeros((image.height, image.width), bool)
+    for layer in layers:
+        painted |= np.asarray(layer.convert("RGBA").resize(image.size))[..., 3] > 0
+    folder = OUTPUTS / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def store(picture: Image.Image) -> str:
+        path = folder / f"{hashlib.sha256(picture.tobytes()).hexdigest()[:16]}.png"
+        if not path.exists():
+            picture.save(path)
+        return str(path)
+
+    mask = store(Image.fromarray(painted.astype(np.uint8) * 255)) if painted.any() else None
+    return {"init_image": store(image), "mask": mask}
+
+
 def _output_path(seed: int) -> Path:
     return numbered_png(OUTPUTS, seed)
 
@@ -353,40 +391,64 @@ def move_row(index: int, delta: int, *values: Any) -> list[Any]:
 #: What :func:`recipe_to_form` fills after the adapter rows, named as :meth:`Studio.request`'s parameters.
 RECIPE_FIELDS = ("prompt", "negative", "method", "seed", "randomize", "steps", "guidance", "size", "perp_neg",
                  "perp_neg_weight", "decor_words", "decor_alpha", "switch_interval", "cache_interval", "clora_words",
-                 "clora_fill")
+                 "clora_fill", "sampler", "schedule", "clip_skip", "init", "strength", "hires_scale", "hires_steps",
+                 "hires_strength", "hires_upscaler")
+
+
+def _gallery_path(event: gr.SelectData, gallery: Any) -> str:
+    item = gallery[event.index]
+    image = item[0] if isinstance(item, list | tuple) else item
+    return image.get("image", {}).get("path") if isinstance(image, dict) else image
 
 
 def recipe_to_form(event: gr.SelectData, gallery: Any) -> list[Any]:
     """Send a gallery image back to the form from its PNG recipe: adapters, prompts, seed and settings, and the
     method's options, Perp-Neg and DECOR, so that Generate draws the same image again."""
-    item = gallery[event.index]
-    image = item[0] if isinstance(item, list | tuple) else item
-    path = image.get("image", {}).get("path") if isinstance(image, dict) else image
-    _, recipe = read_recipe(path)
-    if not recipe:
-        raise gr.Error("This image carries no studio recipe.")
+    return png_to_form(_gallery_path(event, gallery))
+
+
+def png_to_form(path: Any) -> list[Any]:
+    """Every form value from a PNG's parameters: the studio's recipe, or the ``parameters`` text A1111 writes
+    (prompt, LoRA tags, sampler and schedule, clip skip, size, denoising strength, hires fix)."""
+    if path is None:
+        raise gr.Error("Drop a PNG first.")
+    try:
+        request, _ = request_from_png(getattr(path, "name", path))
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
     rows = []
-    adapters = recipe.get("adapters", [])
-    own = recipe.get("adapter_prompts") or []
     for index in range(ROWS):
-        if index < len(adapters):
-            prompt = own[index] if index < len(own) and own[index] != recipe["prompt"] else ""
-            rows += [True, Path(str(adapters[index][0])).stem, adapters[index][1], prompt]
+        if index < len(request.adapters):
+            own = request.adapter_prompts
+            prompt = own[index] if index < len(own) and own[index] != request.prompt else ""
+            rows += [True, Path(str(request.adapters[index][0])).stem, request.adapters[index][1], prompt]
         else:
             rows += [False, None, 1.0, ""]
-    options = recipe.get("method_options") or {}
-    perp_neg = recipe.get("perp_neg") or []
-    negative = perp_neg[0][0] if perp_neg else recipe.get("negative_prompt", "")
-    fields = {"prompt": recipe["prompt"], "negative": negative, "method": recipe.get("method", "merge"),
-              "seed": recipe["seed"], "randomize": False, "steps": recipe["steps"],
-              "guidance": recipe["guidance_scale"], "size": recipe["width"], "perp_neg": bool(perp_neg),
-              "perp_neg_weight": perp_neg[0][1] if perp_neg else 1.5,
-              "decor_words": ", ".join(recipe.get("decor_remove") or []),
-              "decor_alpha": recipe.get("decor_alpha", 1.0),
-              "switch_interval": options.get("interval", 5), "cache_interval": options.get("cache_interval", 0),
+    options = request.method_options or {}
+    perp_neg = request.perp_neg
+    negative = perp_neg[0][0] if perp_neg else request.negative_prompt
+    init = {"background": request.init_image, "layers": [], "composite": request.init_image} \
+        if request.init_image and Path(request.init_image).is_file() else None
+    fields = {"prompt": request.prompt, "negative": negative, "method": request.method, "seed": request.seed,
+              "randomize": False, "steps": request.steps or 20,
+              "guidance": 5.0 if request.guidance_scale is None else request.guidance_scale,
+              "size": request.width or 64, "perp_neg": bool(perp_neg),
+              "perp_neg_weight": perp_neg[0][1] if perp_neg else 1.5, "decor_words": ", ".join(request.decor_remove),
+              "decor_alpha": request.decor_alpha, "switch_interval": options.get("interval", 5),
+              "cache_interval": options.get("cache_interval", 0),
               "clora_words": " | ".join(", ".join(group) for group in options.get("groups") or []),
-              "clora_fill": options.get("uncovered") == "adapters"}
+              "clora_fill": options.get("uncovered") == "adapters", "sampler": request.sampler or MODEL_SAMPLER,
+              "schedule": request.schedule or "Automatic", "clip_skip": request.clip_skip, "init": init,
+              "strength": request.strength, "hires_scale": request.hires_scale,
+              "hires_steps": request.hires_steps or 0, "hires_strength": request.hires_strength,
+              "hires_upscaler": request.hires_upscaler}
     return rows + [fields[name] for name in RECIPE_FIELDS]
+
+
+def send_to_img2img(event: gr.SelectData, gallery: Any) -> tuple[dict[str, Any], float]:
+    """The selected gallery image as the img2img panel's image (no mask yet) and A1111's default strength."""
+    path = _gallery_path(event, gallery)
+    return {"background": path, "layers": [], "composite": path}, 0.75
 
 
 # -- layout ----------------------------------------------------------------------------------------------------
@@ -444,6 +506,22 @@ def build_app(model: str | None = None) -> gr.Blocks:
                         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale")
                         size = gr.Slider(64, 1024, value=64, step=64, label="Size")
                     with gr.Row():
+                        sampler = gr.Dropdown(SAMPLER_CHOICES, value=MODEL_SAMPLER, label="Sampler",
+                                              elem_id="sampler")
+                        schedule = gr.Dropdown(list(SCHEDULE_FLAGS), value="Automatic", label="Schedule type")
+                        clip_skip = gr.Number(label="Clip skip", value=1, precision=0, minimum=1, maximum=12)
+                    with gr.Accordion("img2img / inpaint", open=False, elem_id="img2img"):
+                        init = gr.ImageEditor(label="Image (paint white over what to repaint; no strokes = img2img)",
+                                              type="pil", height=300, elem_id="init-image",
+                                              brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                        strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength")
+                    with gr.Accordion("Hires fix", open=False):
+                        with gr.Row():
+                            hires_scale = gr.Slider(1, 4, value=1, step=0.25, label="Upscale by (1 = off)")
+                            hires_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0 = same)")
+                            hires_strength = gr.Slider(0, 1, value=0.7, step=0.05, label="Denoising strength")
+                            hires_upscaler = gr.Radio(["Latent", "Lanczos"], value="Latent", label="Upscaler")
+                    with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Stop")
                         compare = gr.Button("Compare methods", elem_id="compare")
@@ -451,11 +529,17 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     gallery = gr.Gallery(label="Images", columns=2, height=360, elem_id="gallery")
                     masks = gr.Gallery(label="CLoRA masks", columns=3, height=160)
                     info = gr.Markdown()
+                    with gr.Row():
+                        to_img2img = gr.Checkbox(label="Clicking an image sends it to img2img (else: to the form)",
+                                                 elem_id="send-to-img2img")
+                        png_file = gr.File(label="Read a PNG's parameters (studio or A1111) into the form",
+                                           file_types=[".png"], height=80)
                     comparison = gr.Gallery(label="Methods side by side", columns=3, height=300,
                                             elem_id="comparison")
             form = [*rows, prompt, negative, method, switch_interval, cache_interval, clora_words, clora_fill,
                     perp_neg, perp_weight,
-                    decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch]
+                    decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch, sampler, schedule,
+                    clip_skip, init, strength, hires_scale, hires_steps, hires_strength, hires_upscaler]
             run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
             stop.click(lambda: studio.stop_generation.set(), None, None)  # ends the batch after the current image
             compare.click(studio.compare, [model_box, *form], comparison, concurrency_id="gpu")
@@ -468,8 +552,22 @@ def build_app(model: str | None = None) -> gr.Blocks:
                      "steps": steps, "guidance": guidance, "size": size, "perp_neg": perp_neg,
                      "perp_neg_weight": perp_weight, "decor_words": decor_words, "decor_alpha": decor_alpha,
                      "switch_interval": switch_interval, "cache_interval": cache_interval,
-                     "clora_words": clora_words, "clora_fill": clora_fill}
-            gallery.select(recipe_to_form, gallery, [*rows, *(named[name] for name in RECIPE_FIELDS)])
+                     "clora_words": clora_words, "clora_fill": clora_fill, "sampler": sampler, "schedule": schedule,
+                     "clip_skip": clip_skip, "init": init, "strength": strength, "hires_scale": hires_scale,
+                     "hires_steps": hires_steps, "hires_strength": hires_strength, "hires_upscaler": hires_upscaler}
+            restored = [*rows, *(named[name] for name in RECIPE_FIELDS)]
+            img2img_at = [4 * ROWS + RECIPE_FIELDS.index("init"), 4 * ROWS + RECIPE_FIELDS.index("strength")]
+
+            def on_select(send: bool, gallery_value: Any, event: gr.SelectData):
+                if send:
+                    editor, value = send_to_img2img(event, gallery_value)
+                    updates = [gr.update()] * len(restored)
+                    updates[img2img_at[0]], updates[img2img_at[1]] = editor, value
+                    return updates
+                return recipe_to_form(event, gallery_value)
+
+            gallery.select(on_select, [to_img2img, gallery], restored)
+            png_file.upload(png_to_form, png_file, restored)
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column():

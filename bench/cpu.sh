@@ -57,4 +57,5 @@ run compose_speed bench.compose speed --repeats 3
 run compose_loaded bench.compose loaded --repeats 5
 run train_memory_tiny bench.train_memory --arch tiny
 run compose_capture bench.compose capture --repeats 10
+run img2img bench.img2img --steps 20 --strength 0.5 --repeats 5
 grep -h "^|\|^n =\|two objects\|UNet\|loaded" "$out"/*.txt

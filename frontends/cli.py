@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
 from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
 from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
 from frontends.config_flags import add_config_flags, config_from_args, non_negative_int, positive_int
-from frontends.generate import GenerationRequest, generate
+from frontends.generate import GenerationRequest, generate, request_from_png
 from pipelines.frequency import profile_adapter, store_profile
 from pipelines.loading import load_base
 from pipelines.methods import METHODS
@@ -73,15 +73,25 @@ def _build_evaluator(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     _single_thread_on_cpu()
-    base = load_base(args.model, device=args.device, scheduler=args.scheduler)
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=args.seed,
-                                steps=args.steps, guidance_scale=args.guidance_scale, width=args.width,
-                                height=args.height, num_images=args.num_images,
-                                adapters=[parse_adapter_spec(a) for a in args.adapter], method=args.method,
-                                method_options=dict(parse_option(o) for o in args.method_option),
-                                perp_neg=[parse_weighted_text(t) for t in args.perp_neg],
-                                decor_remove=split_words(args.decor_remove),
-                                decor_alpha=args.decor_alpha, adapter_prompts=args.adapter_prompt)
+    request, png_model = request_from_png(args.from_png) if args.from_png else (None, None)
+    if request is None and args.prompt is None:
+        raise ConfigError("generate needs --prompt (or --from-png FILE)")
+    base = load_base(args.model or png_model, device=args.device, scheduler=args.scheduler, vae=args.vae,
+                     prediction_type=args.prediction_type, zero_snr=args.zero_snr, config=args.model_config)
+    given = {name: value for name, value in (
+        ("prompt", args.prompt), ("negative_prompt", args.negative_prompt), ("seed", args.seed),
+        ("steps", args.steps), ("guidance_scale", args.guidance_scale), ("width", args.width),
+        ("height", args.height), ("num_images", args.num_images), ("method", args.method),
+        ("decor_alpha", args.decor_alpha), ("sampler", args.sampler or args.scheduler), ("schedule", args.schedule),
+        ("clip_skip", args.clip_skip), ("init_image", args.init_image), ("mask", args.mask),
+        ("strength", args.strength), ("hires_scale", args.hires_scale), ("hires_steps", args.hires_steps),
+        ("hires_strength", args.hires_strength), ("hires_upscaler", args.hires_upscaler),
+        ("adapters", [parse_adapter_spec(a) for a in args.adapter]),
+        ("method_options", dict(parse_option(o) for o in args.method_option)),
+        ("perp_neg", [parse_weighted_text(t) for t in args.perp_neg]),
+        ("decor_remove", split_words(args.decor_remove)),
+        ("adapter_prompts", args.adapter_prompt)) if value not in (None, [], {})}
+    request = replace(request, **given) if request is not None else GenerationRequest(**given)
     out = Path(args.out) if args.out else None
     for index, result in enumerate(generate(base, request)):
         if out is None:
@@ -383,28 +393,54 @@ def build_parser() -> argparse.ArgumentParser:
     images.set_defaults(handler=_demo_images)
 
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--prompt", default=None, help="A1111 syntax: (word:1.2), (word), [word], BREAK; any length")
+    gen.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None)
+    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", "--num_inference_steps", dest="steps", type=positive_int, default=None)
-    gen.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float, default=None)
+    gen.add_argument("--guidance-scale", "--guidance_scale", "--cfg-scale", dest="guidance_scale", type=float,
+                     default=None)
     gen.add_argument("--width", type=positive_int, default=None)
     gen.add_argument("--height", type=positive_int, default=None)
-    gen.add_argument("--num-images", "--num_images", dest="num_images", type=positive_int, default=1)
+    gen.add_argument("--num-images", "--num_images", dest="num_images", type=positive_int, default=None)
     gen.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
-                     help="an adapter file or library name, repeatable")
-    gen.add_argument("--method", default="merge", choices=list(METHODS))
+                     help="an adapter file or library name, optionally with a weight (repeatable)")
+    gen.add_argument("--method", default=None, choices=list(METHODS))
     gen.add_argument("--method-option", dest="method_option", action="append", default=[], metavar="KEY=VALUE",
-                     help="e.g. interval=5 (switch), cache_interval=0 (cmlora)")
+                     help="a composition method option, e.g. interval=3 (repeatable)")
     gen.add_argument("--adapter-prompt", dest="adapter_prompt", action="append", default=[],
-                     help="CLoRA: the prompt of each --adapter, in order")
+                     help="CLoRA: one prompt per adapter, in adapter order (repeatable)")
     gen.add_argument("--perp-neg", dest="perp_neg", action="append", default=[], metavar="TEXT[:WEIGHT]",
-                     help="a Perp-Neg negative (weight 1.5 by default), repeatable")
+                     help="Perp-Neg negative prompt with its weight (repeatable)")
     gen.add_argument("--decor-remove", dest="decor_remove", action="append", default=[], metavar="WORDS",
-                     help="comma-separated concepts DECOR projects out of the prompt")
-    gen.add_argument("--decor-alpha", dest="decor_alpha", type=float, default=1.0)
+                     help="DECOR: comma-separated concepts projected out of the prompt embedding")
+    gen.add_argument("--decor-alpha", dest="decor_alpha", type=float, default=None)
     gen.add_argument("--model", default=None, help="model folder, .safetensors file or hub id (default: embedded)")
-    gen.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++, unipc, …")
+    gen.add_argument("--model-config", dest="model_config", default=None, metavar="DIR",
+                     help="diffusers folder with the configs of a single-file checkpoint of an unusual size")
+    gen.add_argument("--vae", default=None, metavar="FILE|DIR", help="replace the model's VAE (.safetensors or "
+                     "diffusers folder)")
+    gen.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v_prediction"],
+                     default=None, help="override for checkpoints that cannot say (SD 2.x 768-v, v-pred SDXL)")
+    gen.add_argument("--zero-snr", dest="zero_snr", action="store_true", default=None,
+                     help="zero-terminal-SNR schedule (rescaled betas, trailing timesteps)")
+    gen.add_argument("--sampler", default=None, help="A1111 name: Euler, 'Euler a', 'DPM++ 2M', 'DPM++ 2M SDE', "
+                     "'DPM++ SDE', DDIM, UniPC, LMS, Heun, DPM2, 'DPM2 a', PLMS, LCM")
+    gen.add_argument("--schedule", "--schedule-type", dest="schedule", default=None,
+                     help="Automatic, Karras, Exponential or Beta")
+    gen.add_argument("--scheduler", default=None, help="old short names (ddim, euler_a, dpm++_karras…): a sampler")
+    gen.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=positive_int, default=None,
+                     help="A1111's clip skip: 1 = last layer, 2 = penultimate (anime checkpoints)")
+    gen.add_argument("--init-image", dest="init_image", default=None, help="img2img: the starting image")
+    gen.add_argument("--mask", default=None, help="inpainting: white = repaint (resized to the image)")
+    gen.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=None,
+                     help="img2img: fraction of the steps that repaint (0–1, default 0.75)")
+    gen.add_argument("--hires-scale", dest="hires_scale", type=float, default=None, help="hires fix: upscale by")
+    gen.add_argument("--hires-steps", dest="hires_steps", type=positive_int, default=None)
+    gen.add_argument("--hires-strength", dest="hires_strength", type=float, default=None,
+                     help="hires fix: denoising strength of the second pass (default 0.7)")
+    gen.add_argument("--hires-upscaler", dest="hires_upscaler", choices=["Latent", "Lanczos"], default=None)
+    gen.add_argument("--from-png", dest="from_png", default=None, metavar="FILE",
+                     help="take every setting from a PNG's parameters (studio or A1111); flags given override")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--out", default=None, help="PNG path (default: outputs/NNNNN-SEED.png, numbered as A1111)")
     gen.set_defaults(handler=_generate)

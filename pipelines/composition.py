@@ -15,17 +15,22 @@ from diffusers import StableDiffusionPipeline
 
 from pipelines.engine import CompositionEngine
 from pipelines.output import CompositionPipelineOutput
+from studio.prompt_weighting import encode_chunks
 
 
 class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
     """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
 
     def encode_texts(self, texts: list[str], texts_2: list[str] | None = None, *, lora_scale: float | None = None,
-                     clip_skip: int | None = None, zero_empty: bool = True) -> tuple[torch.Tensor, None]:
-        """diffusers' ``encode_prompt`` without guidance (``texts_2`` and ``zero_empty`` are SDXL's)."""
-        hidden, _ = self.encode_prompt(texts, self._execution_device, 1, False, lora_scale=lora_scale,
-                                       clip_skip=clip_skip)
-        return hidden, None
+                     clip_skip: int | None = None, zero_empty: bool = True, literal: bool = False
+                     ) -> tuple[torch.Tensor, None]:
+        """diffusers' ``encode_prompt`` without guidance, for A1111's long and weighted prompts
+        (:mod:`studio.prompt_weighting`: the same embeddings for a plain prompt of up to 75 tokens);
+        ``literal``: the text as written, cut at 77 tokens (training captions). ``texts_2`` and ``zero_empty``
+        are SDXL's."""
+        hidden, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, clip_skip, literal=literal,
+                                  lora_scale=lora_scale)
+        return hidden, None  # in the text encoder's dtype, as diffusers returns it
 
     def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True, **composition):
         if not return_dict:

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from pipelines.engine import CompositionEngine
 from pipelines.output import CompositionXLPipelineOutput
+from studio.prompt_weighting import chunk_count, encode_chunks
 
 
 class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
@@ -28,12 +29,18 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
         return bool(self.config.get("force_zeros_for_empty_prompt", False))
 
     def encode_texts(self, texts: list[str], texts_2: list[str] | None = None, *, lora_scale: float | None = None,
-                     clip_skip: int | None = None, zero_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """diffusers' ``encode_prompt`` without guidance; with ``zero_empty`` (how training conditions caption
-        dropout) empty texts give zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so."""
-        hidden, _, pooled, _ = self.encode_prompt(texts, texts_2, device=self._execution_device,
-                                                  num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                  lora_scale=lora_scale, clip_skip=clip_skip)
+                     clip_skip: int | None = None, zero_empty: bool = True, literal: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' ``encode_prompt`` without guidance, for A1111's long and weighted prompts
+        (:mod:`studio.prompt_weighting`; both encoders in as many 77-token chunks, pooled from the first chunk);
+        with ``zero_empty`` (how training conditions caption dropout) empty texts give zeros where the pipeline's
+        ``force_zeros_for_empty_prompt`` says so; ``literal``: the text as written, cut at 77 tokens."""
+        second_texts = texts if texts_2 is None else texts_2
+        count = 1 if literal else max(chunk_count(self.tokenizer, texts), chunk_count(self.tokenizer_2, second_texts))
+        first, _ = encode_chunks(self.tokenizer, self.text_encoder, texts, clip_skip, True, count, literal, lora_scale)
+        second, pooled = encode_chunks(self.tokenizer_2, self.text_encoder_2, second_texts, clip_skip, True, count,
+                                       literal, lora_scale)
+        hidden = torch.cat([first.to(second.dtype), second], dim=-1)
         if zero_empty and self.zero_unconditional:
             empty = torch.tensor([not t for t in texts], device=hidden.device)
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from pipelines import init_image
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.call_contract import (
     StepCallback,
@@ -301,8 +302,9 @@ class CompositionEngine:
         if not text.guided:
             branches = [cond]
         elif text.perp_negatives:  # the unconditional input becomes the empty prompt
-            empty = zeros(cond) if self.zero_unconditional else encode([""], None, "all")
-            branches = [empty, cond] + [encode([t], None, "all") for t, _ in text.perp_negatives]
+            skip = text.negative_clip_skip
+            empty = zeros(cond) if self.zero_unconditional else encode([""], None, "all", clip_skip=skip)
+            branches = [empty, cond] + [encode([t], None, "all", clip_skip=skip) for t, _ in text.perp_negatives]
         elif given.negative is not None:
             branches = [encode([], None, "each", given.negative, given.negative_pooled), cond]
         elif text.negative is None and self.zero_unconditional:
@@ -310,7 +312,7 @@ class CompositionEngine:
         else:
             negatives = _per_prompt(text.negative, len(prompts)) or [""] * len(prompts)
             negatives_2 = _per_prompt(text.negative_2, len(prompts)) or negatives
-            branches = [encode(negatives, negatives_2, "each"), cond]
+            branches = [encode(negatives, negatives_2, "each", clip_skip=text.negative_clip_skip), cond]
         pooled = [p for _, p in branches] if branches[0][1] is not None else None
         return Conditioning([h for h, _ in branches], pooled, guided=text.guided)
 
@@ -361,6 +363,10 @@ class CompositionEngine:
         decor_alpha: float = 1.0,
         decor_rank: int | None = None,
         adapter_prompts: Sequence[str] | None = None,
+        negative_clip_skip: int | None = None,
+        image: Any | None = None,
+        strength: float = 0.8,
+        mask_image: Any | None = None,
         **kwargs: Any,
     ):
         """diffusers' ``StableDiffusionPipeline.__call__`` (SD) or ``StableDiffusionXLPipeline.__call__`` (SDXL):
@@ -381,6 +387,11 @@ class CompositionEngine:
         Refused with a reason: Perp-Neg without guidance (it is a guidance rule); ``prompt_embeds`` with methods
         that give each adapter its own prompt text; methods that read cross-attention maps (CLoRA) with
         IP-Adapter inputs, whose attention processors those maps would replace.
+
+        Modes (:mod:`pipelines.init_image`): ``image`` and ``strength`` as diffusers' img2img pipeline names them,
+        ``mask_image`` as its inpaint pipeline does (white = repaint; a 9-channel UNet takes its own path); prompts
+        take A1111's syntax and any length (:mod:`studio.prompt_weighting`); ``negative_clip_skip`` applies a
+        clip skip to the negative prompts too, as A1111 does (diffusers skips on the prompt only).
         """
         legacy = _legacy_callback(kwargs)
         if kwargs:
@@ -395,6 +406,8 @@ class CompositionEngine:
         step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
+        init_image.check_inputs(self, image, mask_image)
+        height, width = init_image.default_size(image, height, width, self.vae_scale_factor)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
             decor_remove = split_words(decor_remove)
         self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -432,7 +445,7 @@ class CompositionEngine:
             negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
             text = PromptInputs(negative_prompt, prompt_2, negative_prompt_2, num_images_per_prompt, negatives,
                                 list(decor_remove or []), decor_alpha, decor_rank, given, guided, lora_scale,
-                                clip_skip)
+                                clip_skip, negative_clip_skip)
             prompt_sets = [prompts]
             if composer.uses_adapter_prompts:
                 own = list(adapter_prompts or [])
@@ -441,6 +454,7 @@ class CompositionEngine:
                 prompt_sets += [[t] * len(prompts) for t in (own or [prompts[0]] * len(resolved))]
             conditions = [self.encode_conditions(texts, text if index == 0 else replace(text, prompt_2=None))
                           for index, texts in enumerate(prompt_sets)]
+            conditions = pad_chunks(self, conditions)
             dtype = conditions[0].hidden[-1].dtype
             time_ids = self.size_conditions(height, width, sizes, dtype)
             images = None
@@ -448,14 +462,14 @@ class CompositionEngine:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
             conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
+            latents, schedule, self._studio_init = init_image.prepare(
+                self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents)
             composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
             composer.bind(self, [texts[0] for texts in prompt_sets])
-            latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device,
-                                           generator, latents)
             extra = self.prepare_extra_step_kwargs(generator, eta)
             self._studio_unet_inputs = (guidance_embedding(self, batch, device, latents.dtype), attention_kwargs)
             self._num_timesteps = len(schedule)
-            if self.begin_index_zero and hasattr(self.scheduler, "set_begin_index"):
+            if self.begin_index_zero and image is None and hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(0)
             cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
             if self.cache_cross_kv:
@@ -467,13 +481,14 @@ class CompositionEngine:
                     if self.interrupt:
                         continue
                     latents = composer.refine(self, step, t, latents, conditions)
-                    model_input = self.scheduler.scale_model_input(latents, t)
+                    model_input = self.model_input(latents, t)
                     predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
                                                       composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
                                                   guidance_rescale, [w for _, w in negatives], conditions[0].guided)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                    latents = init_image.blend(self, latents, self._studio_init, schedule, step)
                     if step_callback:
                         latents = self.call_back(step_callback, step, t, latents, conditions, kv)
                     progress.update()
@@ -493,7 +508,8 @@ class CompositionEngine:
         if output_type == "latent":
             images, nsfw = latents, None
         else:
-            images, nsfw = self.postprocess_pixels(self.decode_latents_to_pixels(latents), output_type, device, dtype)
+            pixels = init_image.overlay(self.decode_latents_to_pixels(latents), self._studio_init)
+            images, nsfw = self.postprocess_pixels(pixels, output_type, device, dtype)
         self.maybe_free_model_hooks()
         return self.make_output(images, nsfw, return_dict, recipe=recipe, stats=stats, masks=masks)
 
@@ -558,6 +574,10 @@ class CompositionEngine:
         denormalize = [True] * pixels.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(pixels, output_type=output_type, do_denormalize=denormalize), nsfw
 
+    def model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The UNet's input at ``timestep``: scheduler-scaled latents (an inpainting UNet: with its mask inputs)."""
+        return init_image.model_input(self, latents, timestep, getattr(self, "_studio_init", None))
+
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode in the VAE's dtype (SDXL's fp16 VAE is upcast by the SDXL pipeline's override)."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
@@ -590,6 +610,7 @@ class PromptInputs:
     guided: bool
     lora_scale: float | None
     clip_skip: int | None
+    negative_clip_skip: int | None = None  # diffusers leaves the negative prompt unskipped; A1111 skips both
 
 
 def with_extras(conditioning: Conditioning, sizes: tuple[torch.Tensor, torch.Tensor] | None,
@@ -658,6 +679,21 @@ def check_given_embeddings(pipe, prompt, prompt_embeds: torch.Tensor | None, neg
     if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
         raise ConfigError("negative_prompt_embeds and prompt_embeds need the same batch size")
     return GivenEmbeddings(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled)
+
+
+def pad_chunks(pipe, conditions: list[Conditioning]) -> list[Conditioning]:
+    """Every branch of every conditioning at the same token length: a prompt that took fewer 77-token chunks (a
+    short negative beside a long prompt) is padded with the encoded empty prompt, as A1111 pads it."""
+    longest = max(h.shape[1] for c in conditions for h in c.hidden)
+    if all(h.shape[1] == longest for c in conditions for h in c.hidden):
+        return conditions
+    empty = pipe.encode_texts([""], zero_empty=False)[0]
+
+    def pad(h: torch.Tensor) -> torch.Tensor:
+        missing = (longest - h.shape[1]) // empty.shape[1]
+        return torch.cat([h, empty.to(h.dtype).expand(len(h), -1, -1).repeat(1, missing, 1)], dim=1)
+
+    return [replace(c, hidden=[pad(h) for h in c.hidden]) for c in conditions]
 
 
 def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative_prompt,

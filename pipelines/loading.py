@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
+from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 from pipelines.composition import CompositionPipeline
@@ -31,6 +33,7 @@ from studio.models import (
     choose_dtype,
     detect_family,
     fingerprint,
+    override_noise_schedule,
     set_scheduler,
 )
 from studio.text import build_clip_tokenizer
@@ -95,13 +98,15 @@ def _single_file_family(path: Path) -> str:
                          "encoder keys found)")
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
-    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download)."""
+def _load_single_file(path: Path, dtype: torch.dtype, config_folder: str | os.PathLike | None = None
+                      ) -> tuple[Any, str]:
+    """A single-file SD checkpoint, configured from the configs shipped in ``assets/configs`` (no download), or
+    from ``config_folder``: a diffusers model folder of the same architecture (a non-standard size)."""
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path}: only .safetensors checkpoints are loaded; .ckpt files are pickles that can "
                              "run code. Convert it to safetensors with a tool you trust first")
     family = _single_file_family(path)
-    config = SINGLE_FILE_CONFIGS / family
+    config = Path(config_folder) if config_folder is not None else SINGLE_FILE_CONFIGS / family
     tokenizers = {"tokenizer": build_clip_tokenizer()}
     if family in ("sd2", "sdxl"):  # OpenCLIP's tokenizer pads with "!" (id 0)
         key = "tokenizer_2" if family == "sdxl" else "tokenizer"
@@ -117,8 +122,12 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, str]:
 
 
 def load_base(spec: str | os.PathLike | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-              scheduler: str | None = None) -> BaseModel:
-    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id."""
+              scheduler: str | None = None, vae: str | os.PathLike | None = None,
+              prediction_type: str | None = None, zero_snr: bool | None = None,
+              config: str | os.PathLike | None = None) -> BaseModel:
+    """Load the base model named by ``spec``: None/"tiny" (embedded), a folder, a ``.safetensors`` file, a hub id.
+    ``vae`` replaces its VAE; ``prediction_type`` and ``zero_snr`` override its noise schedule; ``config``: the
+    diffusers folder whose configs a single-file checkpoint of a non-standard architecture takes."""
     target = choose_device(device)
     dtype = dtype or choose_dtype(target)
     text = "" if spec is None else str(spec)
@@ -133,14 +142,17 @@ def load_base(spec: str | os.PathLike | None = None, device: str | None = None, 
         if path.is_dir():
             pipe, family, domain = _load_folder(path, dtype)
         elif path.is_file():
-            pipe, family = _load_single_file(path, dtype)
+            pipe, family = _load_single_file(path, dtype, config)
         elif _looks_like_hub_id(text) and not path.exists():
             pipe, family = _load_hub(text, dtype)
         else:
             raise ModelLoadError(f"no model at {text!r}: not a folder, not a file, and not a hub id")
         source = text
+    override_noise_schedule(pipe, prediction_type, zero_snr)
     if scheduler:
         set_scheduler(pipe, scheduler)
+    if vae is not None:
+        pipe.vae = load_vae(vae, pipe)
     _configure(pipe, target)
     base = BaseModel(pipe=pipe, family=family, source=source, device=target, dtype=dtype, domain=domain,
                      fingerprint=fingerprint(pipe))
@@ -157,13 +169,39 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, str]:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"{repo_id!r} is a hub id, but HF_HUB_OFFLINE is set; download the model yourself and "
                              "pass its local folder")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    try:  # the index and UNet config first, to pick the composition class before the weights come
+        index = DiffusionPipeline.load_config(repo_id)
+        unet_config = json.loads(Path(hf_hub_download(repo_id, "unet/config.json")).read_text())
+        family = detect_family(dict(index), unet_config)
+        extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = _pipeline_class(family).from_pretrained(repo_id, dtype=dtype, **extra)
     except Exception as error:
         raise ModelLoadError(f"could not fetch {repo_id!r} from the hub (offline?): {_short(error)}; pass a local "
                              "model folder or .safetensors file instead") from error
-    family = detect_family(dict(pipe.config), dict(pipe.unet.config))
     return pipe, family
+
+
+def load_vae(spec: str | os.PathLike, pipe: Any) -> Any:
+    """A VAE to replace ``pipe``'s: a diffusers folder (with or without ``vae/``) or a single ``.safetensors``
+    file in the original (LDM) layout, configured like the pipeline's own VAE."""
+    path = Path(spec).expanduser()
+    dtype = pipe.vae.dtype
+    try:
+        if path.is_dir():
+            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+            return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        if path.is_file():
+            if path.suffix.lower() != ".safetensors":
+                raise ModelLoadError(f"{path}: only .safetensors VAEs are loaded (.pt/.ckpt files are pickles)")
+            with tempfile.TemporaryDirectory() as config:
+                pipe.vae.save_config(config)
+                return AutoencoderKL.from_single_file(str(path), config=config, torch_dtype=dtype,
+                                                      local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"could not load the VAE {path}: {_short(error)}") from error
+    raise ModelLoadError(f"no VAE at {str(spec)!r}: not a folder and not a file")
 
 
 def _short(error: Exception) -> str:

@@ -12,34 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
 from studio.errors import ConfigError
+from studio.samplers import current_sampler, set_sampler
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny-sd"
 SINGLE_FILE_CONFIGS = ASSETS / "configs"
 EMBEDDED_NAMES = {"", "tiny", "tiny-sd", "embedded", "default"}  # what names the embedded model
-
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-#: A1111's names for the samplers, written into the PNG ``parameters`` text.
-SAMPLER_LABELS = {"DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "EulerDiscreteScheduler": "Euler",
-                  "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun",
-                  "LMSDiscreteScheduler": "LMS", "PNDMScheduler": "PLMS", "UniPCMultistepScheduler": "UniPC",
-                  "DPMSolverMultistepScheduler": "DPM++ 2M"}
-
 
 @dataclass
 class BaseModel:
@@ -117,18 +98,30 @@ def fingerprint(pipe: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's scheduler by short name (``ddim``, ``euler_a``, ``dpm++``…), keeping its schedule."""
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    class_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+def set_scheduler(pipe: Any, name: str, schedule: str | None = None) -> None:
+    """Swap the pipeline's scheduler: an A1111 sampler name (``DPM++ 2M``) with a schedule type (``Karras``), or
+    an old short name (``ddim``, ``euler_a``, ``dpm++_karras``…), keeping the model's noise schedule."""
+    set_sampler(pipe, name, schedule)
+
+
+def override_noise_schedule(pipe: Any, prediction_type: str | None = None, zero_snr: bool | None = None) -> None:
+    """What a single-file checkpoint cannot say about itself: ε or v prediction (SD 2.x 768-v, v-pred SDXL
+    fine-tunes) and zero terminal SNR (Lin et al. 2024: rescaled betas with trailing timesteps)."""
+    overrides: dict[str, Any] = {}
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction type is 'epsilon' or 'v_prediction', not {prediction_type!r}")
+        overrides["prediction_type"] = prediction_type
+    if zero_snr is not None:
+        overrides.update(rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing" if zero_snr else "leading")
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
+        pipe._studio_scheduler_config = pipe.scheduler.config
 
 
 def sampler_label(pipe: Any) -> str:
     """The pipeline's scheduler under A1111's sampler name (``DDIM``, ``Euler a``, …)."""
-    name = type(pipe.scheduler).__name__
-    return SAMPLER_LABELS.get(name, name)
+    return current_sampler(pipe)[0]
 
 
 def seeded_generator(seed: int) -> torch.Generator:

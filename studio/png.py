@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,28 @@ def a1111_parameters(
 def _quote(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if ("," in text or ":" in text) else text
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) of an A1111 ``parameters`` text: the last line holds the
+    ``Key: value`` pairs (quoted values unquoted), a ``Negative prompt:`` line starts the negative prompt, and
+    every line before it belongs to the prompt."""
+    lines = text.strip().split("\n")
+    fields: dict[str, str] = {}
+    if "Steps:" in lines[-1]:
+        for key, value in _FIELD.findall(lines[-1]):
+            fields[key.strip()] = json.loads(value) if value.startswith('"') and value.endswith('"') else value.strip()
+        if fields:
+            lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), fields
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe: Mapping[str, Any]) -> Path:

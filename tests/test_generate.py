@@ -82,3 +82,95 @@ def test_cli_file_weight_equals_python_file_and_weight(tmp_path, tiny_base):
     cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
     assert np.array_equal(cli, _pixels(python))
     assert not np.array_equal(cli, _pixels(full))  # the weight was read, not dropped
+
+
+A1111_TEXT = """masterpiece, a (red:1.2) star <lora:demo:0.8>
+Negative prompt: blurry
+Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, Model hash: 0123456789, \
+Model: tiny, Denoising strength: 0.55, Clip skip: 2, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent, \
+Lora hashes: "demo: 0123456789ab", Version: v1.10.1"""
+
+
+def test_an_a1111_png_is_read_into_a_request(tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from frontends.generate import request_from_png
+
+    info = PngInfo()
+    info.add_text("parameters", A1111_TEXT)
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    request, model = request_from_png(path)
+    assert model is None and request.prompt == "masterpiece, a (red:1.2) star"
+    assert request.adapters == [("demo", 0.8)] and request.negative_prompt == "blurry"
+    assert (request.steps, request.seed, request.guidance_scale) == (12, 42, 6.5)
+    assert (request.width, request.height) == (64, 96)
+    assert (request.sampler, request.schedule, request.clip_skip) == ("DPM++ 2M", "Karras", 2)
+    assert (request.hires_scale, request.hires_steps, request.hires_strength) == (1.5, 4, 0.55)
+    legacy = request_from_parameters_text("a\nSteps: 3, Sampler: DPM++ 2M Karras, Seed: 1")
+    assert (legacy.sampler, legacy.schedule) == ("DPM++ 2M", "Karras")
+
+
+def request_from_parameters_text(text):
+    from frontends.generate import request_from_parameters
+
+    return request_from_parameters(text)
+
+
+def test_from_png_reproduces_every_mode_bit_exactly(tmp_path, tiny_base):
+    from PIL import Image
+
+    from studio.samplers import set_sampler
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (20, 30, 120)).save(init)
+    runs = {
+        "txt2img": ["--sampler", "Euler a", "--schedule", "Automatic", "--clip-skip", "2"],
+        "img2img": ["--init-image", str(init), "--strength", "0.5", "--sampler", "DPM++ 2M", "--schedule", "Karras"],
+        "hires": ["--hires-scale", "1.5", "--hires-steps", "3", "--hires-strength", "0.6"],
+    }
+    try:
+        for name, flags in runs.items():
+            first, again = tmp_path / f"{name}.png", tmp_path / f"{name}-again.png"
+            assert main(["generate", "--prompt", "a (red:1.3) star", "--seed", "5", "--steps", "4", "--out",
+                         str(first), *flags]) == 0
+            parameters, recipe = read_recipe(first)
+            set_sampler(tiny_base.pipe, "DDIM")  # the PNG, not the pipeline's state, decides
+            assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 0
+            assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again))), name
+            assert read_recipe(again)[0] == parameters
+        assert "Clip skip: 2" in read_recipe(tmp_path / "txt2img.png")[0]
+        assert "Denoising strength: 0.5" in read_recipe(tmp_path / "img2img.png")[0]
+        assert "Schedule type: Karras" in read_recipe(tmp_path / "img2img.png")[0]
+        assert "Hires upscale: 1.5" in read_recipe(tmp_path / "hires.png")[0]
+        assert Image.open(tmp_path / "hires.png").size == (96, 96)
+    finally:
+        set_sampler(tiny_base.pipe, "DDIM")
+
+
+def test_bad_generation_input_leaves_no_png(tmp_path, capsys):
+    from PIL import Image
+
+    out, init = tmp_path / "x.png", tmp_path / "init.jpg"
+    Image.new("RGB", (64, 64)).save(init)
+    for flags, message in ((["--sampler", "Restart"], "unknown sampler"),
+                           (["--init-image", str(tmp_path / "none.png")], "cannot read the init image"),
+                           (["--mask", str(tmp_path / "m.png")], "mask needs the image"),
+                           (["--init-image", str(tmp_path)], "cannot read the init image"),
+                           (["--init-image", str(init), "--strength", "2"], "strength is the fraction")):
+        assert main(["generate", "--prompt", PROMPT, "--steps", "2", "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_model_hash_is_the_checkpoint_files_sha256(tmp_path, tiny_base):
+    import hashlib
+    from dataclasses import replace
+
+    from frontends.generate import model_hash
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights")
+    assert model_hash(replace(tiny_base, source=str(checkpoint))) == hashlib.sha256(b"weights").hexdigest()[:10]
+    assert model_hash(tiny_base) == tiny_base.fingerprint[:10]

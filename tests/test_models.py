@@ -89,7 +89,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 
 def test_unknown_scheduler_is_a_clear_error(tiny_base):
-    with pytest.raises(ConfigError, match="unknown scheduler 'fastest'"):
+    with pytest.raises(ConfigError, match="unknown sampler .fastest."):
         set_scheduler(tiny_base.pipe, "fastest")
 
 
@@ -116,3 +116,66 @@ def test_shipped_single_file_configs_describe_each_family():
         assert detect_family(index, unet) == family
         widths[family] = unet["cross_attention_dim"]
     assert widths == {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+
+
+def test_single_file_checkpoint_in_ldm_layout_loads_as_the_folder_it_came_from(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from frontends.generate import GenerationRequest, generate
+    from pipelines import CompositionPipeline
+    from tests.conftest import make_random_base
+    from tests.ldm_layout import sd_to_ldm
+
+    base = make_random_base()
+    folder = tmp_path / "model"
+    base.pipe.save_pretrained(folder)
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd_to_ldm(base.pipe).items()}, str(checkpoint))
+    from_file = load_base(checkpoint, device="cpu", config=folder)
+    from_folder = load_base(folder, device="cpu")
+    assert isinstance(from_file.pipe, CompositionPipeline) and from_file.family == "sd1"
+    request = GenerationRequest(prompt="a (red:1.2) star", seed=2, steps=3, adapters=[], method="merge")
+    pixels = [np.asarray(generate(b, request)[0].image) for b in (from_file, from_folder)]
+    assert np.array_equal(*pixels) and pixels[0].std() > 0
+
+
+def test_vae_override_from_a_single_file_or_a_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    from frontends.build.components import make_vae
+    from tests.conftest import make_random_base
+    from tests.ldm_layout import vae_to_ldm
+
+    base = make_random_base()
+    folder = tmp_path / "model"
+    base.pipe.save_pretrained(folder)
+    torch.manual_seed(9)
+    other = make_vae()
+    ldm = {k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae_to_ldm(other).items()}
+    save_file(ldm, str(tmp_path / "vae.safetensors"))  # standalone VAE files carry no prefix
+    other.save_pretrained(tmp_path / "vae-folder")
+    for spec in (tmp_path / "vae.safetensors", tmp_path / "vae-folder"):
+        loaded = load_base(folder, device="cpu", vae=spec).pipe.vae.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ModelLoadError, match="no VAE at"):
+        load_base(folder, device="cpu", vae=tmp_path / "missing.safetensors")
+    (tmp_path / "vae.pt").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="only .safetensors VAEs"):
+        load_base(folder, device="cpu", vae=tmp_path / "vae.pt")
+
+
+def test_prediction_type_and_zero_snr_overrides(tmp_path):
+    from tests.conftest import make_random_base
+
+    base = make_random_base()
+    folder = tmp_path / "model"
+    base.pipe.save_pretrained(folder)
+    config = load_base(folder, device="cpu", prediction_type="epsilon", zero_snr=False).pipe.scheduler.config
+    assert config.prediction_type == "epsilon" and config.rescale_betas_zero_snr is False
+    config = load_base(folder, device="cpu", prediction_type="v_prediction", zero_snr=True,
+                       scheduler="Euler").pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr is True
+    assert config.timestep_spacing == "trailing"
+    with pytest.raises(ConfigError, match="prediction type"):
+        load_base(folder, device="cpu", prediction_type="sample")

@@ -211,7 +211,7 @@ def encode_captions(base, captions: Sequence[str], decor: tuple[list, float] | N
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled embedding or None) as the base's pipeline conditions the UNet; with ``decor``
     (basis, α) the hidden states are projected away from the unwanted concepts (DECOR during training)."""
-    hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions])
+    hidden, pooled = base.pipe.encode_texts([clean_prompt(c) for c in captions], literal=True)
     if decor is not None:
         hidden = project_blocks(hidden, *decor)
     return hidden, pooled

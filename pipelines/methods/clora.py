@@ -40,6 +40,7 @@ from pipelines.methods.base import CompositionMethod, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
 from studio.adapters.inject import set_adapter_weights
 from studio.errors import ConfigError
+from studio.prompt_weighting import token_positions as chunked_positions
 from studio.text import clean_prompt
 
 BASE_KEY = "__clora_base__"
@@ -48,14 +49,9 @@ PAPER_STEP_SIZE, PAPER_LATENT_AREA = 20.0, 64 * 64
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions of ``word``'s tokens in ``prompt`` (position 0 is BOS), every occurrence."""
-    ids = tokenizer(clean_prompt(prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
-    pieces = tokenizer(clean_prompt(word), add_special_tokens=False).input_ids
-    found = []
-    for start in range(1, len(ids) - len(pieces) + 1):
-        if ids[start : start + len(pieces)] == pieces:
-            found.extend(range(start, start + len(pieces)))
-    return found
+    """Positions of ``word``'s tokens in the encoded ``prompt`` (position 0 is BOS), every occurrence. Long and
+    weighted prompts: positions in the 77-token chunks the prompt is encoded in, emphasis syntax stripped."""
+    return chunked_positions(tokenizer, clean_prompt(prompt), word)
 
 
 def contrastive_loss(maps: Sequence[torch.Tensor], labels: Sequence[int], temperature: float) -> torch.Tensor:
@@ -179,7 +175,7 @@ class CLoRA(CompositionMethod):
         routes = self._routes()
         batch = len(z)
         conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
-        model_input = pipe.scheduler.scale_model_input(z, timestep)
+        model_input = pipe.model_input(z, timestep)
         if not self.styles:  # one batched call, each slice routed through its adapter
             stacked = model_input.repeat(len(routes), 1, 1, 1)
             hidden, added = pipe.stack_conditions(conditional)
@@ -198,8 +194,11 @@ class CLoRA(CompositionMethod):
         return out
 
     def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
-        if step == 0:  # an image smaller than the requested maps has no layer that large: use its latent grid
-            self.capture_resolution = min(self.requested_resolution, *latents.shape[-2:])
+        if step == 0:  # the largest attention grid not above the requested one (the UNet halves, rounding up)
+            side = min(latents.shape[-2:])
+            while side > self.requested_resolution:
+                side = -(-side // 2)
+            self.capture_resolution = side
         last, iterative = self._alter_steps()
         if step >= last or not any(self.indices):
             return latents

@@ -56,7 +56,9 @@ def form(prompt="a red solid sks on a white background", rows=None, method="merg
     named = {"prompt": prompt, "negative": negative, "method": method, "switch_interval": 5, "cache_interval": 0,
              "clora_words": clora_words, "clora_fill": clora_fill, "perp_neg": perp_neg, "perp_neg_weight": 1.5,
              "decor_words": "", "decor_alpha": 1.0, "seed": seed, "randomize": False, "steps": 3, "guidance": 5.0,
-             "size": 64, "batch": batch, **fields}
+             "size": 64, "batch": batch, "sampler": app.MODEL_SAMPLER, "schedule": "Automatic", "clip_skip": 1,
+             "init": None, "strength": 0.75, "hires_scale": 1.0, "hires_steps": 0, "hires_strength": 0.7,
+             "hires_upscaler": "Latent", **fields}
     assert set(named) == set(FORM_FIELDS), set(named) ^ set(FORM_FIELDS)
     return [*cells, *(named[name] for name in FORM_FIELDS)]
 

@@ -112,6 +112,21 @@ def test_compose_demo_adapters_with_merge_and_cmlora(page):
     page.screenshot(path=str(SCREENSHOTS / "compose.png"), full_page=True)
 
 
+def test_send_to_img2img_with_a_sampler(page):
+    page.locator("#img2img").get_by_text("img2img / inpaint").click()
+    page.locator("#send-to-img2img input[type=checkbox]").check()
+    page.locator("#gallery img").first.click()
+    page.wait_for_function("document.querySelectorAll('#init-image canvas, #init-image img').length >= 1")
+    sampler = page.locator("#sampler input")
+    sampler.fill("DPM++ 2M")
+    sampler.press("Enter")
+    page.locator("#generate").click()
+    page.get_by_text("seed 1 · cmlora · img2img").first.wait_for()
+    assert _gallery_count(page) >= 1
+    page.screenshot(path=str(SCREENSHOTS / "img2img.png"), full_page=True)
+    page.locator("#send-to-img2img input[type=checkbox]").uncheck()
+
+
 def test_bad_weight_and_unknown_model_show_messages(page, server):
     _enable_row(page, 0, "sks-moon", weight="strong")
     page.locator("#generate").click()

@@ -38,7 +38,7 @@ def test_clora_shows_masks(studio_env):
     recipe = read_recipe(gallery[0][0])[1]
     options = recipe["method_options"]
     assert options == {"groups": [["oneword"], ["twoword"]], "uncovered": "adapters"}
-    with pytest.raises(gr.Error, match="1 concept groups for 2 adapters"):
+    with pytest.raises(gr.Error, match="1 concept groups for 2 content adapters"):
         studio.generate("", *form(rows=["one", "two"], method="clora", clora_words="oneword"), progress=NoProgress())
 
 
@@ -167,3 +167,48 @@ def test_stop_ends_a_batch_after_the_current_image(studio_env):
     assert len(gallery) == 1 and info.endswith("· stopped")
     gallery, _, info = studio.generate("", *form(batch=2), progress=NoProgress())  # the next run starts afresh
     assert len(gallery) == 2 and "stopped" not in info
+
+
+def test_sampler_clip_skip_img2img_inpaint_and_hires_from_the_form(studio_env):
+    studio, _ = studio_env
+    picture = Image.new("RGB", (64, 64), (20, 30, 120))
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (0, 0, 32, 64))  # white strokes over the left half
+    editor = {"background": picture, "layers": [stroke], "composite": picture}
+    gallery, _, _ = studio.generate("", *form(sampler="DPM++ 2M", schedule="Karras", clip_skip=2, init=editor,
+                                              strength=0.6), progress=NoProgress())
+    parameters, recipe = read_recipe(gallery[0][0])
+    assert "Sampler: DPM++ 2M" in parameters and "Schedule type: Karras" in parameters
+    assert "Clip skip: 2" in parameters and "Denoising strength: 0.6" in parameters
+    mask = np.asarray(Image.open(recipe["mask"]))
+    assert mask[:, :32].min() == 255 and mask[:, 32:].max() == 0
+    out = np.asarray(Image.open(gallery[0][0]), np.int16)
+    assert np.abs(out[:, 32:] - np.asarray(picture, np.int16)[:, 32:]).max() <= 1  # kept outside the mask
+
+    class Event:
+        index = 0
+
+    values = app.png_to_form(gallery[0][0])
+    assert values[-9:-6] == ["DPM++ 2M", "Karras", 2] and values[-5] == 0.6
+    assert values[-6]["background"] == recipe["init_image"]
+    sent, strength = app.send_to_img2img(Event(), gallery)
+    assert sent["background"] == gallery[0][0] and strength == 0.75
+    hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2), progress=NoProgress())
+    assert Image.open(hires[0][0]).size == (96, 96)
+
+
+def test_an_a1111_png_fills_the_form(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red star <lora:one:0.7>\nNegative prompt: blurry\nSteps: 9, Sampler: Euler a, "
+                                "CFG scale: 6, Seed: 77, Size: 64x64, Clip skip: 2, Model hash: 0123456789")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    values = app.png_to_form(str(path))
+    assert values[:3] == [True, "one", 0.7] and values[16:18] == ["a red star", "blurry"]
+    assert values[19] == 77 and values[21:23] == [9, 6.0] and values[-9:-6] == ["Euler a", "Automatic", 2]
+    with pytest.raises(gr.Error, match="no generation parameters"):
+        plain = tmp_path / "plain.png"
+        Image.new("RGB", (8, 8)).save(plain)
+        app.png_to_form(str(plain))

@@ -1,0 +1,62 @@
+"""A1111's hires fix on a composition pipeline: generate, upscale, then an img2img pass at the larger size.
+
+The first pass stops at latents; the upscale is either in latent space (A1111's "Latent": bilinear on the
+latents) or in pixels (decode, Lanczos, and the img2img pass encodes again); the second pass is the same call
+(same adapters, method, Perp-Neg, DECOR) with ``image=`` the upscaled result, its own ``num_inference_steps``
+and ``strength``, and a generator restarted from the first pass's seed, as A1111 reseeds its second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.init_image import check_strength
+from studio.errors import ConfigError
+
+UPSCALERS = ("Latent", "Lanczos")
+
+
+def hires_size(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
+    """The second pass's size: ``scale`` times the first, rounded down to the VAE's stride."""
+    if not scale > 1.0:
+        raise ConfigError(f"hires scale must be above 1, not {scale!r}")
+    return tuple(int(side * scale) // multiple * multiple for side in (height, width))
+
+
+@torch.no_grad()
+def upscale(pipe, latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor | list[Image.Image]:
+    """Upscaled latents ("Latent") or upscaled images ("Lanczos") for the img2img pass."""
+    if upscaler == "Latent":
+        latent_size = tuple(side // pipe.vae_scale_factor for side in size)
+        return F.interpolate(latents, size=latent_size, mode="bilinear", align_corners=False)
+    if upscaler == "Lanczos":
+        images = pipe.image_processor.postprocess(pipe.decode_latents_to_pixels(latents), output_type="pil")
+        return [image.resize((size[1], size[0]), Image.LANCZOS) for image in images]
+    raise ConfigError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(UPSCALERS)}")
+
+
+def hires_fix(pipe, call: Mapping[str, Any], scale: float, steps: int | None = None, strength: float = 0.7,
+              upscaler: str = "Latent"):
+    """Run ``pipe(**call)`` then its hires pass; returns the pipeline output of the second pass. ``steps``:
+    the second pass's ``num_inference_steps`` (default: the first pass's)."""
+    check_strength(strength)
+    if upscaler not in UPSCALERS:
+        raise ConfigError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(UPSCALERS)}")
+    first = dict(call)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = first.get("height") or native, first.get("width") or native
+    size = hires_size(height, width, scale, pipe.vae_scale_factor)
+    generator = first.get("generator")
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    latents = pipe(**{**first, "height": height, "width": width, "output_type": "latent"}).images
+    second = {**first, "height": size[0], "width": size[1], "image": upscale(pipe, latents, size, upscaler),
+              "strength": strength, "num_inference_steps": steps or first.get("num_inference_steps", 50),
+              "mask_image": None, "latents": None}
+    if state is not None:
+        second["generator"] = torch.Generator(generator.device).set_state(state)
+    return pipe(**second)
