@@ -26,10 +26,14 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return hidden, pooled
 
-    def added_conditions(self, pooled: torch.Tensor | None, latents: torch.Tensor) -> dict:
-        size = latents.shape[-1] * self.vae_scale_factor
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
-        return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+    def added_conditions(self, pooled: torch.Tensor | None, latents: torch.Tensor,
+                         time_ids: torch.Tensor | None = None) -> dict:
+        """SDXL's added conditions; ``time_ids`` (N×6: original h, w, crop top, left, target h, w) default to an
+        uncropped image of the latents' size (height and width each from their own axis)."""
+        if time_ids is None:
+            height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+            time_ids = torch.tensor([height, width, 0, 0, height, width]).repeat(len(pooled), 1)
+        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
 
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):

@@ -219,7 +219,7 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--output_dir", type=Path, default=None, help="default: the adapter library")
     parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--resolution", type=positive_int, default=None)
+    parser.add_argument("--resolution", type=resolution_arg, default=None, help=config_help("resolution"))
     parser.add_argument("--no_center_crop", dest="center_crop", action="store_false")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
@@ -257,6 +257,40 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
                         help=target_modules_help or "layers the LoRA trains (default: to_q to_k to_v to_out.0; add "
                         "conv1 conv2 for the ResNet convolutions, as the demo adapters do)")
     parser.add_argument("--device", default=None)
+    add_data_flags(parser)
+
+
+def config_help(name: str) -> str:
+    """The help text a TrainConfig field carries in its metadata."""
+    from dataclasses import fields
+
+    from trainers.config import TrainConfig
+
+    return next(f.metadata.get("help", "") for f in fields(TrainConfig) if f.name == name)
+
+
+def resolution_arg(text: str):
+    from studio.errors import StudioError
+    from trainers.config import parse_resolution
+
+    try:
+        value = parse_resolution(text)
+    except StudioError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if min((value,) if isinstance(value, int) else value) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """kohya's bucket and caption flags."""
+    parser.add_argument("--enable_bucket", action="store_true", help=config_help("enable_bucket"))
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        parser.add_argument(f"--{name}", type=positive_int, default=None, help=config_help(name))
+    parser.add_argument("--caption_extension", default=".txt", help=config_help("caption_extension"))
+    parser.add_argument("--shuffle_caption", action="store_true", help=config_help("shuffle_caption"))
+    parser.add_argument("--keep_tokens", type=non_negative_int, default=0, help=config_help("keep_tokens"))
+    parser.add_argument("--caption_dropout_rate", type=float, default=0.0, help=config_help("caption_dropout_rate"))
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -38,7 +38,8 @@ from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
 from studio.files import atomic_path
 from trainers.config import TrainConfig
-from trainers.loop import EncodedSet, TrainingContext, TrainingMethod, encode_set, load_training_images, train
+from trainers.dataset import EncodedSet, encode_examples, pixel_multiple, plan_examples, resolution_of
+from trainers.loop import TrainingContext, TrainingMethod, encode_captions, train
 from trainers.lora import output_path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
@@ -303,10 +304,11 @@ def generated_aux_sets(base, kind: str, folder: Path, per_set: int, seed: int, t
 
 
 def encode_folder(ctx: TrainingContext, folder: Path, prompt: str | None = None) -> EncodedSet:
-    images = scan_folder(folder, prompt)
-    resolution = ctx.config.resolution or ctx.base.default_size
-    pixels, captions, weights = load_training_images(images, resolution, ctx.config.center_crop, False)
-    return encode_set(ctx.base, pixels, captions, weights)
+    """A second image set (style or auxiliary) placed in the same buckets as the run's own, without flips."""
+    images = scan_folder(folder, prompt, caption_extension=ctx.config.caption_extension)
+    config = replace(ctx.config, random_flip=False)
+    examples = plan_examples(images, config, resolution_of(config, ctx.base.default_size), pixel_multiple(ctx.base))
+    return encode_examples(ctx.base, examples, lambda captions: encode_captions(ctx.base, captions))
 
 
 # --- the three runs -----------------------------------------------------------------------------------------------
@@ -372,7 +374,8 @@ class B4MBreak(_PLPMethod):
         self.plp.isolate(self.main_side if isolate else None)
         main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
         self.plp.isolate(self.aux_side if isolate else None)
-        aux = sum(ctx.denoising_loss(ctx.sample(data, len(noise), generator), generator, noise=noise, timesteps=t)
+        aux = sum(ctx.denoising_loss(ctx.sample(data, len(noise), generator, like=batch), generator, noise=noise,
+                                     timesteps=t)
                   for data in self.aux) / max(1, len(self.aux))
         self.plp.isolate(None)
         ctx.logs.update(loss_main=float(main.detach()), loss_aux=float(aux.detach()))
@@ -425,7 +428,7 @@ class B4MMake(_PLPMethod):
         generator = ctx.generator(step)
         content = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
         noise, t = ctx.draw_noise(content.latents, generator)
-        style = ctx.sample(self.style, len(noise), generator)
+        style = ctx.sample(self.style, len(noise), generator, like=content)
         loss_c = ctx.denoising_loss(content, generator, noise=noise, timesteps=t)
         loss_s = ctx.denoising_loss(style, generator, noise=noise, timesteps=t)
         ctx.logs.update(loss_content=float(loss_c.detach()), loss_style=float(loss_s.detach()))

@@ -26,10 +26,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from studio.data.folder import TrainingImage, load_rgb, prepare_pixels, scan_folder
+from studio.data.buckets import Size
+from studio.data.captions import augment_caption, check_keep_tokens
+from studio.data.folder import TrainingImage, scan_folder
 from studio.errors import ConfigError
 from studio.files import atomic_torch_save
 from trainers.config import TrainConfig
+from trainers.dataset import (
+    EncodedSet,
+    Example,
+    encode_examples,
+    encode_pixels,
+    pixel_multiple,
+    plan_examples,
+    resolution_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,26 +49,12 @@ ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
 
 
 @dataclass
-class EncodedSet:
-    """A cached training set: latent distributions and the text conditioning of each example."""
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None
-    captions: list[str]
-    weights: torch.Tensor  # sampling weight of each example (repeats)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-@dataclass
 class Batch:
     latents: torch.Tensor
     hidden: torch.Tensor
     pooled: torch.Tensor | None
     captions: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: original size, crop top-left, target size of each example
 
 
 @dataclass
@@ -87,17 +84,34 @@ class TrainingContext:
         return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863
                                                   + rank * 32_452_843)
 
-    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator) -> Batch:
-        index = torch.multinomial(data.weights, batch_size, replacement=True, generator=generator)
-        noise = torch.randn(data.latent_mean[index].shape, generator=generator)
-        latents = (data.latent_mean[index] + data.latent_std[index] * noise) * _scaling(self.base)
-        captions = [data.captions[i] for i in index]
-        if self.config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
+    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator, like: Batch | None = None
+               ) -> Batch:
+        """A batch from one bucket (drawn by the buckets' total weight, or the bucket of ``like``'s size when
+        ``data`` has one, so that both can share noise), with the step's caption augmentations."""
+        same = [b for b in data.buckets if like is not None and b.latent_mean.shape[-2:] == like.latents.shape[-2:]]
+        bucket = same[0] if same else data.buckets[0]
+        if len(data.buckets) > 1 and not same:
+            bucket = data.buckets[int(torch.multinomial(data.bucket_weights(), 1, generator=generator))]
+        index = torch.multinomial(bucket.weights, batch_size, replacement=True, generator=generator)
+        noise = torch.randn(bucket.latent_mean[index].shape, generator=generator)
+        latents = (bucket.latent_mean[index] + bucket.latent_std[index] * noise) * _scaling(self.base)
+        latents = latents.to(self.device)
+        captions = [bucket.captions[i] for i in index]
+        time_ids = bucket.time_ids[index].to(self.device)
+        config = self.config
+        if config.shuffle_caption or config.caption_dropout_rate:
+            captions = [augment_caption(c, generator, config.shuffle_caption, config.keep_tokens,
+                                        config.caption_dropout_rate) for c in captions]
+        if config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
             hidden, pooled = encode_captions(self.base, captions, self.decor)
-            return Batch(latents.to(self.device), hidden, pooled, captions)
-        pooled = data.pooled[index] if data.pooled is not None else None
-        return Batch(latents.to(self.device), data.hidden[index].to(self.device),
-                     pooled.to(self.device) if pooled is not None else None, captions)
+            return Batch(latents, hidden, pooled, captions, time_ids)
+        if config.shuffle_caption or config.caption_dropout_rate:  # captions change every step: encode them now
+            with torch.no_grad():
+                hidden, pooled = encode_captions(self.base, captions, self.decor)
+            return Batch(latents, hidden.float(), pooled.float() if pooled is not None else None, captions,
+                         time_ids)
+        pooled = bucket.pooled[index].to(self.device) if bucket.pooled is not None else None
+        return Batch(latents, bucket.hidden[index].to(self.device), pooled, captions, time_ids)
 
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning with gradients (for methods that train the text encoder)."""
@@ -112,11 +126,14 @@ class TrainingContext:
 
     def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
                        timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
-        """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given)."""
+        """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given; noise of
+        another bucket's shape is drawn anew for this one, keeping the given timesteps)."""
         unet = unet or self.base.pipe.unet
         latents = batch.latents
         if noise is None or timesteps is None:
             noise, timesteps = self.draw_noise(latents, generator)
+        elif noise.shape != latents.shape:
+            noise = self.draw_noise(latents, generator)[0]
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -128,7 +145,7 @@ class TrainingContext:
         dtype = next(unet.parameters()).dtype
         kwargs = {}
         if batch.pooled is not None:
-            kwargs["added_cond_kwargs"] = self.base.pipe.added_conditions(batch.pooled, latents)
+            kwargs["added_cond_kwargs"] = self.base.pipe.added_conditions(batch.pooled, latents, batch.time_ids)
         prediction = unet(noisy.to(dtype), timesteps, batch.hidden.to(dtype), **kwargs).sample.float()
         per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.snr_gamma is not None:
@@ -220,45 +237,6 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / snr.clamp(min=1e-8)
 
 
-@torch.no_grad()
-def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float],
-               decor: tuple[list, float] | None = None) -> EncodedSet:
-    """Encode images once (VAE posterior mean and std) and captions once (text encoder)."""
-    vae = base.pipe.vae
-    means, stds = [], []
-    for start in range(0, len(pixels), 16):
-        chunk = pixels[start : start + 16].to(base.device, vae.dtype)
-        dist = vae.encode(chunk).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    unique = sorted(set(captions))
-    hidden_unique, pooled_unique = encode_captions(base, unique, decor)
-    lookup = {caption: i for i, caption in enumerate(unique)}
-    rows = torch.tensor([lookup[c] for c in captions])
-    return EncodedSet(
-        latent_mean=torch.cat(means),
-        latent_std=torch.cat(stds),
-        hidden=hidden_unique.float().cpu()[rows],
-        pooled=pooled_unique.float().cpu()[rows] if pooled_unique is not None else None,
-        captions=list(captions),
-        weights=torch.tensor(list(weights), dtype=torch.float),
-    )
-
-
-def load_training_images(images: list[TrainingImage], resolution: int, center_crop: bool, random_flip: bool
-                         ) -> tuple[torch.Tensor, list[str], list[float]]:
-    """Pixels, captions and sampling weights; a flipped copy of each image when ``random_flip``."""
-    pixels, captions, weights = [], [], []
-    for item in images:
-        tensor = prepare_pixels(load_rgb(item.path), resolution, center_crop)
-        versions = [tensor, tensor.flip(-1)] if random_flip else [tensor]
-        for version in versions:
-            pixels.append(version)
-            captions.append(item.caption)
-            weights.append(item.repeats / len(versions))
-    return torch.stack(pixels), captions, weights
-
-
 def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
     """Prompts for prior preservation: the user's class prompt, else ordinary prompts of the embedded domain.
     On a base that also learned two-object scenes, half are two-object prompts: an adapter preserved only on
@@ -276,7 +254,7 @@ def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
 
 
 @torch.no_grad()
-def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+def class_images(base, config: TrainConfig, work_dir: Path, resolution: Size) -> tuple[torch.Tensor, list[str]]:
     """Generate (once, cached in the work folder) the class images prior preservation trains on."""
     from studio.generate import seeded_generator
     from studio.text import clean_prompt
@@ -286,13 +264,13 @@ def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> 
     cached = folder / "class_images.pt"
     if cached.exists():
         stored = torch.load(cached, weights_only=True)
-        if stored["prompts"] == "\n".join(prompts):
+        if stored["prompts"] == "\n".join(prompts) and tuple(stored["pixels"].shape[-2:]) == resolution[::-1]:
             return stored["pixels"], prompts
     pixels = []
     for start in range(0, len(prompts), 8):
         chunk = prompts[start : start + 8]
         images = base.pipe(prompt=[clean_prompt(p) for p in chunk], num_inference_steps=base.default_steps,
-                           guidance_scale=base.default_guidance_scale, height=resolution, width=resolution,
+                           guidance_scale=base.default_guidance_scale, height=resolution[1], width=resolution[0],
                            generator=[seeded_generator(config.seed * 1000 + start + i) for i in range(len(chunk))],
                            output_type="pt").images
         pixels.append(images.float().cpu() * 2 - 1)
@@ -384,6 +362,21 @@ def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list
     return paths
 
 
+def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingImage], list[Example] | None]:
+    """Everything about the images and options that can be refused before a model loads: readable images,
+    captions, ``--keep_tokens``, and the bucket plan when the size is known (``--resolution`` or a loaded base)."""
+    if config.images is None:
+        raise ConfigError("no training images: pass --images DIR")
+    images = scan_folder(config.images, config.instance_prompt, config.repeats, config.caption_extension)
+    check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
+    if base is None and config.resolution is None:
+        return images, None
+    default = base.default_size if base is not None else 0
+    examples = plan_examples(images, config, resolution_of(config, default),
+                             pixel_multiple(base) if base is not None else None)
+    return images, examples
+
+
 def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None = None,
           base=None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``method`` on ``config``; returns the written adapter files. ``should_stop`` lets the app stop it.
@@ -408,9 +401,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     from studio.models import load_base
 
     start_time = time.time()
-    if config.images is None:
-        raise ConfigError("no training images: pass --images DIR")
-    images = scan_folder(config.images, config.instance_prompt, config.repeats)
+    images, _ = check_training_input(config, base)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     base = base or load_base(config.model, device=config.device)
@@ -420,19 +411,24 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
-    resolution = config.resolution or base.default_size
+    resolution = resolution_of(config, base.default_size)
+    examples = plan_examples(images, config, resolution, pixel_multiple(base))  # now against the base's sizes
     work_dir.mkdir(parents=True, exist_ok=True)
-    pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
         from pipelines.decor import decor_blocks
 
         decor = (decor_blocks(base.pipe, config.decor_remove), config.decor_alpha)
-    instance = encode_set(base, pixels, captions, weights, decor)
+    def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_captions(base, captions, decor)
+
+    instance = encode_examples(base, examples, encode_text)
+    _emit(progress, "buckets", 0, config.max_train_steps,
+          {"buckets": {f"{b.size[0]}x{b.size[1]}": len(b) for b in instance.buckets}})
     prior = None
     if config.with_prior_preservation:
         class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
-        prior = encode_set(base, class_pixels, class_prompts, [1.0] * len(class_prompts), decor)
+        prior = encode_pixels(base, class_pixels, class_prompts, encode_text)
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images,
                           decor=decor)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from studio.data.buckets import Placement
 from studio.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -81,19 +82,25 @@ def load_rgb(path: Path) -> Image.Image:
     return image
 
 
-def prepare_pixels(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop to a square, return 3×R×R in [-1, 1]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    resized = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
-                           Image.Resampling.BICUBIC)
-    if center_crop:
-        left, top = (resized.width - resolution) // 2, (resized.height - resolution) // 2
-    else:
-        left, top = 0, 0
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as :func:`load_rgb` will see it (EXIF rotation applied), read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path.name} is not a readable image: {error}") from error
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def prepare_pixels(image: Image.Image, placement: Placement, flip: bool = False) -> torch.Tensor:
+    """Resize and crop ``image`` as ``placement`` says (mirrored when ``flip``); 3×H×W in [-1, 1]."""
+    resized = image.resize(placement.resized, Image.Resampling.BICUBIC)
+    width, height = placement.target
+    cropped = resized.crop((placement.left, placement.top, placement.left + width, placement.top + height))
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor.flip(-1) if flip else tensor
 
 
 def tag_frequency(images: list[TrainingImage], dataset_name: str = "images") -> dict[str, dict[str, int]]:
