@@ -39,7 +39,7 @@ from studio.errors import ConfigError
 from studio.files import atomic_path
 from trainers.config import TrainConfig
 from trainers.dataset import EncodedSet, encode_examples, pixel_multiple, plan_examples, resolution_of
-from trainers.loop import TrainingContext, TrainingMethod, encode_captions, train
+from trainers.loop import TrainingContext, TrainingMethod, check_training_input, encode_captions, train
 from trainers.lora import output_path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
@@ -482,11 +482,15 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
     if b4m.rank < 1 or b4m.break_steps < 1 or b4m.make_steps < 0:
         raise ConfigError(f"B4M needs rank ≥ 1, break steps ≥ 1 and make steps ≥ 0 (0: assemble only), not "
                           f"{b4m.rank}, {b4m.break_steps} and {b4m.make_steps}")
+    b4m = replace(b4m, content_prompt=b4m.content_prompt or f"a {b4m.content_trigger} shape",
+                  style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
+    for folder, prompt in ((b4m.content, b4m.content_prompt), (b4m.style, b4m.style_prompt)):  # before rendering
+        check_training_input(replace(config, images=folder, instance_prompt=prompt), base)
+    for folder in b4m.aux_style + b4m.aux_content:
+        check_training_input(replace(config, images=folder, instance_prompt=None, random_flip=False), base)
     base = base or load_base(config.model, device=config.device)
     output_dir, work = config.output_folder(), config.work_folder()
     work.mkdir(parents=True, exist_ok=True)
-    b4m = replace(b4m, content_prompt=b4m.content_prompt or f"a {b4m.content_trigger} shape",
-                  style_prompt=b4m.style_prompt or f"a shape in {b4m.style_trigger} style")
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     recipe = {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
               "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior, "studio.b4m_seed": str(config.seed),
