@@ -241,7 +241,8 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
     parser.add_argument("--prior_loss_weight", type=float, default=defaults.prior_loss_weight)
     parser.add_argument("--class_prompt", default=None)
     parser.add_argument("--num_class_images", type=non_negative_int, default=defaults.num_class_images)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                        help=config_help("mixed_precision"))
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--checkpointing_steps", type=non_negative_int, default=0)
     parser.add_argument("--checkpoints_total_limit", type=non_negative_int, default=defaults.checkpoints_total_limit)
@@ -257,7 +258,7 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
                         help=target_modules_help or "layers the LoRA trains (default: to_q to_k to_v to_out.0; add "
                         "conv1 conv2 for the ResNet convolutions, as the demo adapters do)")
     parser.add_argument("--device", default=None)
-    add_data_flags(parser)
+    add_kohya_flags(parser)
 
 
 def config_help(name: str) -> str:
@@ -282,8 +283,10 @@ def resolution_arg(text: str):
     return value
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """kohya's bucket and caption flags."""
+def add_kohya_flags(parser: argparse.ArgumentParser) -> None:
+    """kohya's bucket, caption, optimizer and noise flags."""
+    from trainers.optimizers import OPTIMIZERS
+
     parser.add_argument("--enable_bucket", action="store_true", help=config_help("enable_bucket"))
     for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         parser.add_argument(f"--{name}", type=positive_int, default=None, help=config_help(name))
@@ -291,6 +294,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shuffle_caption", action="store_true", help=config_help("shuffle_caption"))
     parser.add_argument("--keep_tokens", type=non_negative_int, default=0, help=config_help("keep_tokens"))
     parser.add_argument("--caption_dropout_rate", type=float, default=0.0, help=config_help("caption_dropout_rate"))
+    parser.add_argument("--optimizer", "--optimizer_type", dest="optimizer", type=str.lower, default="adamw",
+                        choices=list(OPTIMIZERS), help=config_help("optimizer"))
+    parser.add_argument("--noise_offset", type=float, default=0.0, help=config_help("noise_offset"))
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -52,13 +52,18 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 1e-2
-    use_8bit_adam: bool = False  # used when bitsandbytes is importable on CUDA
+    use_8bit_adam: bool = False  # diffusers' flag: --optimizer adamw8bit
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw | adamw8bit | prodigy | adafactor | lion (all but adamw and adafactor need the train extra)"})
+    noise_offset: float = field(default=0.0, metadata={
+        "help": "add this much per-channel offset noise (0.05-0.1 helps very dark or bright images)"})
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value
     with_prior_preservation: bool = False
     prior_loss_weight: float = 1.0
     class_prompt: str | None = None  # default on the embedded model: ordinary domain prompts
     num_class_images: int = 50
-    mixed_precision: str = "no"  # no | fp16 | bf16 (CUDA)
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no | fp16 | bf16: autocast and the frozen base's dtype (fp16 only on CUDA)"})
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 0  # 0: no intermediate checkpoints
     checkpoints_total_limit: int | None = 2

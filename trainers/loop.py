@@ -41,6 +41,7 @@ from trainers.dataset import (
     plan_examples,
     resolution_of,
 )
+from trainers.optimizers import base_dtype, check_optimizer, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,10 @@ class TrainingContext:
 
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps for ``latents`` (methods that share them across several losses call this once)."""
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.config.noise_offset:  # offset noise (Guttenberg 2023), as diffusers' --noise_offset
+            noise = noise + self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        noise = noise.to(latents.device, latents.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                   generator=generator).to(latents.device)
         return noise, timesteps
@@ -326,17 +330,6 @@ class TrainResult:
     samples: list[Path]
 
 
-def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device):
-    if config.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        except ImportError:
-            logger.warning("bitsandbytes is not installed; using torch AdamW")
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-
-
 def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
     from studio.generate import sampler_label, seeded_generator, with_lora_tags
     from studio.png import a1111_parameters, save_png
@@ -369,6 +362,13 @@ def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingI
         raise ConfigError("no training images: pass --images DIR")
     images = scan_folder(config.images, config.instance_prompt, config.repeats, config.caption_extension)
     check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
+    check_optimizer(config)
+    if base is None:
+        from studio.models import choose_device
+
+        base_dtype(config, choose_device(config.device))
+    else:
+        base_dtype(config, base.device)
     if base is None and config.resolution is None:
         return images, None
     default = base.default_size if base is not None else 0
@@ -398,16 +398,17 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     from diffusers.optimization import get_scheduler
 
     from studio.adapters.inject import set_adapter_weights
-    from studio.models import load_base
+    from studio.models import choose_device, load_base
 
     start_time = time.time()
     images, _ = check_training_input(config, base)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    base = base or load_base(config.model, device=config.device)
+    if base is None:
+        device = choose_device(config.device)
+        base = load_base(config.model, device=str(device), dtype=base_dtype(config, device))
     set_adapter_weights(base, {})  # adapters the app composed with stay attached, but out of training and captions
-    accelerator = Accelerator(mixed_precision=config.mixed_precision if base.device.type == "cuda" else "no",
-                              cpu=base.device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=base.device.type == "cpu")
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
@@ -434,9 +435,8 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
                           decor=decor)
 
     groups = method.setup(ctx)
-    if config.gradient_checkpointing:
-        base.pipe.unet.enable_gradient_checkpointing()
-    optimizer = _optimizer(groups, config, base.device)
+    checkpointed = _enable_gradient_checkpointing(base, config)
+    optimizer = make_optimizer(groups, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
@@ -502,9 +502,36 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:
         method.cleanup(ctx)
+        _disable_gradient_checkpointing(checkpointed)
     result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
     _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
     return result
+
+
+def _enable_gradient_checkpointing(base, config: TrainConfig) -> list[tuple[Any, bool]]:
+    """Recompute activations in the backward pass: the UNet's, and the text encoders' when they train (which
+    transformers does only in train mode). Returns the models and their modes, to switch back after the run."""
+    if not config.gradient_checkpointing:
+        return []
+    base.pipe.unet.enable_gradient_checkpointing()
+    models = [(base.pipe.unet, base.pipe.unet.training)]
+    if config.train_text_encoder:
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(base.pipe, name, None)
+            if encoder is not None:
+                models.append((encoder, encoder.training))
+                (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+                encoder.train()
+    return models
+
+
+def _disable_gradient_checkpointing(models: list[tuple[Any, bool]]) -> None:
+    for model, training in models:
+        if hasattr(model, "gradient_checkpointing_disable"):  # transformers (activation_… from version 5)
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        else:
+            model.disable_gradient_checkpointing()
+        model.train(training)
 
 
 def _emit(progress: ProgressCallback | None, event: str, step: int, total: int, logs: dict[str, Any]) -> None:
