@@ -284,7 +284,7 @@ def resolution_arg(text: str):
 
 
 def add_kohya_flags(parser: argparse.ArgumentParser) -> None:
-    """kohya's bucket, caption, optimizer and noise flags."""
+    """kohya's bucket, caption, optimizer, noise and logging flags."""
     from trainers.optimizers import OPTIMIZERS
 
     parser.add_argument("--enable_bucket", action="store_true", help=config_help("enable_bucket"))
@@ -297,6 +297,9 @@ def add_kohya_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", "--optimizer_type", dest="optimizer", type=str.lower, default="adamw",
                         choices=list(OPTIMIZERS), help=config_help("optimizer"))
     parser.add_argument("--noise_offset", type=float, default=0.0, help=config_help("noise_offset"))
+    parser.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
+                        help=config_help("report_to"))
+    parser.add_argument("--logging_dir", type=Path, default=None, help=config_help("logging_dir"))
 
 
 def train_config_from_args(args: argparse.Namespace):

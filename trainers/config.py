@@ -68,6 +68,10 @@ class TrainConfig:
     checkpointing_steps: int = 0  # 0: no intermediate checkpoints
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    report_to: str = field(default="none", metadata={
+        "help": "none | tensorboard | wandb: log loss, learning rate and validation images"})
+    logging_dir: Path | None = field(default=None, metadata={
+        "help": "where the tracker writes (default: logs/ in the run's work folder)"})
     validation_prompt: str | None = None
     validation_steps: int = 0
     num_validation_images: int = 2

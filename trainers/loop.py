@@ -31,6 +31,7 @@ from studio.data.captions import augment_caption, check_keep_tokens
 from studio.data.folder import TrainingImage, scan_folder
 from studio.errors import ConfigError
 from studio.files import atomic_torch_save
+from trainers import tracking
 from trainers.config import TrainConfig
 from trainers.dataset import (
     EncodedSet,
@@ -363,6 +364,7 @@ def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingI
     images = scan_folder(config.images, config.instance_prompt, config.repeats, config.caption_extension)
     check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
     check_optimizer(config)
+    tracking.check_tracker(config)
     if base is None:
         from studio.models import choose_device
 
@@ -408,7 +410,8 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         device = choose_device(config.device)
         base = load_base(config.model, device=str(device), dtype=base_dtype(config, device))
     set_adapter_weights(base, {})  # adapters the app composed with stay attached, but out of training and captions
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=base.device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=base.device.type == "cpu",
+                              **tracking.accelerator_options(config, work_dir))
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
@@ -440,6 +443,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    tracking.start(accelerator, config, method.name)
     ctx.optimizer = optimizer
     step = 0
     if config.resume_from_checkpoint:
@@ -488,6 +492,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         _emit(progress, "step", step, total, logs)
+        accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < total:
             if accelerator.is_main_process:
                 path = save_checkpoint(work_dir, step, method, optimizer, lr_scheduler,
@@ -495,9 +500,11 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
                 _emit(progress, "checkpoint", step, total, {"path": str(path)})
         if config.validation_prompt and config.validation_steps and step % config.validation_steps == 0:
             new = _validation(ctx, method, step)
+            tracking.log_images(accelerator, config, new, step)
             samples += new
             _emit(progress, "validation", step, total, {"images": [str(p) for p in new]})
     bar.close()
+    accelerator.end_training()
     try:
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:
