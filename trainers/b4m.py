@@ -374,7 +374,8 @@ class B4MBreak(_PLPMethod):
         self.plp.isolate(self.main_side if isolate else None)
         main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
         self.plp.isolate(self.aux_side if isolate else None)
-        aux = sum(ctx.denoising_loss(ctx.sample(data, len(noise), generator, like=batch), generator, noise=noise,
+        size = ctx.config.train_batch_size
+        aux = sum(ctx.denoising_loss(ctx.sample(data, size, generator, like=batch), generator, noise=noise,
                                      timesteps=t)
                   for data in self.aux) / max(1, len(self.aux))
         self.plp.isolate(None)
@@ -428,7 +429,7 @@ class B4MMake(_PLPMethod):
         generator = ctx.generator(step)
         content = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
         noise, t = ctx.draw_noise(content.latents, generator)
-        style = ctx.sample(self.style, len(noise), generator, like=content)
+        style = ctx.sample(self.style, ctx.config.train_batch_size, generator, like=content)
         loss_c = ctx.denoising_loss(content, generator, noise=noise, timesteps=t)
         loss_s = ctx.denoising_loss(style, generator, noise=noise, timesteps=t)
         ctx.logs.update(loss_content=float(loss_c.detach()), loss_style=float(loss_s.detach()))

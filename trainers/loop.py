@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,17 @@ from trainers.dataset import (
     pixel_multiple,
     plan_examples,
     resolution_of,
+)
+from trainers.distributed import (
+    Trainee,
+    find_checkpoint,
+    load_checkpoint,
+    local_slice,
+    make_accelerator,
+    save_checkpoint,
+    split_count,
+    trainable_ids,
+    wrap,
 )
 from trainers.optimizers import base_dtype, check_optimizer, make_optimizer
 
@@ -80,16 +90,15 @@ class TrainingContext:
         return self.base.device
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        """Per-step randomness: depends only on (seed, step, stream) and, under ``accelerate launch``, the process
-        (so that each GPU draws its own batch)."""
-        rank = self.accelerator.process_index if self.accelerator is not None else 0
-        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863
-                                                  + rank * 32_452_843)
+        """Per-step randomness: depends only on (seed, step, stream), the same in every process; each process
+        trains its slice of the global batch drawn from it (:mod:`trainers.distributed`)."""
+        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863)
 
-    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator, like: Batch | None = None
-               ) -> Batch:
-        """A batch from one bucket (drawn by the buckets' total weight, or the bucket of ``like``'s size when
-        ``data`` has one, so that both can share noise), with the step's caption augmentations."""
+    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator, like: Batch | None = None,
+               split: bool = True) -> Batch:
+        """A global batch of ``batch_size`` from one bucket (drawn by the buckets' total weight, or the bucket of
+        ``like``'s size when ``data`` has one, so that both can share noise), with the step's caption
+        augmentations; this process's slice of it unless ``split`` is false."""
         same = [b for b in data.buckets if like is not None and b.latent_mean.shape[-2:] == like.latents.shape[-2:]]
         bucket = same[0] if same else data.buckets[0]
         if len(data.buckets) > 1 and not same:
@@ -97,17 +106,20 @@ class TrainingContext:
         index = torch.multinomial(bucket.weights, batch_size, replacement=True, generator=generator)
         noise = torch.randn(bucket.latent_mean[index].shape, generator=generator)
         latents = (bucket.latent_mean[index] + bucket.latent_std[index] * noise) * _scaling(self.base)
-        latents = latents.to(self.device)
         captions = [bucket.captions[i] for i in index]
-        time_ids = bucket.time_ids[index].to(self.device)
         config = self.config
-        if config.shuffle_caption or config.caption_dropout_rate:
+        augment = config.shuffle_caption or config.caption_dropout_rate
+        if augment:
             captions = [augment_caption(c, generator, config.shuffle_caption, config.keep_tokens,
                                         config.caption_dropout_rate) for c in captions]
+        part = (lambda t: local_slice(t, self.accelerator)) if split else (lambda t: t)
+        rows = part(torch.arange(batch_size)).tolist()
+        index, captions = part(index), [captions[i] for i in rows]
+        latents, time_ids = part(latents).to(self.device), bucket.time_ids[index].to(self.device)
         if config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
             hidden, pooled = encode_captions(self.base, captions, self.decor)
             return Batch(latents, hidden, pooled, captions, time_ids)
-        if config.shuffle_caption or config.caption_dropout_rate:  # captions change every step: encode them now
+        if augment:  # captions change every step: encode them now
             with torch.no_grad():
                 hidden, pooled = encode_captions(self.base, captions, self.decor)
             return Batch(latents, hidden.float(), pooled.float() if pooled is not None else None, captions,
@@ -120,14 +132,17 @@ class TrainingContext:
         return encode_captions(self.base, captions, self.decor)
 
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps for ``latents`` (methods that share them across several losses call this once)."""
-        noise = torch.randn(latents.shape, generator=generator)
+        """Noise and timesteps for ``latents`` (methods that share them across several losses call this once),
+        drawn for the global batch and sliced like it."""
+        processes = self.accelerator.num_processes if self.accelerator is not None else 1
+        shape = (len(latents) * processes, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator)
         if self.config.noise_offset:  # offset noise (Guttenberg 2023), as diffusers' --noise_offset
-            noise = noise + self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        noise = noise.to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  generator=generator).to(latents.device)
-        return noise, timesteps
+            noise = noise + self.config.noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],),
+                                  generator=generator)
+        return (local_slice(noise, self.accelerator).to(latents.device, latents.dtype),
+                local_slice(timesteps, self.accelerator).to(latents.device))
 
     def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
                        timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
@@ -284,41 +299,6 @@ def class_images(base, config: TrainConfig, work_dir: Path, resolution: Size) ->
     return result, prompts
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-
-def _checkpoint_dirs(work_dir: Path) -> list[Path]:
-    found = [p for p in (work_dir / "checkpoints").glob("checkpoint-*") if (p / "state.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(work_dir: Path, step: int, method: TrainingMethod, optimizer, lr_scheduler,
-                    limit: int | None) -> Path:
-    target = work_dir / "checkpoints" / f"checkpoint-{step}"
-    state = {"step": step, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict()}
-    target.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(state, target / "state.pt")
-    if limit:
-        for old in _checkpoint_dirs(work_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def find_checkpoint(work_dir: Path, spec: str) -> Path:
-    if spec == "latest":
-        found = _checkpoint_dirs(work_dir)
-        if not found:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {work_dir / 'checkpoints'}")
-        return found[-1]
-    path = Path(spec)
-    if not (path / "state.pt").exists():
-        path = work_dir / "checkpoints" / spec
-    if not (path / "state.pt").exists():
-        raise ConfigError(f"no checkpoint at {spec}")
-    return path
-
-
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
@@ -365,6 +345,7 @@ def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingI
     check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
     check_optimizer(config)
     tracking.check_tracker(config)
+    split_count(config, _process_count())
     if base is None:
         from studio.models import choose_device
 
@@ -377,6 +358,13 @@ def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingI
     examples = plan_examples(images, config, resolution_of(config, default),
                              pixel_multiple(base) if base is not None else None)
     return images, examples
+
+
+def _process_count() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started, read before any model loads."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None = None,
@@ -395,7 +383,6 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
 
 def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None, base,
            should_stop: Callable[[], bool] | None, work_dir: Path) -> TrainResult:
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -410,8 +397,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         device = choose_device(config.device)
         base = load_base(config.model, device=str(device), dtype=base_dtype(config, device))
     set_adapter_weights(base, {})  # adapters the app composed with stay attached, but out of training and captions
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=base.device.type == "cpu",
-                              **tracking.accelerator_options(config, work_dir))
+    accelerator = make_accelerator(config, base.device.type == "cpu", tracking.accelerator_options(config, work_dir))
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
@@ -431,7 +417,8 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
           {"buckets": {f"{b.size[0]}x{b.size[1]}": len(b) for b in instance.buckets}})
     prior = None
     if config.with_prior_preservation:
-        class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
+        with accelerator.main_process_first():  # one process renders them, the others read its cache
+            class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
         prior = encode_pixels(base, class_pixels, class_prompts, encode_text)
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images,
@@ -443,42 +430,37 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    tracking.start(accelerator, config, method.name)
     ctx.optimizer = optimizer
+    trainee = Trainee(base, method, ctx)
     step = 0
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(work_dir, config.resume_from_checkpoint)
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        try:
-            method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"{checkpoint} does not fit this run (was it trained with another rank, method or "
-                              f"target modules?): {reason}") from None
-        step = int(state["step"])
+        step = load_checkpoint(accelerator, checkpoint, method)
         logger.info("resumed from %s at step %d", checkpoint, step)
+    model, wrapped_for = wrap(accelerator, trainee), trainable_ids(optimizer)
+    tracking.start(accelerator, config, method.name)
     total = config.max_train_steps
     _emit(progress, "start", step, total, {"images": len(images)})
     samples: list[Path] = []
-    bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=progress is not None)
+    bar = tqdm(total=total, initial=step, desc=f"train {method.name}",
+               disable=progress is not None or not accelerator.is_main_process)
     loss_value = math.nan
+    accumulation = config.gradient_accumulation_steps
     while step < total:
         if should_stop is not None and should_stop():
             logger.info("stopped at step %d", step)
             break
+        if trainable_ids(optimizer) != wrapped_for:  # the method swapped parameters: DDP must hook the new ones
+            model, wrapped_for = wrap(accelerator, trainee, model), trainable_ids(optimizer)
         accumulated = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            loss = method.training_loss(ctx, step * config.gradient_accumulation_steps + micro)
-            accelerator.backward(loss / config.gradient_accumulation_steps)
-            accumulated += float(loss.detach()) / config.gradient_accumulation_steps
+        for micro in range(accumulation):
+            sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = model(step * accumulation + micro)
+                accelerator.backward(loss / accumulation)
+            accumulated += float(accelerator.reduce(loss.detach(), reduction="mean")) / accumulation
         method.after_backward(ctx, step)
-        params = [p for group in optimizer.param_groups for p in group["params"]]  # methods may swap parameters
-        if accelerator.num_processes > 1:  # the UNet is not DDP-wrapped: average the trainable gradients here
-            for parameter in params:
-                if parameter.grad is not None:
-                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         method.before_step(ctx, step)
@@ -494,16 +476,16 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         _emit(progress, "step", step, total, logs)
         accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < total:
-            if accelerator.is_main_process:
-                path = save_checkpoint(work_dir, step, method, optimizer, lr_scheduler,
-                                       config.checkpoints_total_limit)
-                _emit(progress, "checkpoint", step, total, {"path": str(path)})
-        if config.validation_prompt and config.validation_steps and step % config.validation_steps == 0:
+            path = save_checkpoint(accelerator, work_dir, step, method, config.checkpoints_total_limit)
+            _emit(progress, "checkpoint", step, total, {"path": str(path)})
+        if (config.validation_prompt and config.validation_steps and step % config.validation_steps == 0
+                and accelerator.is_main_process):
             new = _validation(ctx, method, step)
             tracking.log_images(accelerator, config, new, step)
             samples += new
             _emit(progress, "validation", step, total, {"images": [str(p) for p in new]})
     bar.close()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     try:
         outputs = method.export(ctx) if accelerator.is_main_process else []
