@@ -362,7 +362,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, method)
     for path in result.outputs:
         print(path)
-    print(f"{result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}", file=sys.stderr)
+    if result.outputs:  # under accelerate launch: the main process only
+        print(f"{result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}", file=sys.stderr)
     return 0
 
 

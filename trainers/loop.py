@@ -486,7 +486,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
             _emit(progress, "validation", step, total, {"images": [str(p) for p in new]})
     bar.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    tracking.finish(accelerator)
     try:
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:

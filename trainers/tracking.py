@@ -54,6 +54,13 @@ def start(accelerator, config: TrainConfig, method: str) -> None:
     accelerator.init_trackers(config.output, config={**values, "method": method})
 
 
+def finish(accelerator) -> None:
+    """Close the trackers (not ``end_training``, which also ends the process group a later stage still needs)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
 def log_images(accelerator, config: TrainConfig, paths: list[Path], step: int) -> None:
     """Validation previews as one image grid per step."""
     if config.report_to == "none" or not paths or not accelerator.is_main_process:
