@@ -19,9 +19,14 @@ from pipelines.engine import CompositionEngine
 class CompositionPipeline(CompositionEngine, StableDiffusionPipeline):
     """StableDiffusionPipeline plus ``adapters`` and ``method``; everything else keeps diffusers' meaning."""
 
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, None]:
-        hidden, _ = self.encode_prompt(texts, self.text_encoder.device, 1, False)
+    def encode_texts(self, texts: list[str], texts_2: list[str] | None = None, *, lora_scale: float | None = None,
+                     clip_skip: int | None = None, zero_empty: bool = True) -> tuple[torch.Tensor, None]:
+        """diffusers' ``encode_prompt`` without guidance (``texts_2`` and ``zero_empty`` are SDXL's)."""
+        hidden, _ = self.encode_prompt(texts, self._execution_device, 1, False, lora_scale=lora_scale,
+                                       clip_skip=clip_skip)
         return hidden, None
 
-    def make_output(self, images) -> StableDiffusionPipelineOutput:
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    def make_output(self, images, nsfw: list[bool] | None = None, return_dict: bool = True):
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)

@@ -14,14 +14,16 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from pipelines.attention_capture import capture_cross_attention
+from pipelines.call_contract import StepCallback, denoising_schedule, guidance_embedding, refuse_sdxl_arguments
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha
 from pipelines.guidance import cfg
@@ -29,7 +31,9 @@ from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
 from pipelines.methods import make_method
 from pipelines.methods.base import Prediction, Route
+from pipelines.native_lora import shared_base
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
+from studio.adapters.inject import pinned_lora_modules
 from studio.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -39,13 +43,28 @@ AdapterSpec = tuple[str | Path, float] | str | Path
 
 @dataclass
 class Conditioning:
-    """One prompt's embeddings for every guidance branch ([uncond, cond, negatives…]); SDXL adds pooled ones."""
+    """One prompt's UNet conditioning for every guidance branch ([uncond, cond, negatives…], or [cond] alone when
+    guidance is off); SDXL adds pooled embeddings and time ids, IP-Adapter image embeddings (one per adapter)."""
 
     hidden: list[torch.Tensor]
     pooled: list[torch.Tensor] | None = None
+    time_ids: list[torch.Tensor] | None = None
+    images: list[list[torch.Tensor]] | None = None
+    guided: bool = True
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    @property
+    def cond_index(self) -> int:
+        """Where the conditional branch is."""
+        return 1 if self.guided else 0
+
+    def branch(self, index: int) -> Conditioning:
+        """Branch ``index`` alone (CLoRA's conditional-only attention pass)."""
+        return Conditioning([self.hidden[index]], *(None if part is None else [part[index]]
+                                                    for part in (self.pooled, self.time_ids, self.images)),
+                            guided=False)
 
 
 class CompositionEngine:
@@ -146,24 +165,29 @@ class CompositionEngine:
 
         batch, count = len(latents), len(conditions[0])
         width = batch * count
+        cond_at = conditions[0].cond_index
         results: dict[str, Prediction] = {}
         maps: dict[str, torch.Tensor] = {}
 
         kv = kv or CrossKVCache()
 
-        def run(group: Sequence[Route], names, deep=None):
+        def run(group: Sequence[Route], names, deep=None, want_feature=False):
             stacked = latents.repeat(count * len(group), 1, 1, 1)
-            hidden, added = self.stack_conditions([conditions[r.prompt] for r in group], stacked)
+            hidden, added = self.stack_conditions([conditions[r.prompt] for r in group])
             key = (None if names is None else tuple(names), tuple(r.prompt for r in group),
                    getattr(self, "_active_weights", None))
+            inputs = self.unet_inputs(count * len(group))
             if capture_resolution is None:
                 with kv.keyed(key):
-                    return predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats)
+                    return predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats,
+                                         want_feature=want_feature, **inputs)
             with capture_cross_attention(self.unet, capture_resolution) as store, kv.keyed(key):
-                output = predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats)
+                output = predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats,
+                                       want_feature=want_feature, **inputs)
             captured = store.mean()
             for index, route in enumerate(group):
-                maps[route.key] = captured[width * index + batch : width * index + 2 * batch]
+                start = width * index + batch * cond_at
+                maps[route.key] = captured[start : start + batch]
             return output
 
         def split(output: torch.Tensor, index: int) -> Prediction:
@@ -171,10 +195,12 @@ class CompositionEngine:
             return Prediction(tuple(chunk[batch * c : batch * (c + 1)] for c in range(count)))
 
         for route in [r for r in routes if r.adapter is None]:
-            if route.merged:
-                set_adapter_weights(self.studio_base(), route.merged, set(self._loaded().values()))
-                self._active_weights = tuple(sorted(route.merged.items()))
-            output, _ = run([route], None if route.merged else [BASE] * width)
+            if route.merged is not None:  # the active set: the studio's merged adapters and diffusers' own
+                weights = tuple(sorted(route.merged.items()))
+                if weights != getattr(self, "_active_weights", None):
+                    set_adapter_weights(self.studio_base(), route.merged, set(self._loaded().values()))
+                    self._active_weights = weights
+            output, _ = run([route], None if route.merged is not None else [BASE] * width)
             results[route.key] = split(output, 0)
         for mode in ("full", "read"):
             group = [r for r in routes if r.adapter is not None and (r.cache == "read") == (mode == "read")]
@@ -182,88 +208,143 @@ class CompositionEngine:
                 continue
             names = [r.adapter for r in group for _ in range(width)]
             deep = torch.cat([cache.features[r.adapter] for r in group]) if mode == "read" else None
-            output, feature = run(group, names, deep)
+            output, feature = run(group, names, deep, any(r.cache == "write" for r in group))
             for index, route in enumerate(group):
                 results[route.key] = split(output, index)
                 if route.cache == "write":
                     cache.features[route.adapter] = feature[width * index : width * (index + 1)]
         return results, maps
 
+    def unet_inputs(self, repeat: int) -> dict[str, Any]:
+        """The UNet inputs of this generation besides latents and conditioning, for a batch of ``repeat`` stacked
+        copies of the latents: LCM's ``timestep_cond`` and the ``cross_attention_kwargs``."""
+        timestep_cond, attention_kwargs = getattr(self, "_studio_unet_inputs", (None, None))
+        return {"timestep_cond": None if timestep_cond is None else timestep_cond.repeat(repeat, 1),
+                "cross_attention_kwargs": attention_kwargs}
+
     def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float,
-                         negative_weights: Sequence[float] = ()) -> torch.Tensor:
-        """CFG on (uncond, cond); with Perp-Neg negatives, Perp-Neg on (∅, positive, negatives…)."""
+                         negative_weights: Sequence[float] = (), guided: bool = True) -> torch.Tensor:
+        """CFG on (uncond, cond); with Perp-Neg negatives, Perp-Neg on (∅, positive, negatives…); without
+        guidance (scale ≤ 1, or a UNet distilled with guidance) the conditional prediction, as diffusers."""
+        if not guided:
+            return prediction.conditions[0]
         if negative_weights:
             return perp_neg_guidance(prediction.conditions[0], prediction.conditions[1], prediction.conditions[2:],
                             negative_weights, guidance_scale)
         return cfg(prediction.uncond, prediction.cond, guidance_scale, guidance_rescale)
 
-    # A pipeline class defines ``encode_texts(texts) -> (hidden states, pooled or None)``: how it conditions its
-    # UNet on cleaned texts, and ``make_output(images)``: its diffusers output type.
+    # A pipeline class defines ``encode_texts(texts, texts_2=None, *, lora_scale=None, clip_skip=None,
+    # zero_empty=True) -> (hidden states, pooled or None)``: how it conditions its UNet on cleaned texts,
+    # ``size_conditions(...)``: SDXL's time ids (None for SD), and ``make_output(images, nsfw, return_dict)``.
+    zero_unconditional = False  # SDXL's force_zeros_for_empty_prompt: no negative prompt → zero embeddings
 
-    def added_conditions(self, pooled: torch.Tensor | None, latents: torch.Tensor) -> dict | None:
-        """Extra UNet inputs for a batch (SDXL: pooled text embeddings and time ids); none for SD."""
+    def size_conditions(self, height: int, width: int, sizes: Mapping[str, Any], dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positive, negative) time ids of one sample (SDXL); none for SD."""
         return None
 
-    def stack_conditions(self, conditionings: Sequence[Conditioning], latents: torch.Tensor
-                         ) -> tuple[torch.Tensor, dict | None]:
+    def stack_conditions(self, conditionings: Sequence[Conditioning]) -> tuple[torch.Tensor, dict | None]:
         """The hidden states (and added conditions) of several conditionings, in batch order."""
         hidden = torch.cat([h for c in conditionings for h in c.hidden])
-        pooled = None
+        added: dict[str, Any] = {}
         if conditionings[0].pooled is not None:
-            pooled = torch.cat([p for c in conditionings for p in c.pooled])
-        return hidden, self.added_conditions(pooled, latents)
+            added["text_embeds"] = torch.cat([p for c in conditionings for p in c.pooled])
+            added["time_ids"] = torch.cat([t for c in conditionings for t in c.time_ids])
+        if conditionings[0].images is not None:
+            added["image_embeds"] = [torch.cat([branch[i] for c in conditionings for branch in c.images])
+                                     for i in range(len(conditionings[0].images[0]))]
+        return hidden, added or None
 
-    def encode_conditions(self, prompts: list[str], negative: str | list[str] | None, per_prompt: int,
-                          perp_negatives: Sequence[tuple[str, float]], decor_remove: Sequence[str],
-                          decor_alpha: float, decor_rank: int | None,
-                          given: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> Conditioning:
-        """Prompt embeddings [uncond, cond, negatives…]; DECOR projects the conditional one only (METHODS §5.1).
-        ``given`` holds the caller's ``prompt_embeds`` and ``negative_prompt_embeds``, used instead of encoding."""
+    def encode_conditions(self, prompts: list[str], text: PromptInputs) -> Conditioning:
+        """Prompt embeddings [uncond, cond, negatives…] (or [cond] without guidance); DECOR projects the
+        conditional one only (METHODS §5.1). ``text.given`` holds the caller's embeddings, used instead of
+        encoding. As diffusers, ``clip_skip`` applies to the prompt, not to the negative prompt."""
         from studio.text import clean_prompt
 
+        per_prompt = text.per_prompt
         batch = len(prompts) * per_prompt
+        device, dtype = self._execution_device, self.unet.dtype
 
-        def encode(texts: list[str], repeat: str, embeds: torch.Tensor | None = None
+        def encode(texts: list[str], texts_2: list[str] | None, repeat: str, embeds: torch.Tensor | None = None,
+                   pooled_embeds: torch.Tensor | None = None, clip_skip: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
             if embeds is not None:
-                return embeds.to(self._execution_device, self.unet.dtype).repeat_interleave(per_prompt, dim=0), None
-            hidden, pooled = self.encode_texts([clean_prompt(t) for t in texts])
+                pooled = None if pooled_embeds is None else pooled_embeds.to(device, dtype)
+                return (embeds.to(device, dtype).repeat_interleave(per_prompt, dim=0),
+                        None if pooled is None else pooled.repeat_interleave(per_prompt, dim=0))
+            hidden, pooled = self.encode_texts([clean_prompt(t) for t in texts],
+                                               None if texts_2 is None else [clean_prompt(t) for t in texts_2],
+                                               lora_scale=text.lora_scale, clip_skip=clip_skip, zero_empty=False)
             if repeat == "each":
                 return (hidden.repeat_interleave(per_prompt, dim=0),
                         None if pooled is None else pooled.repeat_interleave(per_prompt, dim=0))
             return hidden.repeat(batch, 1, 1), None if pooled is None else pooled.repeat(batch, 1)
 
-        cond = encode(prompts, "each", given[0])
-        if decor_remove:
+        def zeros(like: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return torch.zeros_like(like[0]), None if like[1] is None else torch.zeros_like(like[1])
+
+        given = text.given
+        second = _per_prompt(text.prompt_2, len(prompts))
+        cond = encode(prompts, second, "each", given.prompt, given.pooled, text.clip_skip)
+        if text.decor_remove:
             from pipelines.decor import decor_blocks, project_blocks
 
-            cond = (project_blocks(cond[0], decor_blocks(self, decor_remove, decor_rank), decor_alpha), cond[1])
-        if perp_negatives:  # the unconditional input becomes the empty prompt
-            branches = [encode([""], "all"), cond] + [encode([text], "all") for text, _ in perp_negatives]
+            cond = (project_blocks(cond[0], decor_blocks(self, text.decor_remove, text.decor_rank),
+                                   text.decor_alpha), cond[1])
+        if not text.guided:
+            branches = [cond]
+        elif text.perp_negatives:  # the unconditional input becomes the empty prompt
+            empty = zeros(cond) if self.zero_unconditional else encode([""], None, "all")
+            branches = [empty, cond] + [encode([t], None, "all") for t, _ in text.perp_negatives]
+        elif given.negative is not None:
+            branches = [encode([], None, "each", given.negative, given.negative_pooled), cond]
+        elif text.negative is None and self.zero_unconditional:
+            branches = [zeros(cond), cond]
         else:
-            texts = [negative] * len(prompts) if isinstance(negative, str) else list(negative or [""] * len(prompts))
-            branches = [encode(texts, "each", given[1]), cond]
+            negatives = _per_prompt(text.negative, len(prompts)) or [""] * len(prompts)
+            negatives_2 = _per_prompt(text.negative_2, len(prompts)) or negatives
+            branches = [encode(negatives, negatives_2, "each"), cond]
         pooled = [p for _, p in branches] if branches[0][1] is not None else None
-        return Conditioning([h for h, _ in branches], pooled)
+        return Conditioning([h for h, _ in branches], pooled, guided=text.guided)
 
     # -- __call__ -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        guidance_rescale: float = 0.0,
         adapters: Sequence[AdapterSpec] | None = None,
         method: str | None = None,
         method_options: Mapping[str, Any] | None = None,
@@ -273,70 +354,132 @@ class CompositionEngine:
         decor_alpha: float = 1.0,
         decor_rank: int | None = None,
         adapter_prompts: Sequence[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
+        """diffusers' ``StableDiffusionPipeline.__call__`` (SD) or ``StableDiffusionXLPipeline.__call__`` (SDXL):
+        every argument means what it means there, plus the studio's composition arguments.
+
+        Differences from stock, each with its reason: ``guidance_scale=None`` is the pipeline's stock default
+        (7.5 for SD, 5.0 for SDXL: one signature serves both); the SDXL-only arguments (``prompt_2``,
+        ``negative_prompt_2``, pooled embeddings, size conditions) are refused by an SD pipeline, which has no
+        second text encoder nor size conditioning (stock SD silently drops unknown arguments), while
+        ``denoising_end`` works on both; the deprecated ``callback``/``callback_steps`` keywords are kept.
+
+        Composition: ``adapters=[(file or name, weight), …]`` with ``method`` (``method_options``), Perp-Neg
+        (``perp_neg``, ``perp_neg_weight``), DECOR (``decor_remove``, ``decor_alpha``, ``decor_rank``) and
+        per-adapter prompts (``adapter_prompts``). Without ``adapters=`` the UNet runs with whatever adapters
+        diffusers has active (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, the
+        ``cross_attention_kwargs`` scale), exactly as stock. With ``adapters=``, diffusers' own active or fused
+        adapters are a shared base of every route (see :mod:`pipelines.native_lora`), scaled by that scale.
+        Refused with a reason: Perp-Neg without guidance (it is a guidance rule); ``prompt_embeds`` with methods
+        that give each adapter its own prompt text; methods that read cross-attention maps (CLoRA) with
+        IP-Adapter inputs, whose attention processors those maps would replace.
+        """
+        legacy = _legacy_callback(kwargs)
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
-        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank)
+        refuse_sdxl_arguments(self, {
+            "prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "pooled_prompt_embeds": pooled_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "original_size": original_size,
+            "crops_coords_top_left": crops_coords_top_left, "target_size": target_size,
+            "negative_original_size": negative_original_size,
+            "negative_crops_coords_top_left": negative_crops_coords_top_left,
+            "negative_target_size": negative_target_size})
+        step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
+                             timesteps is not None or sigmas is not None)
         if isinstance(decor_remove, str):  # "circle, square", as the CLI and the app take it
             decor_remove = [word.strip() for word in decor_remove.split(",") if word.strip()]
+        self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+        guided = self.do_classifier_free_guidance
         method_name = method or self.default_method
         composer = make_method(method_name, **dict(method_options or {}))
         given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                                       perp_neg, composer.uses_adapter_prompts)
+                                       pooled_prompt_embeds, negative_pooled_prompt_embeds, perp_neg,
+                                       composer.uses_adapter_prompts)
+        if perp_neg and not guided:
+            raise ConfigError("Perp-Neg is a guidance rule: it needs guidance_scale > 1 (and a UNet without a "
+                              "guidance embedding)")
+        ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+        if ip_adapter and composer.capture_resolution is not None:
+            raise ConfigError(f"method {method_name!r} reads cross-attention maps, which IP-Adapter's attention "
+                              "processors would give up; generate without ip_adapter_image")
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
-        from studio.adapters.inject import set_adapter_weights
-
-        managed = set(self._loaded().values())
-        set_adapter_weights(self.studio_base(), dict(resolved), managed)  # text encoded with every adapter active
-        self._active_weights = tuple(sorted(resolved))
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.default_size(height, width)
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ConfigError(f"height and width must be multiples of {self.vae_scale_factor}, not {height}×{width}")
-        if given[0] is not None:
-            prompts = [""] * len(given[0])  # placeholders: the embeddings stand for the text
-        else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
-        negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
-        prompt_sets = [prompts]
-        if composer.uses_adapter_prompts:
-            own = list(adapter_prompts or [])
-            if own and len(own) != len(resolved):
-                raise ConfigError(f"{len(own)} adapter prompts for {len(resolved)} adapters")
-            prompt_sets += [[text] * len(prompts) for text in (own or [prompts[0]] * len(resolved))]
-        conditions = [self.encode_conditions(texts, negative_prompt, num_images_per_prompt, negatives,
-                                             list(decor_remove or []), decor_alpha, decor_rank, given)
-                      for texts in prompt_sets]
-        composer.prepare(resolved, num_inference_steps, getattr(self, "_studio_profiles", {}))
-        composer.bind(self, [texts[0] for texts in prompt_sets])
         device = self._execution_device
-        cond = conditions[0].hidden[1]
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        batch = len(prompts) * num_images_per_prompt
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, cond.dtype, device,
-                                       generator, latents)
-        extra = self.prepare_extra_step_kwargs(generator, 0.0)
-        cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
-        with (cached_cross_kv(self.unet, kv) if self.cache_cross_kv else contextlib.nullcontext(),
-              merged_routing(self.unet, [name for name, _ in resolved], self.merged_routing_budget) as routing):
-            for step, t in enumerate(timesteps):
-                latents = composer.refine(self, step, t, latents, conditions)
-                model_input = self.scheduler.scale_model_input(latents, t)
-                predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
-                                                  composer.capture_resolution, kv)
-                composer.observe(step, maps)
-                noise = self.combine_guidance(composer.fuse(step, predictions), guidance_scale, guidance_rescale,
-                                              [w for _, w in negatives])
-                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    values = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
-                    latents = callback_on_step_end(self, step, t, values).get("latents", latents)
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(pinned_lora_modules(self.unet, getattr(self, "text_encoder", None),
+                                                    getattr(self, "text_encoder_2", None)))
+            lora_scale, attention_kwargs = self.activate_adapters(resolved, cross_attention_kwargs, scope)
+            schedule = denoising_schedule(self, num_inference_steps, device, timesteps, sigmas, denoising_end)
+            if given.prompt is not None:
+                prompts = [""] * len(given.prompt)  # placeholders: the embeddings stand for the text
+            else:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            batch = len(prompts) * num_images_per_prompt
+            negatives = perp_neg_terms(perp_neg, negative_prompt, perp_neg_weight)
+            text = PromptInputs(negative_prompt, prompt_2, negative_prompt_2, num_images_per_prompt, negatives,
+                                list(decor_remove or []), decor_alpha, decor_rank, given, guided, lora_scale,
+                                clip_skip)
+            prompt_sets = [prompts]
+            if composer.uses_adapter_prompts:
+                own = list(adapter_prompts or [])
+                if own and len(own) != len(resolved):
+                    raise ConfigError(f"{len(own)} adapter prompts for {len(resolved)} adapters")
+                prompt_sets += [[t] * len(prompts) for t in (own or [prompts[0]] * len(resolved))]
+            conditions = [self.encode_conditions(texts, text if index == 0 else replace(text, prompt_2=None))
+                          for index, texts in enumerate(prompt_sets)]
+            dtype = conditions[0].hidden[-1].dtype
+            sizes = self.size_conditions(height, width, {
+                "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size, "negative_original_size": negative_original_size,
+                "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                "negative_target_size": negative_target_size}, dtype)
+            images = None
+            if ip_adapter:
+                images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                                              batch, guided)
+            conditions = [with_extras(c, sizes, images, batch, device) for c in conditions]
+            composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
+            composer.bind(self, [texts[0] for texts in prompt_sets])
+            latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device,
+                                           generator, latents)
+            extra = self.prepare_extra_step_kwargs(generator, eta)
+            self._studio_unet_inputs = (guidance_embedding(self, batch, device, latents.dtype), attention_kwargs)
+            self._num_timesteps = len(schedule)
+            if self.begin_index_zero and hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(0)
+            cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
+            if self.cache_cross_kv:
+                scope.enter_context(cached_cross_kv(self.unet, kv))
+            routing = scope.enter_context(merged_routing(self.unet, [name for name, _ in resolved],
+                                                         self.merged_routing_budget)) if resolved else None
+            with self.progress_bar(total=len(schedule)) as progress:
+                for step, t in enumerate(schedule):
+                    if self.interrupt:
+                        continue
+                    latents = composer.refine(self, step, t, latents, conditions)
+                    model_input = self.scheduler.scale_model_input(latents, t)
+                    predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
+                                                      composer.capture_resolution, kv)
+                    composer.observe(step, maps)
+                    noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
+                                                  guidance_rescale, [w for _, w in negatives], guided)
+                    latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                    if step_callback:
+                        latents = self.call_back(step_callback, step, t, latents, conditions, kv)
+                    progress.update()
+                    if legacy is not None and step % legacy[1] == 0:
+                        legacy[0](step // getattr(self.scheduler, "order", 1), t, latents)
             stats.merged_weights = 0 if routing is None else len(routing.weights)
         stats.cached_text_projections = kv.hits
         self.last_stats = stats
@@ -347,12 +490,70 @@ class CompositionEngine:
             self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:
             self.last_recipe.update(decor_remove=list(decor_remove), decor_alpha=decor_alpha)
-        images = latents if output_type == "latent" else self.image_processor.postprocess(
-            self.decode_latents_to_pixels(latents), output_type=output_type)
+        if output_type == "latent":
+            images, nsfw = latents, None
+        else:
+            images, nsfw = self.postprocess_pixels(self.decode_latents_to_pixels(latents), output_type, device, dtype)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, None)
-        return self.make_output(images)
+        return self.make_output(images, nsfw, return_dict)
+
+    default_guidance_scale = 7.5  # StableDiffusionPipeline's; the SDXL pipeline's is 5.0
+    begin_index_zero = False  # the SDXL pipeline starts its scheduler at index 0, the SD one lets it find t
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """diffusers' default: the UNet's sample size (an int or a (height, width) pair) in pixels."""
+        size = self.unet.config.sample_size
+        rows, columns = (size, size) if isinstance(size, int) else size
+        return height or rows * self.vae_scale_factor, width or columns * self.vae_scale_factor
+
+    def activate_adapters(self, resolved: Sequence[tuple[str, float]], cross_attention_kwargs: dict | None,
+                          scope: contextlib.ExitStack) -> tuple[float | None, dict | None]:
+        """Activate the studio's adapters of this call at their weights (the rest of the studio's off) for the
+        block. Without
+        any, diffusers' own adapters stay as diffusers left them and the ``scale`` of ``cross_attention_kwargs``
+        works as in stock; with some, diffusers' own become the shared base for the block (scaled by it).
+        Returns the LoRA scale for the text encoders and the ``cross_attention_kwargs`` for the UNet."""
+        from studio.adapters.inject import set_adapter_weights
+
+        managed = set(self._loaded().values())
+        if managed:
+            set_adapter_weights(self.studio_base(), dict(resolved), managed)
+        self._active_weights = tuple(sorted(resolved))
+        scale = (cross_attention_kwargs or {}).get("scale")
+        if not resolved:
+            return scale, cross_attention_kwargs
+        # afterwards the pipeline is as diffusers left it: fuse_lora, get_active_adapters or a stock pipeline
+        # sharing the modules see none of the studio's adapters
+        scope.callback(set_adapter_weights, self.studio_base(), {}, managed)
+        scope.enter_context(shared_base(self.studio_base(), managed, 1.0 if scale is None else float(scale)))
+        rest = {k: v for k, v in (cross_attention_kwargs or {}).items() if k != "scale"}
+        return None, rest or None
+
+    def call_back(self, callback: StepCallback, step: int, timestep, latents: torch.Tensor,
+                  conditions: list[Conditioning], kv: CrossKVCache) -> torch.Tensor:
+        """``callback_on_step_end`` with the loop's tensors as diffusers names them (``prompt_embeds``: the main
+        prompt's branches, concatenated as diffusers' UNet batch); returned ``latents`` and embeddings are used
+        from the next step on. Returns the latents."""
+        main = conditions[0]
+        tensors = {"latents": latents, "prompt_embeds": torch.cat(main.hidden),
+                   "negative_prompt_embeds": main.hidden[0] if main.guided else None}
+        if main.pooled is not None:
+            tensors.update(add_text_embeds=torch.cat(main.pooled), add_time_ids=torch.cat(main.time_ids))
+        outputs = callback(self, step, timestep, tensors)
+        parts = {"prompt_embeds": "hidden", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
+        changed = {field: outputs[name].chunk(len(main)) for name, field in parts.items()
+                   if outputs.get(name) is not None and outputs[name] is not tensors.get(name)}
+        if changed:
+            conditions[0] = replace(main, **{field: list(chunks) for field, chunks in changed.items()})
+            kv.entries.clear()  # the cached text projections came from the old embeddings
+        return outputs.get("latents", latents)
+
+    def postprocess_pixels(self, pixels: torch.Tensor, output_type: str, device, dtype
+                           ) -> tuple[Any, list[bool] | None]:
+        """diffusers' safety check (when the pipeline has a checker) and post-processing."""
+        pixels, nsfw = self.run_safety_checker(pixels, device, dtype)
+        denormalize = [True] * pixels.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return self.image_processor.postprocess(pixels, output_type=output_type, do_denormalize=denormalize), nsfw
 
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode in the VAE's dtype (SDXL's fp16 VAE is upcast by the SDXL pipeline's override)."""
@@ -360,29 +561,100 @@ class CompositionEngine:
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+@dataclass(frozen=True)
+class GivenEmbeddings:
+    """The caller's ``prompt_embeds`` family: each replaces its text, never joins it."""
+
+    prompt: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """What the text side of one generation reads (for :meth:`CompositionEngine.encode_conditions`)."""
+
+    negative: str | list[str] | None
+    prompt_2: str | list[str] | None
+    negative_2: str | list[str] | None
+    per_prompt: int
+    perp_negatives: Sequence[tuple[str, float]]
+    decor_remove: Sequence[str]
+    decor_alpha: float
+    decor_rank: int | None
+    given: GivenEmbeddings
+    guided: bool
+    lora_scale: float | None
+    clip_skip: int | None
+
+
+def with_extras(conditioning: Conditioning, sizes: tuple[torch.Tensor, torch.Tensor] | None,
+                images: list[torch.Tensor] | None, batch: int, device) -> Conditioning:
+    """Add SDXL's time ids and IP-Adapter's image embeddings per branch: the unconditional branch takes the
+    negative ones, the conditional branch (and Perp-Neg's negatives, which are conditional predictions) the
+    positive ones."""
+    count = len(conditioning)
+
+    def per_branch(negative, positive):
+        return [negative] + [positive] * (count - 1) if conditioning.guided else [positive]
+
+    time_ids = None
+    if sizes is not None:
+        positive, negative = (ids.to(device).repeat(batch, 1) for ids in sizes)
+        time_ids = per_branch(negative, positive)
+    branches = None
+    if images is not None:
+        split = [embeds.chunk(2) if conditioning.guided else (None, embeds) for embeds in images]
+        branches = per_branch([n for n, _ in split], [p for _, p in split])
+    return replace(conditioning, time_ids=time_ids, images=branches)
+
+
+def _per_prompt(texts: str | list[str] | None, count: int) -> list[str] | None:
+    if texts is None:
+        return None
+    return [texts] * count if isinstance(texts, str) else list(texts)
+
+
+def _legacy_callback(kwargs: dict) -> tuple[Callable, int] | None:
+    """diffusers' deprecated ``callback(step, timestep, latents)`` every ``callback_steps`` steps."""
+    callback, steps = kwargs.pop("callback", None), kwargs.pop("callback_steps", None)
+    if callback is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"callback_steps has to be a positive integer, not {steps!r}")
+    return callback, steps
+
+
 def check_given_embeddings(pipe, prompt, prompt_embeds: torch.Tensor | None, negative_prompt,
-                           negative_prompt_embeds: torch.Tensor | None, perp_neg, per_adapter_prompts: bool
-                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """diffusers' ``prompt_embeds`` / ``negative_prompt_embeds``: each replaces its text, never joins it; they
-    work where the text encoder's output is all a method needs (not SDXL, which also needs pooled embeddings,
-    and not methods that give each adapter its own prompt text)."""
+                           negative_prompt_embeds: torch.Tensor | None, pooled: torch.Tensor | None,
+                           negative_pooled: torch.Tensor | None, perp_neg, per_adapter_prompts: bool
+                           ) -> GivenEmbeddings:
+    """diffusers' ``prompt_embeds`` family: each replaces its text, never joins it; SDXL needs the pooled
+    embeddings with them (as diffusers checks). They work where the text encoder's output is all a method
+    needs (not methods that give each adapter its own prompt text, nor Perp-Neg, which encodes its negatives)."""
     if prompt_embeds is None and negative_prompt_embeds is None:
-        return None, None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConfigError("prompt_embeds on SDXL also need pooled embeddings; pass the prompt text instead")
+        return GivenEmbeddings()
     if prompt_embeds is not None and prompt is not None or negative_prompt_embeds is not None and negative_prompt:
         raise ConfigError("pass either a prompt or its embeddings, not both")
     if prompt_embeds is None:
         raise ConfigError("negative_prompt_embeds need prompt_embeds too")
     if per_adapter_prompts or perp_neg:
         raise ConfigError("this method (or Perp-Neg) reads prompt text; pass prompt instead of prompt_embeds")
-    width = pipe.text_encoder.config.hidden_size
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        if pooled is None:
+            raise ConfigError("SDXL's prompt_embeds need pooled_prompt_embeds too (the second encoder's pooled "
+                              "output)")
+        if negative_prompt_embeds is not None and negative_pooled is None:
+            raise ConfigError("SDXL's negative_prompt_embeds need negative_pooled_prompt_embeds too")
+    width = pipe.unet.config.cross_attention_dim
     for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-        if value is not None and (value.ndim != 3 or value.shape[-1] != width):
+        if value is not None and (value.ndim != 3 or isinstance(width, int) and value.shape[-1] != width
+                                  and pipe.unet.config.encoder_hid_dim is None):
             raise ConfigError(f"{name} must be [batch, tokens, {width}], got {list(value.shape)}")
     if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
         raise ConfigError("negative_prompt_embeds and prompt_embeds need the same batch size")
-    return prompt_embeds, negative_prompt_embeds
+    return GivenEmbeddings(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled)
 
 
 def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative_prompt,
@@ -419,13 +691,15 @@ def _finite_number(value: Any, what: str) -> float:
     return float(value)
 
 
-def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int,
-                         decor_alpha: float, decor_rank: int | None) -> None:
+def check_call_arguments(prompt, prompt_embeds: torch.Tensor | None, negative_prompt, num_inference_steps: int | None,
+                         decor_alpha: float, decor_rank: int | None, custom_schedule: bool = False) -> None:
     """diffusers' ``check_inputs`` for what the engine reads itself: clear errors instead of failures deep in the
     loop (a batch mismatch inside attention, a division by zero inside the scheduler)."""
     if prompt is None and prompt_embeds is None:
         raise ConfigError("Provide either `prompt` or `prompt_embeds`")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    counted = not (custom_schedule and num_inference_steps is None)  # custom timesteps or sigmas set the number
+    if counted and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                    or num_inference_steps < 1):
         raise ConfigError(f"num_inference_steps must be a whole number ≥ 1, not {num_inference_steps!r}")
     check_alpha(decor_alpha)  # also without words to remove: a wrong α is a mistake either way
     if decor_rank is not None and decor_rank < 1:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils import scale_lora_layers, unscale_lora_layers
 
 from pipelines.merged_routing import BASE as BASE  # re-exported: the routes name it
 from pipelines.merged_routing import active_merged_routing
@@ -71,28 +72,30 @@ def routed(unet: torch.nn.Module, adapter_names: Sequence[str] | None) -> Iterat
             handle.remove()
 
 
-def _embeddings(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _embeddings(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None,
+                timestep_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     added_cond = added_cond or {}
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-    emb = unet.time_embedding(t_emb, None)
+    emb = unet.time_embedding(t_emb, timestep_cond)
     aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden, added_cond_kwargs=added_cond)
     if aug is not None:
         emb = emb + aug
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
     hidden = unet.process_encoder_hidden_states(encoder_hidden_states=hidden, added_cond_kwargs=added_cond)
     return emb, hidden
 
 
-def _down(block, x, emb, hidden):
+def _down(block, x, emb, hidden, attention_kwargs):
     if getattr(block, "has_cross_attention", False):
-        return block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
+        return block(hidden_states=x, temb=emb, encoder_hidden_states=hidden, cross_attention_kwargs=attention_kwargs)
     return block(hidden_states=x, temb=emb)
 
 
-def _up(block, x, emb, hidden, residuals, upsample_size):
+def _up(block, x, emb, hidden, residuals, upsample_size, attention_kwargs):
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=x, temb=emb, res_hidden_states_tuple=residuals, encoder_hidden_states=hidden,
-                     upsample_size=upsample_size)
+                     upsample_size=upsample_size, cross_attention_kwargs=attention_kwargs)
     return block(hidden_states=x, temb=emb, res_hidden_states_tuple=residuals, upsample_size=upsample_size)
 
 
@@ -103,53 +106,82 @@ def _head(unet, x: torch.Tensor) -> torch.Tensor:
 
 
 def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, added_cond: dict | None = None,
-                 deep_feature: torch.Tensor | None = None, stats: UNetStats | None = None
+                 deep_feature: torch.Tensor | None = None, stats: UNetStats | None = None,
+                 timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """UNet2DConditionModel's forward, returning (noise prediction, feature entering the last up-block).
 
     With ``deep_feature`` given, the pass is shallow: the deep blocks are skipped and that feature is used.
+    ``cross_attention_kwargs`` reach the attention processors, its ``scale`` the active LoRA layers, as in the
+    UNet's own forward (which has no way to stop before the last up-block or start from a stored feature).
     """
-    emb, hidden = _embeddings(unet, sample, timestep, hidden, added_cond)
-    x = unet.conv_in(sample)
-    residuals: tuple[torch.Tensor, ...] = (x,)
-    last_up = unet.up_blocks[-1]
-    needed = len(last_up.resnets)
-    blocks = 0
-    for block in unet.down_blocks:
-        if deep_feature is not None and len(residuals) >= needed:
-            break
-        x, res = _down(block, x, emb, hidden)
-        residuals += res
+    attention_kwargs = dict(cross_attention_kwargs or {})
+    lora_scale = attention_kwargs.pop("scale", 1.0)
+    scale_lora_layers(unet, lora_scale)
+    try:
+        emb, hidden = _embeddings(unet, sample, timestep, hidden, added_cond, timestep_cond)
+        x = unet.conv_in(sample)
+        residuals: tuple[torch.Tensor, ...] = (x,)
+        last_up = unet.up_blocks[-1]
+        needed = len(last_up.resnets)
+        blocks = 0
+        for block in unet.down_blocks:
+            if deep_feature is not None and len(residuals) >= needed:
+                break
+            x, res = _down(block, x, emb, hidden, attention_kwargs)
+            residuals += res
+            blocks += 1
+        if deep_feature is None:
+            if unet.mid_block is not None:
+                if getattr(unet.mid_block, "has_cross_attention", False):
+                    x = unet.mid_block(x, emb, encoder_hidden_states=hidden, cross_attention_kwargs=attention_kwargs)
+                else:
+                    x = unet.mid_block(x, emb)
+                blocks += 1
+            for block in unet.up_blocks[:-1]:
+                take = residuals[-len(block.resnets):]
+                residuals = residuals[: -len(block.resnets)]
+                x = _up(block, x, emb, hidden, take, residuals[-1].shape[2:], attention_kwargs)
+                blocks += 1
+            deep_feature = x
+        else:
+            residuals = residuals[:needed]
+        out = _up(last_up, deep_feature, emb, hidden, residuals[-needed:], None, attention_kwargs)
         blocks += 1
-    if deep_feature is None:
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                x = unet.mid_block(x, emb, encoder_hidden_states=hidden)
-            else:
-                x = unet.mid_block(x, emb)
-            blocks += 1
-        for block in unet.up_blocks[:-1]:
-            take = residuals[-len(block.resnets):]
-            residuals = residuals[: -len(block.resnets)]
-            x = _up(block, x, emb, hidden, take, residuals[-1].shape[2:])
-            blocks += 1
-        deep_feature = x
-    else:
-        residuals = residuals[:needed]
-    out = _up(last_up, deep_feature, emb, hidden, residuals[-needed:], None)
-    blocks += 1
+    finally:
+        unscale_lora_layers(unet, lora_scale)
     if stats is not None:
         stats.block_evaluations += blocks * len(sample)
         stats.samples += len(sample)
     return _head(unet, out), deep_feature
 
 
+def full_blocks(unet) -> int:
+    """Blocks one full pass evaluates per sample."""
+    return len(unet.down_blocks) + (unet.mid_block is not None) + len(unet.up_blocks)
+
+
 def predict_noise(unet, latents: torch.Tensor, timestep, hidden: torch.Tensor, adapter_names: Sequence[str] | None,
                   added_cond: dict | None = None, deep_feature: torch.Tensor | None = None,
-                  stats: UNetStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batched evaluation; slice i sees adapter ``adapter_names[i]`` (None: the currently active set)."""
+                  stats: UNetStats | None = None, *, timestep_cond: torch.Tensor | None = None,
+                  cross_attention_kwargs: dict | None = None, want_feature: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batched evaluation; slice i sees adapter ``adapter_names[i]`` (None: the currently active set).
+
+    A full pass whose deep feature nobody reads (``want_feature`` false) is the UNet's own forward, so every
+    input diffusers' loop gives it means what it means there; the feature is then None."""
     with routed(unet, adapter_names):
-        prediction, feature = unet_forward(unet, latents, timestep, hidden, added_cond, deep_feature, stats)
+        if deep_feature is None and not want_feature:
+            prediction = unet(latents, timestep, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+                              cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond,
+                              return_dict=False)[0]
+            feature = None
+            if stats is not None:
+                stats.block_evaluations += full_blocks(unet) * len(latents)
+                stats.samples += len(latents)
+        else:
+            prediction, feature = unet_forward(unet, latents, timestep, hidden, added_cond, deep_feature, stats,
+                                               timestep_cond, cross_attention_kwargs)
     if stats is not None:
         if deep_feature is None:
             stats.full_passes += 1

@@ -18,7 +18,6 @@ from studio.adapters.file import AdapterFile, save_adapter
 from studio.adapters.inject import (
     adapter_from_layers,
     detach_adapter,
-    forget_lora_modules,
     inject_lora,
     lora_layers,
     set_adapter_weights,
@@ -75,7 +74,6 @@ class LoraMethod(TrainingMethod):
                 inject_lora(lora_config, model, self.adapter_name)
             except ValueError as error:  # peft: "Target modules … not found in the base model"
                 raise ConfigError(f"cannot train a LoRA on this base's {component}: {error}") from error
-            forget_lora_modules(model)
             params = []
             for path, module in model.named_modules():
                 if hasattr(module, "lora_A") and self.adapter_name in module.lora_A:

@@ -142,20 +142,19 @@ class CLoRA(CompositionMethod):
         if step >= last or not any(self.indices):
             return latents
         rounds = 1 + (self._extra_rounds() if step in iterative else 0)
-        from pipelines.engine import Conditioning
 
         routes = self._routes()
         batch = len(latents)
-        conditional = [Conditioning([conditions[p].hidden[1]], None if conditions[p].pooled is None
-                                    else [conditions[p].pooled[1]]) for _, _, p in routes]
+        conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
         names = [adapter for _, adapter, _ in routes for _ in range(batch)]
         for _ in range(rounds):
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
                 model_input = pipe.scheduler.scale_model_input(z, timestep).repeat(len(routes), 1, 1, 1)
-                hidden, added = pipe.stack_conditions(conditional, model_input)
+                hidden, added = pipe.stack_conditions(conditional)
                 with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                    predict_noise(pipe.unet, model_input, timestep, hidden, names, added)
+                    predict_noise(pipe.unet, model_input, timestep, hidden, names, added,
+                                  **pipe.unet_inputs(len(routes)))
                 maps = store.mean()
                 loss = self._loss([maps[i * batch : (i + 1) * batch] for i in range(len(routes))])
                 if loss.requires_grad and float(loss.detach()) > 0:

@@ -8,6 +8,7 @@ the active set and a weight per adapter (ΔW_i scaled by weight_i · alpha_i / r
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -33,13 +34,38 @@ def cached_modules(model: torch.nn.Module, key: str,
 
 
 def lora_modules(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
-    """The peft LoRA layers of ``model`` (cached; :func:`forget_lora_modules` after injecting new ones)."""
-    return cached_modules(model, "_studio_lora_layers", lambda module: isinstance(module, LoraLayer))
+    """The peft LoRA layers of ``model``, whoever attached them (the studio, ``load_lora_weights``,
+    ``add_adapter``). Found afresh unless :func:`pinned_lora_modules` holds them for a generation: diffusers adds
+    and removes layers behind the studio's back, so a list kept between calls goes stale. The walk does not
+    enter a LoRA layer (its per-adapter modules are what made a full walk grow with the adapters attached)."""
+    pinned = model.__dict__.get("_studio_lora_layers")
+    if pinned is not None:
+        return pinned
+    found: list[tuple[str, LoraLayer]] = []
+    stack: list[tuple[str, torch.nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, LoraLayer):
+            found.append((path, module))
+            continue
+        children = [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
+                    if child is not None]
+        stack.extend(reversed(children))
+    return found
 
 
-def forget_lora_modules(model: torch.nn.Module) -> None:
-    """Call after injecting LoRA layers into ``model`` so the cache is rebuilt."""
-    model.__dict__.pop("_studio_lora_layers", None)
+@contextlib.contextmanager
+def pinned_lora_modules(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Find each model's LoRA layers once and keep the list for the block (one generation, in which no layer is
+    attached or removed); afterwards every lookup walks the model again."""
+    held = [m for m in models if m is not None and "_studio_lora_layers" not in m.__dict__]
+    for model in held:
+        model.__dict__["_studio_lora_layers"] = lora_modules(model)
+    try:
+        yield
+    finally:
+        for model in held:
+            model.__dict__.pop("_studio_lora_layers", None)
 
 
 def lora_layers(base) -> Iterator[tuple[str, str, LoraLayer]]:
@@ -87,7 +113,6 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
             alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
         )
         inject_lora(lora_config, model, name)
-        forget_lora_modules(model)
         dtype = next(model.parameters()).dtype
         with torch.no_grad():
             for path, module in located.items():
