@@ -401,6 +401,16 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caption(args: argparse.Namespace) -> int:
+    from studio.data.autocaption import caption_folder
+
+    _single_thread_on_cpu()
+    written = caption_folder(args.folder, args.model, args.prefix, args.caption_extension, args.overwrite,
+                             args.device)
+    print(f"{len(written)} captions written in {args.folder}", file=sys.stderr)
+    return 0
+
+
 def _demo_images(args: argparse.Namespace) -> int:
     from studio.build.demo_adapters import render_demo_images
     from studio.data import procedural
@@ -478,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="content: how many images show the subject beside another object")
     images.add_argument("--seed", type=int, default=0)
     images.set_defaults(handler=_demo_images)
+
+    caption = commands.add_parser("caption", help="caption a training folder with a captioning model on disk")
+    caption.add_argument("folder", type=Path)
+    caption.add_argument("--model", default=None,
+                         help="a local BLIP, BLIP-2, GIT or Florence-2 folder (nothing is downloaded)")
+    caption.add_argument("--prefix", default="", help="put before every caption, e.g. the trigger word")
+    caption.add_argument("--caption_extension", default=".txt")
+    caption.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    caption.add_argument("--device", default=None)
+    caption.set_defaults(handler=_caption)
 
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
     gen.add_argument("--prompt", required=True)
