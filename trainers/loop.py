@@ -312,27 +312,31 @@ class TrainResult:
 
 
 def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
+    """Previews of every line of ``validation_prompt`` (kohya's prompt file has one prompt a line)."""
     from studio.generate import sampler_label, seeded_generator, with_lora_tags
     from studio.png import a1111_parameters, save_png
     from studio.text import clean_prompt
 
     config = ctx.config
     paths = []
-    for weight in config.validation_weights:
-        with method.preview_weight(ctx, weight):
-            images = ctx.base.pipe(
-                prompt=[clean_prompt(config.validation_prompt)] * config.num_validation_images,
-                num_inference_steps=ctx.base.default_steps, guidance_scale=ctx.base.default_guidance_scale,
-                generator=[seeded_generator(config.seed + i) for i in range(config.num_validation_images)],
-            ).images
-        for index, image in enumerate(images):
-            path = ctx.work_dir / "samples" / f"step-{step:06d}-w{weight:g}-{index}.png"
-            text = a1111_parameters(
-                with_lora_tags(config.validation_prompt, [(config.output, weight)]), None, ctx.base.default_steps,
-                sampler_label(ctx.base), ctx.base.default_guidance_scale, config.seed + index, image.width,
-                image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
-            save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
-            paths.append(path)
+    prompts = [line.strip() for line in config.validation_prompt.splitlines() if line.strip()]
+    for number, prompt in enumerate(prompts):
+        for weight in config.validation_weights:
+            with method.preview_weight(ctx, weight):
+                images = ctx.base.pipe(
+                    prompt=[clean_prompt(prompt)] * config.num_validation_images,
+                    num_inference_steps=ctx.base.default_steps, guidance_scale=ctx.base.default_guidance_scale,
+                    generator=[seeded_generator(config.seed + i) for i in range(config.num_validation_images)],
+                ).images
+            for index, image in enumerate(images):
+                label = f"-p{number}" if len(prompts) > 1 else ""
+                path = ctx.work_dir / "samples" / f"step-{step:06d}{label}-w{weight:g}-{index}.png"
+                text = a1111_parameters(
+                    with_lora_tags(prompt, [(config.output, weight)]), None, ctx.base.default_steps,
+                    sampler_label(ctx.base), ctx.base.default_guidance_scale, config.seed + index, image.width,
+                    image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
+                save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
+                paths.append(path)
     return paths
 
 

@@ -111,3 +111,41 @@ def tag_frequency(images: list[TrainingImage], dataset_name: str = "images") -> 
             if tag:
                 counts[tag] = counts.get(tag, 0) + item.repeats
     return {dataset_name: counts}
+
+
+def caption_rows(folder: str | Path, caption_extension: str = ".txt") -> list[list[str]]:
+    """[file name, caption] for every image of ``folder`` (empty caption where there is no sidecar)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist or is not a folder")
+    rows = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(caption_extension)
+        text = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.exists() else ""
+        rows.append([path.name, " ".join(text.split())])
+    return rows
+
+
+def write_captions(folder: str | Path, rows: list[list[str]], caption_extension: str = ".txt") -> list[Path]:
+    """Write each row's caption to its image's sidecar (atomically); an emptied caption removes the sidecar.
+    Rows naming no image of ``folder`` are refused before anything is written."""
+    from studio.files import atomic_write
+
+    folder = Path(folder)
+    images = {row[0]: folder / row[0] for row in rows if row and row[0]}
+    unknown = [name for name, path in images.items()
+               if Path(name).name != name or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES]
+    if unknown:
+        raise DataError(f"no such image in {folder}: {', '.join(unknown)}")
+    written = []
+    for row in rows:
+        if not row or not row[0]:
+            continue
+        sidecar = images[row[0]].with_suffix(caption_extension)
+        text = " ".join(str(row[1] if len(row) > 1 and row[1] is not None else "").split())
+        if text:
+            atomic_write(sidecar, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
+            written.append(sidecar)
+        elif sidecar.exists():
+            sidecar.unlink()
+    return written
