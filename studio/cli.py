@@ -297,6 +297,7 @@ def add_kohya_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", "--optimizer_type", dest="optimizer", type=str.lower, default="adamw",
                         choices=list(OPTIMIZERS), help=config_help("optimizer"))
     parser.add_argument("--noise_offset", type=float, default=0.0, help=config_help("noise_offset"))
+    parser.add_argument("--vae", default=None, help=config_help("vae"))
     parser.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
                         help=config_help("report_to"))
     parser.add_argument("--logging_dir", type=Path, default=None, help=config_help("logging_dir"))

@@ -55,6 +55,9 @@ class TrainConfig:
     use_8bit_adam: bool = False  # diffusers' flag: --optimizer adamw8bit
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw | adamw8bit | prodigy | adafactor | lion (all but adamw and adafactor need the train extra)"})
+    vae: str | None = field(default=None, metadata={
+        "help": "encode the training images with this VAE (a diffusers folder or .safetensors file), e.g. an "
+                "fp16-fix VAE; otherwise the base's VAE encodes in float32"})
     noise_offset: float = field(default=0.0, metadata={
         "help": "add this much per-channel offset noise (0.05-0.1 helps very dark or bright images)"})
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value

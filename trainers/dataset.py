@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,6 +121,40 @@ def fp32_vae(vae) -> Iterator[None]:
     finally:
         if upcast:
             vae.to(original)
+
+
+def load_vae(spec: str | Path, base):
+    """A user's VAE to encode the training images with (kohya's ``--vae``), from a diffusers folder or a single
+    ``.safetensors`` file on disk, in the base's dtype and on its device."""
+    from diffusers import AutoencoderKL
+
+    from studio.errors import ModelLoadError
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        elif path.is_file():
+            vae = AutoencoderKL.from_single_file(str(path), local_files_only=True)
+        else:
+            raise ModelLoadError(f"--vae {spec}: no such folder or file")
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"--vae {spec}: not a VAE diffusers can read ({error})") from error
+    return vae.to(base.device, base.pipe.vae.dtype).eval()
+
+
+@contextlib.contextmanager
+def encoding_vae(base, spec: str | Path | None) -> Iterator[None]:
+    """Encode with the user's VAE (an fp16-fix VAE, say) while inside; the base's own comes back after."""
+    if not spec:
+        yield
+        return
+    original = base.pipe.vae
+    base.pipe.vae = load_vae(spec, base)
+    try:
+        yield
+    finally:
+        base.pipe.vae = original
 
 
 @torch.no_grad()

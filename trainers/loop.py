@@ -37,6 +37,7 @@ from trainers.dataset import (
     Example,
     encode_examples,
     encode_pixels,
+    encoding_vae,
     pixel_multiple,
     plan_examples,
     resolution_of,
@@ -349,6 +350,8 @@ def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingI
     check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
     check_optimizer(config)
     tracking.check_tracker(config)
+    if config.vae and not Path(config.vae).expanduser().exists():
+        raise ConfigError(f"--vae {config.vae}: no such folder or file")
     split_count(config, _process_count())
     if base is None:
         from studio.models import choose_device
@@ -416,14 +419,16 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return encode_captions(base, captions, decor)
 
-    instance = encode_examples(base, examples, encode_text)
+    with encoding_vae(base, config.vae):
+        instance = encode_examples(base, examples, encode_text)
     _emit(progress, "buckets", 0, config.max_train_steps,
           {"buckets": {f"{b.size[0]}x{b.size[1]}": len(b) for b in instance.buckets}})
     prior = None
     if config.with_prior_preservation:
         with accelerator.main_process_first():  # one process renders them, the others read its cache
             class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
-        prior = encode_pixels(base, class_pixels, class_prompts, encode_text)
+        with encoding_vae(base, config.vae):
+            prior = encode_pixels(base, class_pixels, class_prompts, encode_text)
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images,
                           decor=decor)

@@ -114,3 +114,24 @@ def test_gradient_checkpointing_reaches_the_text_encoder(tmp_path, shape_images)
         counts[checkpointing] = len(calls)
         assert not base.pipe.text_encoder.training  # given back in the mode it had
     assert counts[True] > counts[False]  # the backward pass recomputed the encoder layer
+
+
+def test_a_users_vae_encodes_the_images_and_the_base_keeps_its_own(tmp_path, shape_images):
+    from diffusers import AutoencoderKL
+
+    from tests.conftest import make_random_base as fresh
+
+    other = make_random_base(seed=5).pipe.vae
+    other.register_to_config(force_upcast=False)  # as an fp16-fix VAE says
+    other.save_pretrained(tmp_path / "vae")
+    losses = {}
+    for name, vae in (("own", None), ("given", str(tmp_path / "vae"))):
+        base = fresh()
+        original = base.pipe.vae
+        losses[name] = train(config(shape_images, tmp_path / name, vae=vae), get_method("lora"), base=base).final_loss
+        assert base.pipe.vae is original
+    assert losses["own"] != losses["given"]
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.force_upcast is False
+    with pytest.raises(ConfigError, match="--vae .*no such folder or file"):  # before the model loads
+        train(config(shape_images, tmp_path / "x", vae=str(tmp_path / "none"), model=str(tmp_path / "no-model")),
+              get_method("lora"))
