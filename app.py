@@ -341,6 +341,24 @@ def form_defaults(studio: Studio, model: str, trigger: str, kind: str) -> tuple[
     return prompts.instance, "\n".join(prompts.validation), prompts.class_prompt
 
 
+def auto_captions(model_dir: str, folder: str, files: list[Any] | None, trigger: str):
+    """Caption with a captioning model on disk: the folder's images (written to their .txt files, existing ones
+    kept), else the uploads (into the table, used when training starts); the trigger word leads each caption."""
+    from studio.data.autocaption import Captioner, caption_folder
+
+    try:
+        if folder.strip():
+            caption_folder(folder.strip(), model_dir.strip() or None, prefix=trigger)
+            return caption_rows(folder.strip())
+        if not files:
+            raise gr.Error("Upload images or name an image folder first.")
+        captioner = Captioner(model_dir.strip() or None)
+        prefix = f"{trigger.strip()}, " if trigger.strip() else ""
+        return [[_file_path(f).name, prefix + captioner.caption(_file_path(f))] for f in files]
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
+
+
 def load_caption_table(folder: str):
     try:
         return caption_rows(folder.strip())
@@ -557,6 +575,10 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     captions = gr.Dataframe(headers=["file", "caption"], label="Captions (optional; empty: the "
                                             "instance prompt)", interactive=True, column_count=(2, "fixed"),
                                             elem_id="train-captions")
+                    with gr.Row():
+                        captioner = gr.Textbox(label="Captioning model folder on this machine (BLIP, GIT, "
+                                                     "Florence-2; never downloaded)", scale=3)
+                        auto_caption = gr.Button("Caption images", size="sm")
                     style_files = gr.File(label="Style images (Break-for-Make only)", file_count="multiple",
                                           file_types=["image"])
                     train_method = gr.Radio(TRAIN_METHODS, value="lora", label="Method", elem_id="train-method")
@@ -593,6 +615,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
             load_captions.click(load_caption_table, image_folder, captions)
             save_captions.click(save_caption_table, [image_folder, captions], status)
+            auto_caption.click(auto_captions, [captioner, image_folder, files, trigger], captions,
+                               concurrency_id="gpu")
             for source in (model_box, kind):
                 source.change(lambda m, t, k: form_defaults(studio, m, t, k), [model_box, trigger, kind],
                               [instance_prompt, validation_prompts, class_prompt])

@@ -10,6 +10,7 @@ from PIL import Image
 import app
 from studio.png import read_recipe
 from tests.app.conftest import NoProgress, form
+from tests.data.test_autocaption import tiny_blip as tiny_blip  # a fixture: a random BLIP saved on disk
 
 
 def test_generate_writes_pngs_with_parameters(studio_env):
@@ -214,3 +215,19 @@ def test_stop_ends_a_batch_after_the_current_image(studio_env):
     assert len(gallery) == 1 and info.endswith("· stopped")
     gallery, _, info = studio.generate("", *form(batch=2), progress=NoProgress())  # the next run starts afresh
     assert len(gallery) == 2 and "stopped" not in info
+
+
+def test_the_caption_button_uses_a_local_model_and_says_when_there_is_none(studio_env, shape_images, tmp_path):
+    from app import auto_captions
+
+    with pytest.raises(gr.Error, match="captioning needs --model DIR"):
+        auto_captions("", "", sorted(str(p) for p in shape_images.glob("*.png")), "sks")
+
+
+def test_the_caption_button_fills_the_table_from_uploads(studio_env, shape_images, tiny_blip):
+    from app import auto_captions
+    from tests.data.test_autocaption import WORDS
+
+    rows = auto_captions(str(tiny_blip), "", sorted(str(p) for p in shape_images.glob("*.png")), "sks")
+    assert [row[0] for row in rows] == [f"{i}.png" for i in range(5)]
+    assert all(row[1].startswith("sks, ") and set(row[1][5:].split()) <= set(WORDS) for row in rows)
