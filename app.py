@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from studio.generate import GenerationRequest, generate
 from studio.models import EMBEDDED_NAMES, BaseModel, load_base
 from studio.png import default_outputs, numbered_png, read_recipe, save_png
 from trainers.dataset import resolution_of
-from trainers.recipe import default_prompts, measure_step_seconds
+from trainers.recipe import TrainForm, default_prompts, measure_step_seconds, training_config
 
 OUTPUTS = default_outputs()
 ROWS = 4  # adapter stack rows, as in Fooocus
@@ -266,35 +266,6 @@ def _free_name(name: str) -> str:
     while (library_dir() / f"{candidate}.safetensors").exists():
         candidate, index = f"{name}-{index}", index + 1
     return candidate
-
-
-@dataclass
-class TrainForm:
-    """The Train tab's prompt and size fields; empty ones take the base's defaults (:mod:`trainers.recipe`)."""
-
-    instance_prompt: str = ""
-    class_prompt: str = ""
-    prior_preservation: bool = False
-    resolution: str = ""
-    enable_bucket: bool = False
-    validation_prompts: str = ""
-
-
-def training_config(base: BaseModel, form: TrainForm, folder: Path, kind: str, trigger: str, steps: int, rank: int,
-                    learning_rate: float, decor_words: str, name: str):
-    """The TrainConfig of a Train-tab run: the user's prompts, else this base's defaults."""
-    from trainers import TrainConfig
-
-    defaults = default_prompts(base.family, trigger, kind)
-    validation = form.validation_prompts.strip() or "\n".join(defaults.validation)
-    return TrainConfig(images=folder, instance_prompt=form.instance_prompt.strip() or defaults.instance,
-                       trigger_words=[trigger.strip()], kind=kind, output=name, max_train_steps=steps, rank=rank,
-                       learning_rate=learning_rate, decor_remove=[w.strip() for w in decor_words.split(",")
-                                                                  if w.strip()],
-                       validation_prompt=validation, validation_steps=max(1, steps // 4), num_validation_images=1,
-                       class_prompt=form.class_prompt.strip() or None,
-                       with_prior_preservation=form.prior_preservation,
-                       resolution=form.resolution.strip() or None, enable_bucket=form.enable_bucket)
 
 
 def run_training(base: BaseModel, method: str, config, style: Path | None, threshold: float, progress, should_stop,

@@ -501,6 +501,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     finally:
         method.cleanup(ctx)
         _disable_gradient_checkpointing(checkpointed)
+    accelerator.wait_for_everyone()  # a later stage (B4M's make) reads what the main process wrote
     result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
     _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
     return result

@@ -1,4 +1,4 @@
-"""What a training form starts from on a given base: default prompts, and a measured time per step.
+"""What a training form starts from on a base (default prompts, a measured time per step) and the config it makes.
 
 The embedded model's domain prompts are defaults only on the embedded model; on SD 1.x/2.x/SDXL the defaults are
 ordinary photo and style prompts, and the user's instance, class and validation prompts always win.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from studio.data.buckets import Size
+from trainers.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,30 @@ def measure_step_seconds(base, resolution: Size, batch_size: int, repeats: int =
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     return min(seconds[1:] or seconds)
+
+
+@dataclass
+class TrainForm:
+    """The Train tab's prompt and size fields; empty ones take the base's defaults."""
+
+    instance_prompt: str = ""
+    class_prompt: str = ""
+    prior_preservation: bool = False
+    resolution: str = ""
+    enable_bucket: bool = False
+    validation_prompts: str = ""
+
+
+def training_config(base, form: TrainForm, folder: Path, kind: str, trigger: str, steps: int, rank: int,
+                    learning_rate: float, decor_words: str, name: str) -> TrainConfig:
+    """The TrainConfig of a Train-tab run: the user's prompts, else this base's defaults."""
+    defaults = default_prompts(base.family, trigger, kind)
+    validation = form.validation_prompts.strip() or "\n".join(defaults.validation)
+    return TrainConfig(images=folder, instance_prompt=form.instance_prompt.strip() or defaults.instance,
+                       trigger_words=[trigger.strip()], kind=kind, output=name, max_train_steps=steps, rank=rank,
+                       learning_rate=learning_rate, decor_remove=[w.strip() for w in decor_words.split(",")
+                                                                  if w.strip()],
+                       validation_prompt=validation, validation_steps=max(1, steps // 4), num_validation_images=1,
+                       class_prompt=form.class_prompt.strip() or None,
+                       with_prior_preservation=form.prior_preservation,
+                       resolution=form.resolution.strip() or None, enable_bucket=form.enable_bucket)

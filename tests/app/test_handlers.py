@@ -124,7 +124,7 @@ def test_a_custom_instance_prompt_reaches_the_adapter_with_an_estimate_and_a_los
 
     from safetensors import safe_open
 
-    from app import TrainForm
+    from trainers.recipe import TrainForm
 
     studio, home = studio_env
     files = sorted(str(p) for p in shape_images.glob("*.png"))
