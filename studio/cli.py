@@ -348,9 +348,11 @@ def _train_b4m(args: argparse.Namespace) -> int:
                     break_steps=args.break_steps, make_steps=args.make_steps, make_optimizer=args.make_optimizer,
                     target_modules=tuple(args.target_modules or TARGETS), prior=args.b4m_prior)
     start = time.perf_counter()
-    for path in train_b4m(b4m, config):
+    written = train_b4m(b4m, config)
+    for path in written:
         print(path)
-    print(f"content, style and made adapters in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
+    if written:  # under accelerate launch: the main process only
+        print(f"content, style and made adapters in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
     return 0
 
 
