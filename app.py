@@ -556,16 +556,18 @@ def build_app(model: str | None = None) -> gr.Blocks:
                     kind = gr.Radio(["content", "style"], value="content", label="Kind (not used by Break-for-Make)")
                     trigger = gr.Textbox(label="Trigger word (Break-for-Make: the content's; the style's is this "
                                                "word + \"style\", e.g. sksstyle)", value="sks", elem_id="trigger")
-                    instance_prompt = gr.Textbox(label="Instance prompt (caption of images without one)",
-                                                 value=prompts.instance, elem_id="instance-prompt")
+                    instance_prompt = gr.Textbox(label="Instance prompt (caption of images without one; empty: the "
+                                                       "base's default shown)", placeholder=prompts.instance,
+                                                 elem_id="instance-prompt")
                     with gr.Row():
-                        class_prompt = gr.Textbox(label="Class prompt", value=prompts.class_prompt, scale=3)
+                        class_prompt = gr.Textbox(label="Class prompt (prior preservation)",
+                                                  placeholder=prompts.class_prompt, scale=3)
                         prior = gr.Checkbox(label="Prior preservation", value=False)
                     with gr.Row():
                         resolution = gr.Textbox(label="Resolution (512 or W,H; empty: the base's)", value="")
                         bucket = gr.Checkbox(label="Aspect-ratio buckets", value=False)
-                    validation_prompts = gr.Textbox(label="Validation prompts (one a line)", lines=2,
-                                                    value="\n".join(prompts.validation))
+                    validation_prompts = gr.Textbox(label="Validation prompts (one a line; empty: the default shown)",
+                                                    lines=2, placeholder="\n".join(prompts.validation))
                     with gr.Row():
                         train_steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
                         rank = gr.Slider(1, 64, value=4, step=1, label="Rank")
@@ -581,16 +583,16 @@ def build_app(model: str | None = None) -> gr.Blocks:
                 with gr.Column():
                     status = gr.Markdown(elem_id="train-status")
                     previews = gr.Gallery(label="Previews", columns=4, height=300)
-                    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="stage", label="Loss",
-                                            height=220, elem_id="loss-plot")
+                    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", label="Loss", height=220,
+                                            elem_id="loss-plot")
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
             load_captions.click(load_caption_table, image_folder, captions)
             save_captions.click(save_caption_table, [image_folder, captions], status)
             auto_caption.click(auto_captions, [captioner, image_folder, files, trigger], captions,
                                concurrency_id="gpu")
-            for source in (model_box, kind):
-                source.change(lambda m, t, k: form_defaults(studio, m, t, k), [model_box, trigger, kind],
-                              [instance_prompt, validation_prompts, class_prompt])
+            for event in (model_box.change, kind.change, trigger.blur):
+                event(lambda m, t, k: [gr.update(placeholder=text) for text in form_defaults(studio, m, t, k)],
+                      [model_box, trigger, kind], [instance_prompt, validation_prompts, class_prompt])
             stop_train.click(lambda: studio.stop_training.set(), None, None)
         with gr.Tab("Library"):
             library = gr.Dataframe(value=library_table(summaries), headers=LIBRARY_COLUMNS, interactive=False,
