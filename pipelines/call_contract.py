@@ -37,6 +37,17 @@ def refuse_sdxl_arguments(pipe, given: Mapping[str, Any]) -> None:
                           "this Stable Diffusion pipeline has neither")
 
 
+def refuse_combinations(method_name: str, composer, perp_neg: bool, guided: bool, ip_adapter: bool) -> None:
+    """What cannot work together: Perp-Neg is a guidance rule (nothing to apply without guidance); methods that
+    read cross-attention maps (CLoRA) would replace IP-Adapter's attention processors."""
+    if perp_neg and not guided:
+        raise ConfigError("Perp-Neg is a guidance rule: it needs guidance_scale > 1 (and a UNet without a "
+                          "guidance embedding)")
+    if ip_adapter and composer.capture_resolution is not None:
+        raise ConfigError(f"method {method_name!r} reads cross-attention maps, which IP-Adapter's attention "
+                          "processors would give up; generate without ip_adapter_image")
+
+
 def denoising_schedule(pipe, num_inference_steps: int, device, timesteps: Sequence[int] | None,
                        sigmas: Sequence[float] | None, denoising_end: float | None) -> torch.Tensor:
     """The timesteps to run: diffusers' ``retrieve_timesteps`` (custom ``timesteps`` or ``sigmas`` where the

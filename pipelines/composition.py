@@ -1,7 +1,8 @@
 """Multi-LoRA composition as a diffusers pipeline for SD 1.x/2.x (and the embedded model).
 
-``CompositionPipeline`` subclasses diffusers' ``StableDiffusionPipeline`` and keeps its ``__call__`` arguments,
-adding ``adapters=[(name_or_path, weight), …]``, ``method="merge"|"switch"|"composite"|"cmlora"|"clora"`` with
+``CompositionPipeline`` subclasses diffusers' ``StableDiffusionPipeline`` and keeps its ``__call__`` contract
+(every argument, callbacks, LoRA loaders; without ``adapters=`` its images are stock's), adding
+``adapters=[(name_or_path, weight), …]``, ``method="merge"|"switch"|"composite"|"cmlora"|"clora"`` with
 ``method_options``, Perp-Neg (``perp_neg``) and DECOR (``decor_remove``, ``decor_alpha``); the loop is the shared
 :class:`pipelines.engine.CompositionEngine`. Works as
 ``DiffusionPipeline.from_pretrained(base, custom_pipeline="pipelines/composition.py", trust_remote_code=True)``.

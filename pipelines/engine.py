@@ -3,7 +3,9 @@
 Each step the method plans its evaluations; the shared step runs every single-adapter evaluation of one pass
 type as one batched UNet call with per-sample adapter routing; the method fuses; a guidance combiner (CFG or
 Perp-Neg) makes the final noise estimate. A pipeline class supplies only how text is encoded
-(:meth:`CompositionEngine.encode_texts`) and the UNet's added conditions (SDXL's pooled text and time ids).
+(:meth:`CompositionEngine.encode_texts`), SDXL's size conditioning, decoding and its output type. Around the loop
+the engine keeps diffusers' ``__call__`` contract (:mod:`pipelines.call_contract`); without ``adapters=`` it
+evaluates exactly what diffusers' loop evaluates, so the images are stock's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from pipelines.attention_capture import capture_cross_attention
-from pipelines.call_contract import StepCallback, denoising_schedule, guidance_embedding, refuse_sdxl_arguments
+from pipelines.call_contract import (
+    StepCallback,
+    denoising_schedule,
+    guidance_embedding,
+    refuse_combinations,
+    refuse_sdxl_arguments,
+)
 from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha
 from pipelines.guidance import cfg
@@ -119,36 +127,61 @@ class CompositionEngine:
         return self._studio_loaded
 
     def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
-        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order."""
+        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order. A weight in diffusers'
+        dict form ({"text_encoder": …, "unet": {"down": …}}) becomes per-layer factors and weight 1. All or
+        nothing: every file is read and checked before any is attached, and a failed attach detaches this call's."""
         from studio.adapters.file import read_adapter
-        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter
+        from studio.adapters.inject import attach_adapter, attached_adapters, detach_adapter, set_layer_weights
         from studio.adapters.library import resolve_adapter
+        from studio.adapters.weights import AdapterWeight
 
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
-        resolved = []
+        loaded = self._loaded()
+        if loaded:  # diffusers' unload_lora_weights / delete_adapters remove the studio's adapters too
+            present = set(attached_adapters(self.studio_base()))
+            for key in [key for key, name in loaded.items() if name not in present]:
+                del loaded[key]
+        specs = []
         for spec in adapters or []:
             source, weight = adapter_spec(spec)
             path = resolve_adapter(source)
             key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
+            specs.append((key, weight, None if key in self._loaded() else read_adapter(path)))
+        added: list[tuple[str, str]] = []
+        try:
+            for key, _, adapter in specs:
+                if adapter is not None and key not in self._loaded():
+                    name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
+                    attach_adapter(self.studio_base(), adapter, name)
+                    self._loaded()[key] = name
+                    added.append((key, name))
+                    self._studio_profiles = getattr(self, "_studio_profiles", {})
+                    self._studio_profiles[name] = _frequency_profile(adapter)
+                    self._studio_triggers = getattr(self, "_studio_triggers", {})
+                    self._studio_triggers[name] = adapter.trigger_words
+        except Exception:
+            for key, name in added:
+                detach_adapter(self.studio_base(), name)
+                del self._loaded()[key]
+            raise
+        resolved = []
+        self._studio_weight_recipe = {}
+        for key, weight, _ in specs:
             loaded = self._loaded()
-            if key not in loaded:
-                adapter = read_adapter(path)
-                name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
-                attach_adapter(self.studio_base(), adapter, name)
-                loaded[key] = name
-                self._studio_profiles = getattr(self, "_studio_profiles", {})
-                self._studio_profiles[name] = _frequency_profile(adapter)
-                self._studio_triggers = getattr(self, "_studio_triggers", {})
-                self._studio_triggers[name] = adapter.trigger_words
             loaded.move_to_end(key)
-            resolved.append((loaded[key], float(weight)))
+            layered = weight if isinstance(weight, AdapterWeight) else None
+            set_layer_weights(self.studio_base(), loaded[key], layered)
+            if layered is not None:
+                self._studio_weight_recipe[loaded[key]] = layered.describe()
+            resolved.append((loaded[key], 1.0 if layered is not None else float(weight)))
         in_use = {name for name, _ in resolved}
         while len(self._loaded()) > self.max_loaded_adapters:
             key, name = next(iter(self._loaded().items()))
             if name in in_use:
                 break
             detach_adapter(self.studio_base(), name)
+            set_layer_weights(self.studio_base(), name, None)
             del self._loaded()[key]
         return resolved
 
@@ -378,13 +411,13 @@ class CompositionEngine:
         legacy = _legacy_callback(kwargs)
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(sorted(kwargs))}")
-        refuse_sdxl_arguments(self, {
-            "prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "pooled_prompt_embeds": pooled_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left, "target_size": target_size,
-            "negative_original_size": negative_original_size,
-            "negative_crops_coords_top_left": negative_crops_coords_top_left,
-            "negative_target_size": negative_target_size})
+        sizes = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size, "negative_original_size": negative_original_size,
+                 "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                 "negative_target_size": negative_target_size}  # SDXL's size conditioning
+        refuse_sdxl_arguments(self, {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2,
+                                     "pooled_prompt_embeds": pooled_prompt_embeds,
+                                     "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds, **sizes})
         step_callback = StepCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_call_arguments(prompt, prompt_embeds, negative_prompt, num_inference_steps, decor_alpha, decor_rank,
                              timesteps is not None or sigmas is not None)
@@ -402,13 +435,9 @@ class CompositionEngine:
         given = check_given_embeddings(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                                        pooled_prompt_embeds, negative_pooled_prompt_embeds, perp_neg,
                                        composer.uses_adapter_prompts)
-        if perp_neg and not guided:
-            raise ConfigError("Perp-Neg is a guidance rule: it needs guidance_scale > 1 (and a UNet without a "
-                              "guidance embedding)")
         ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
-        if ip_adapter and composer.capture_resolution is not None:
-            raise ConfigError(f"method {method_name!r} reads cross-attention maps, which IP-Adapter's attention "
-                              "processors would give up; generate without ip_adapter_image")
+        refuse_combinations(method_name, composer, bool(perp_neg), guided, ip_adapter)
+        prompt, adapters = with_prompt_tags(prompt, adapters)
         resolved = self.attach_adapters(adapters)
         if not resolved and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
@@ -439,16 +468,12 @@ class CompositionEngine:
             conditions = [self.encode_conditions(texts, text if index == 0 else replace(text, prompt_2=None))
                           for index, texts in enumerate(prompt_sets)]
             dtype = conditions[0].hidden[-1].dtype
-            sizes = self.size_conditions(height, width, {
-                "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
-                "target_size": target_size, "negative_original_size": negative_original_size,
-                "negative_crops_coords_top_left": negative_crops_coords_top_left,
-                "negative_target_size": negative_target_size}, dtype)
+            time_ids = self.size_conditions(height, width, sizes, dtype)
             images = None
             if ip_adapter:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
-            conditions = [with_extras(c, sizes, images, batch, device) for c in conditions]
+            conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
             composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
             composer.bind(self, [texts[0] for texts in prompt_sets])
             latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device,
@@ -473,7 +498,7 @@ class CompositionEngine:
                                                       composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
-                                                  guidance_rescale, [w for _, w in negatives], guided)
+                                                  guidance_rescale, [w for _, w in negatives], conditions[0].guided)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                     if step_callback:
                         latents = self.call_back(step_callback, step, t, latents, conditions, kv)
@@ -486,6 +511,8 @@ class CompositionEngine:
         self.last_masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                            if mask is not None}
         self.last_recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
+        if self._studio_weight_recipe:
+            self.last_recipe["adapter_weights"] = dict(self._studio_weight_recipe)
         if negatives:
             self.last_recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:
@@ -533,13 +560,18 @@ class CompositionEngine:
                   conditions: list[Conditioning], kv: CrossKVCache) -> torch.Tensor:
         """``callback_on_step_end`` with the loop's tensors as diffusers names them (``prompt_embeds``: the main
         prompt's branches, concatenated as diffusers' UNet batch); returned ``latents`` and embeddings are used
-        from the next step on. Returns the latents."""
+        from the next step on, and a callback that switches guidance off (diffusers' CFG cut-off) leaves every
+        prompt its conditional branch. Returns the latents."""
         main = conditions[0]
         tensors = {"latents": latents, "prompt_embeds": torch.cat(main.hidden),
                    "negative_prompt_embeds": main.hidden[0] if main.guided else None}
         if main.pooled is not None:
             tensors.update(add_text_embeds=torch.cat(main.pooled), add_time_ids=torch.cat(main.time_ids))
         outputs = callback(self, step, timestep, tensors)
+        if main.guided and not self.do_classifier_free_guidance:  # guidance switched off (CFG cut-off callbacks)
+            conditions[:] = [c.branch(c.cond_index) for c in conditions]
+            main = conditions[0]
+            kv.entries.clear()
         parts = {"prompt_embeds": "hidden", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
         changed = {field: outputs[name].chunk(len(main)) for name, field in parts.items()
                    if outputs.get(name) is not None and outputs[name] is not tensors.get(name)}
@@ -676,13 +708,33 @@ def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative
     return terms
 
 
-def adapter_spec(spec: Any) -> tuple[str | Path, float]:
-    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair."""
+def adapter_spec(spec: Any) -> tuple[str | Path, Any]:
+    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair; the weight is a
+    number or diffusers' ``set_adapters`` dict form (an :class:`~studio.adapters.weights.AdapterWeight`)."""
+    from studio.adapters.weights import AdapterWeight, weight_from_mapping
+
     if isinstance(spec, str | Path):
         return spec, 1.0
     if not isinstance(spec, Sequence) or len(spec) != 2 or not isinstance(spec[0], str | Path):
         raise ConfigError(f"each adapter is a file or name, or a (file or name, weight) pair, not {spec!r}")
+    if isinstance(spec[1], AdapterWeight):
+        return spec[0], spec[1]
+    if isinstance(spec[1], Mapping):
+        return spec[0], weight_from_mapping(spec[1], f"adapter weight for {spec[0]}")
     return spec[0], _finite_number(spec[1], f"adapter weight for {spec[0]}")
+
+
+def with_prompt_tags(prompt, adapters) -> tuple[Any, list]:
+    """A1111's ``<lora:NAME:W>`` tags taken out of the prompt(s) and added after ``adapters``."""
+    if prompt is None:
+        return prompt, adapters
+    from studio.adapters.prompt_tags import adapters_from_prompts
+
+    texts, tagged = adapters_from_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    if not tagged:
+        return prompt, adapters
+    given = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
+    return (texts[0] if isinstance(prompt, str) else texts), given + tagged
 
 
 def _finite_number(value: Any, what: str) -> float:

@@ -82,10 +82,9 @@ def profile_adapter(pipe, path: str | Path, prompts: Sequence[str] | None = None
 
 
 def store_profile(path: str | Path, profile: dict, out: str | Path | None = None) -> Path:
-    """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically, same layout)."""
-    from studio.adapters.file import read_adapter, save_adapter
+    """Write ``studio.freq_profile`` into the adapter file, or into a copy at ``out`` (atomically; the tensors, their
+    dialect and precision unchanged)."""
+    from studio.adapters.file import read_adapter, update_metadata
 
-    adapter = read_adapter(path)
-    adapter.metadata["studio.freq_profile"] = json.dumps(profile)
-    layout = adapter.metadata.get("studio.layout", "diffusers")
-    return save_adapter(adapter, Path(out or path), layout=layout)
+    read_adapter(path)  # only adapters the studio can read are profiled
+    return update_metadata(path, {"studio.freq_profile": json.dumps(profile)}, out)

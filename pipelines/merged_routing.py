@@ -105,8 +105,10 @@ class MergedRouting:
 
 
 def _supported(layer: LoraLayer) -> bool:
+    """A plain Linear/Conv2d LoRA: not DoRA, and no bias in lora_B (LyCORIS full-diff's bias delta), which a
+    merged weight does not carry."""
     return isinstance(layer.get_base_layer(), torch.nn.Linear | torch.nn.Conv2d) and not any(
-        getattr(layer, "use_dora", {}).values())
+        getattr(layer, "use_dora", {}).values()) and not any(getattr(layer, "lora_bias", {}).values())
 
 
 @contextlib.contextmanager

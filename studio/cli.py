@@ -201,7 +201,7 @@ def _adapters_inspect(args: argparse.Namespace) -> int:
 def _adapters_convert(args: argparse.Namespace) -> int:
     from studio.adapters.library import export_adapter
 
-    print(export_adapter(args.file, args.to, args.out))
+    print(export_adapter(args.file, args.to, args.out, args.save_precision))
     return 0
 
 
@@ -254,6 +254,8 @@ def add_training_flags(parser: argparse.ArgumentParser, images_required: bool = 
                         metavar="WORDS", help="DECOR: comma-separated words projected out of the captions")
     parser.add_argument("--decor-alpha", "--decor_alpha", dest="decor_alpha", type=float, default=None)
     parser.add_argument("--save_as", dest="export_layout", choices=["diffusers", "kohya"], default="diffusers")
+    parser.add_argument("--save_precision", choices=["fp16", "bf16", "fp32"], default=None,
+                        help="precision of the saved factors (default: fp16 for --save_as kohya, as sd-scripts; fp32)")
     parser.add_argument("--target_modules", nargs="+", default=None,
                         help=target_modules_help or "layers the LoRA trains (default: to_q to_k to_v to_out.0; add "
                         "conv1 conv2 for the ResNet convolutions, as the demo adapters do)")
@@ -600,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("file")
     convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     convert.add_argument("--out", default=None, help="default: exports/NAME.safetensors under $STUDIO_HOME")
+    convert.add_argument("--save_precision", choices=["fp16", "bf16", "fp32"], default=None,
+                         help="default: fp16 for kohya (as sd-scripts), fp32 for diffusers")
     convert.set_defaults(handler=_adapters_convert)
 
     profile = adapter_commands.add_parser("profile", help="measure and store the CMLoRA frequency profile")

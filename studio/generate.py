@@ -147,7 +147,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
     request = request.resolved(base)
     pipe = base.pipe
     composing: dict[str, Any] = {}
-    if request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove:
+    tagged = any(tag in str(request.prompt).lower() for tag in ("<lora:", "<lyco:"))  # A1111's adapter tags
+    if request.adapters or request.method != "merge" or request.perp_neg or request.decor_remove or tagged:
         if not hasattr(pipe, "attach_adapters"):
             raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
         composing = {"adapters": request.adapters, "method": request.method,

@@ -33,14 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
-from studio.adapters.metadata import adapter_metadata
+from studio.adapters.metadata import adapter_metadata, optimizer_learning_rates
 from studio.data.folder import scan_folder, tag_frequency
 from studio.errors import ConfigError
 from studio.files import atomic_path
 from trainers.config import TrainConfig
 from trainers.dataset import EncodedSet, encode_examples, pixel_multiple, plan_examples, resolution_of
 from trainers.loop import TrainingContext, TrainingMethod, check_training_input, encode_captions, train
-from trainers.lora import output_path
+from trainers.lora import output_path, steps_run, trained_learning_rate
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's: every attention projection
 RESNET_TARGETS = ("conv1", "conv2")  # the ResNet convolutions, which adapters on the embedded model also need
@@ -395,7 +395,8 @@ class B4MBreak(_PLPMethod):
         adapter = self.plp.adapter_file()
         trigger = self.b4m.content_trigger if self.main == "content" else self.b4m.style_trigger
         adapter.metadata = b4m_metadata(ctx, self.main, [trigger], self.started_at, self.basis_path, self.b4m.rank)
-        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout)]
+        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout,
+                         precision=ctx.config.save_precision)]
 
 
 class B4MMake(_PLPMethod):
@@ -464,7 +465,8 @@ class B4MMake(_PLPMethod):
         adapter = self.plp.adapter_file()
         adapter.metadata = b4m_metadata(ctx, "content+style", [self.b4m.content_trigger, self.b4m.style_trigger],
                                         self.started_at, self.basis_path, self.b4m.rank)
-        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout)]
+        return [save_adapter(adapter, output_path(ctx), layout=ctx.config.export_layout,
+                         precision=ctx.config.save_precision)]
 
 
 def b4m_metadata(ctx: TrainingContext, kind: str, triggers: list[str], started_at: float, basis: Path,
@@ -472,10 +474,11 @@ def b4m_metadata(ctx: TrainingContext, kind: str, triggers: list[str], started_a
     config = ctx.config
     return adapter_metadata(
         ctx.base, name=config.output, method="b4m", kind=kind, rank=rank, alpha=rank, trigger_words=triggers,
-        seed=config.seed, steps=config.max_train_steps, started_at=started_at,
-        tag_frequency=tag_frequency(ctx.images), num_images=len(ctx.images), learning_rate=config.learning_rate,
+        seed=config.seed, steps=steps_run(ctx), max_steps=config.max_train_steps, started_at=started_at,
+        tag_frequency=tag_frequency(ctx.images), num_images=len(ctx.images), learning_rate=trained_learning_rate(ctx),
         resolution=config.resolution or ctx.base.default_size,
-        extra={"b4m_basis": basis.name, "b4m_stage": "make" if kind == "content+style" else f"break-{kind}"},
+        extra={"learning_rates": optimizer_learning_rates(ctx.optimizer), "b4m_basis": basis.name,
+               "b4m_stage": "make" if kind == "content+style" else f"break-{kind}"},
     )
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     decor_remove: list[str] = field(default_factory=list)  # DECOR: words projected out of caption embeddings
     decor_alpha: float = 1.0
     export_layout: str = "diffusers"  # diffusers | kohya
+    save_precision: str | None = None  # fp16 | bf16 | fp32; default fp16 for kohya (as sd-scripts), fp32 otherwise
     device: str | None = None
 
     def output_folder(self) -> Path:

@@ -84,6 +84,7 @@ class TrainingContext:
     images: list[TrainingImage]
     logs: dict[str, float] = field(default_factory=dict)
     optimizer: Any = None  # set by the loop once the method's parameters exist
+    steps_run: int | None = None  # set by the loop before export: the optimizer steps actually taken
     decor: tuple[list, float] | None = None  # DECOR bases (per text encoder) and α applied to caption embeddings
 
     @property
@@ -496,6 +497,7 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
     bar.close()
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)
+    ctx.steps_run = step
     try:
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:

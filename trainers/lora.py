@@ -22,7 +22,7 @@ from studio.adapters.inject import (
     lora_layers,
     set_adapter_weights,
 )
-from studio.adapters.metadata import adapter_metadata
+from studio.adapters.metadata import adapter_metadata, optimizer_learning_rates
 from studio.data.folder import tag_frequency
 from studio.errors import ConfigError
 from trainers.loop import TrainingContext, TrainingMethod
@@ -115,7 +115,8 @@ class LoraMethod(TrainingMethod):
         return adapter
 
     def export(self, ctx: TrainingContext) -> list[Path]:
-        return [save_adapter(self.adapter(ctx), output_path(ctx), layout=ctx.config.export_layout)]
+        return [save_adapter(self.adapter(ctx), output_path(ctx), layout=ctx.config.export_layout,
+                         precision=ctx.config.save_precision)]
 
     def cleanup(self, ctx: TrainingContext) -> None:
         detach_adapter(ctx.base, self.adapter_name)
@@ -136,15 +137,27 @@ def trigger_words(ctx: TrainingContext) -> list[str]:
     return list(found) or ([ctx.config.instance_prompt] if ctx.config.instance_prompt else [])
 
 
+def trained_learning_rate(ctx: TrainingContext) -> float:
+    """The rate the optimizer's parameter groups trained at (the largest), not the configured default."""
+    rates = optimizer_learning_rates(ctx.optimizer)
+    return max(rates) if rates else ctx.config.learning_rate
+
+
+def steps_run(ctx: TrainingContext) -> int:
+    """The optimizer steps the loop took (fewer than planned after a stop), else the configured count."""
+    return ctx.steps_run if ctx.steps_run is not None else ctx.config.max_train_steps
+
+
 def training_metadata(ctx: TrainingContext, method: str, started_at: float,
                       extra: dict[str, Any] | None = None) -> dict[str, str]:
     config = ctx.config
+    extra = {"learning_rates": optimizer_learning_rates(ctx.optimizer), **(extra or {})}
     if config.decor_remove:  # the words the adapter was trained without; recommended at inference too
         extra = {"decor_remove": config.decor_remove, "decor_alpha": config.decor_alpha, **(extra or {})}
     return adapter_metadata(
         ctx.base, name=config.output, method=method, kind=config.kind, rank=config.rank,
         alpha=config.network_alpha or config.rank, trigger_words=trigger_words(ctx), seed=config.seed,
-        steps=config.max_train_steps, started_at=started_at, tag_frequency=tag_frequency(ctx.images),
-        num_images=len(ctx.images), learning_rate=config.learning_rate,
+        steps=steps_run(ctx), max_steps=config.max_train_steps, started_at=started_at,
+        tag_frequency=tag_frequency(ctx.images), num_images=len(ctx.images), learning_rate=trained_learning_rate(ctx),
         resolution=config.resolution or ctx.base.default_size, extra=extra,
     )

@@ -220,7 +220,8 @@ class SaraMethod(TrainingMethod):
         lora.metadata = {**metadata, "studio.sara_lora_relative_error": json.dumps(error),
                          "studio.sara_sparse_file": sparse_path.name,
                          "ss_network_dim": json.dumps(max(m.rank for m in lora.modules["unet"].values()))}
-        return [sparse_path, save_adapter(lora, output_path(ctx), layout=ctx.config.export_layout)]
+        return [sparse_path, save_adapter(lora, output_path(ctx), layout=ctx.config.export_layout,
+                         precision=ctx.config.save_precision)]
 
     def cleanup(self, ctx: TrainingContext) -> None:
         """Put the base weights back and remove the parametrizations."""

@@ -16,9 +16,11 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.file import AdapterFile
+from studio.adapters.file import AdapterFile, LoraModule
+from studio.adapters.fit import bias_or_zero, has_bias, resolve_against_base, shape_to_base
 from studio.adapters.keys import module_path_in, to_file_path
 from studio.adapters.validate import validate_adapter
+from studio.adapters.weights import AdapterWeight, layer_factor
 from studio.errors import AdapterError
 
 
@@ -90,37 +92,29 @@ def inject_lora(lora_config: LoraConfig, model: torch.nn.Module, name: str) -> N
     several adapters on one model is what the studio does on purpose."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        # a bias delta for some layers of a component gives every layer of it a (zero) lora_B bias
+        warnings.filterwarnings("ignore", message="`lora_bias=True` was passed")
         inject_adapter_in_model(lora_config, model, adapter_name=name)
 
 
 def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
-    """Validate ``adapter`` against ``base`` and attach it (inactive until :func:`set_adapter_weights`)."""
+    """Validate ``adapter`` against ``base`` and attach it (inactive until :func:`set_adapter_weights`).
+
+    All or nothing: an adapter refused on any module, or failing while its layers are made, leaves the base as it
+    was (no layer keeps a part of it)."""
     name = name or adapter.name
     if name in attached_adapters(base):
         raise AdapterError(f"an adapter named '{name}' is already attached; detach it first or pick another name")
+    adapter = shape_to_base(adapter, base)
     validate_adapter(adapter, base)
+    adapter = resolve_against_base(adapter, base)
     previous = {id(layer): list(layer.active_adapters) for _, _, layer in lora_layers(base)}
-    for component, modules in adapter.modules.items():
-        model = getattr(base.pipe, component)
-        located = {module_path_in(model, p): m for p, m in modules.items()}
-        patterns = {p: f"^{_escape(p)}$" for p in located}
-        first = next(iter(located.values()))
-        lora_config = LoraConfig(
-            r=first.rank,
-            lora_alpha=first.alpha,
-            target_modules=list(located),
-            rank_pattern={patterns[p]: m.rank for p, m in located.items()},
-            alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
-        )
-        inject_lora(lora_config, model, name)
-        dtype = next(model.parameters()).dtype
-        with torch.no_grad():
-            for path, module in located.items():
-                layer = model.get_submodule(path)
-                if not isinstance(layer, LoraLayer) or layer.r.get(name) != module.rank:
-                    raise AdapterError(f"adapter '{name}': could not attach {component}.{path}")
-                layer.lora_A[name].weight.copy_(module.down.to(dtype))
-                layer.lora_B[name].weight.copy_(module.up.to(dtype))
+    try:
+        for component, modules in adapter.modules.items():
+            _inject_component(getattr(base.pipe, component), component, modules, name)
+    except Exception:
+        _remove(base, name)
+        raise
     # peft activates the newcomer in every layer; each layer gets its own active set back, so the next
     # generation need not re-activate (peft's set_adapter walks every adapter's modules in the layer)
     for _, _, layer in lora_layers(base):
@@ -128,6 +122,38 @@ def attach_adapter(base, adapter: AdapterFile, name: str | None = None) -> str:
     for component in adapter.modules:
         getattr(base.pipe, component).requires_grad_(False)
     return name
+
+
+def _inject_component(model: torch.nn.Module, component: str, modules: Mapping[str, LoraModule], name: str) -> None:
+    located = {module_path_in(model, p): m for p, m in modules.items()}
+    patterns = {p: f"^{_escape(p)}$" for p in located}
+    first = next(iter(located.values()))
+    lora_config = LoraConfig(
+        r=first.rank,
+        lora_alpha=first.alpha,
+        target_modules=list(located),
+        rank_pattern={patterns[p]: m.rank for p, m in located.items()},
+        alpha_pattern={patterns[p]: m.alpha for p, m in located.items()},
+        lora_bias=has_bias(modules),  # LyCORIS full-diff's bias delta rides on lora_B's bias
+    )
+    inject_lora(lora_config, model, name)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for path, module in located.items():
+            layer = model.get_submodule(path)
+            if not isinstance(layer, LoraLayer) or layer.r.get(name) != module.rank:
+                raise AdapterError(f"adapter '{name}': could not attach {component}.{path}")
+            layer.lora_A[name].weight.copy_(module.down.to(dtype))
+            layer.lora_B[name].weight.copy_(module.up.to(dtype))
+            if layer.lora_B[name].bias is not None:
+                layer.lora_B[name].bias.copy_(bias_or_zero(module, layer.lora_B[name].bias.numel()).to(dtype))
+
+
+def _remove(base, name: str) -> None:
+    """Take every trace of adapter ``name`` out of the base's LoRA layers (after a failed attach)."""
+    for _, _, layer in lora_layers(base):
+        if name in layer.lora_A or name in getattr(layer, "lora_B", {}):
+            layer.delete_adapter(name)
 
 
 def _activate(layer: LoraLayer, names: list[str]) -> None:
@@ -143,22 +169,38 @@ def _escape(path: str) -> str:
 
 def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[str] | None = None) -> None:
     """Activate exactly the adapters in ``weights`` with their weights among the ``managed`` ones (default: every
-    attached adapter); adapters outside ``managed`` (e.g. one being trained) keep their state."""
+    attached adapter); adapters outside ``managed`` (e.g. one being trained) keep their state. A layer's scale is
+    the weight times the adapter's per-component/per-block factor (:func:`set_layer_weights`)."""
     unknown = set(weights) - set(attached_adapters(base))
     if unknown:
         raise AdapterError(f"no attached adapter named {', '.join(sorted(unknown))}")
     controlled = set(weights) | (set(managed) if managed is not None else set(attached_adapters(base)))
-    for _, _, layer in lora_layers(base):
+    factors = _layer_weights(base)
+    for component, path, layer in lora_layers(base):
         kept = [n for n in layer.active_adapters if n not in controlled and n in layer.lora_A]
         wanted = kept + [n for n in weights if n in layer.lora_A]
         _activate(layer, wanted)
         for name in weights:
             if name in layer.lora_A:
-                layer.set_scale(name, float(weights[name]))
+                factor = layer_factor(factors[name], component, path) if name in factors else 1.0
+                layer.set_scale(name, float(weights[name]) * factor)
         for name in controlled & set(wanted):  # inference adapters stay frozen (set_adapter unfreezes)
             if layer.lora_A[name].weight.requires_grad or layer.lora_B[name].weight.requires_grad:
                 layer.lora_A[name].requires_grad_(False)
                 layer.lora_B[name].requires_grad_(False)
+
+
+def _layer_weights(base) -> dict[str, AdapterWeight]:
+    return base.pipe.__dict__.setdefault("_studio_layer_weights", {})
+
+
+def set_layer_weights(base, name: str, weight: AdapterWeight | None) -> None:
+    """Give adapter ``name`` separate text-encoder/UNet and per-block factors (None: 1 everywhere); they multiply
+    the weight :func:`set_adapter_weights` gives it, in every layer."""
+    if weight is None or weight.is_uniform():
+        _layer_weights(base).pop(name, None)
+    else:
+        _layer_weights(base)[name] = weight
 
 
 def detach_adapter(base, name: str) -> None:
@@ -181,8 +223,6 @@ def load_adapter(base, path, name: str | None = None, weight: float = 1.0) -> st
 
 def adapter_from_layers(base, name: str) -> AdapterFile:
     """The weights of attached adapter ``name`` as an :class:`AdapterFile` (how trainers export)."""
-    from studio.adapters.file import LoraModule
-
     modules: dict[str, dict[str, LoraModule]] = {}
     for component, path, layer in lora_layers(base):
         if name in layer.lora_A:

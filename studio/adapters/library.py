@@ -78,16 +78,44 @@ def list_adapters(folders: list[Path] | None = None,
     return found
 
 
+def library_names(folders: list[Path] | None = None) -> dict[str, Path]:
+    """Every adapter file under the library and the shipped folder by stem, as A1111 lists its Lora folder
+    (sub-folders included; a shallower file wins over a deeper one of the same stem)."""
+    names: dict[str, Path] = {}
+    for folder in folders if folders is not None else [library_dir(), SHIPPED]:
+        if Path(folder).is_dir():
+            for path in sorted(Path(folder).rglob("*.safetensors"), key=lambda p: (len(p.parts), str(p))):
+                if not path.name.endswith(".sara.safetensors"):
+                    names.setdefault(path.stem, path)
+    return names
+
+
+def close_names(name: str, names: list[str]) -> str:
+    """"; close matches: a, b" (difflib), or what the library holds, for an error message."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    if close:
+        return f"; close matches: {', '.join(close)}"
+    return f"; the library ({library_dir()}) has " + (", ".join(sorted(names)[:10]) if names else "no adapters")
+
+
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
-    """A file path as given, else ``<library>/<name>.safetensors``, else the shipped demo of that name."""
+    """A file path as given, else ``<library>/<name>.safetensors``, else the shipped demo of that name, else a file
+    of that stem in a library sub-folder (as A1111 finds ``<lora:NAME>``)."""
     path = Path(name_or_path)
     if path.exists():
         return path
+    stem = path.name.removesuffix(".safetensors")
     for folder in (library_dir(), SHIPPED):
-        candidate = folder / f"{path.name.removesuffix('.safetensors')}.safetensors"
+        candidate = folder / f"{stem}.safetensors"
         if candidate.exists():
             return candidate
-    raise AdapterError(f"no adapter {str(name_or_path)!r}: not a file, not in {library_dir()} or {SHIPPED}")
+    names = library_names()
+    if stem in names:
+        return names[stem]
+    raise AdapterError(f"no adapter {str(name_or_path)!r}: not a file, not in {library_dir()} or {SHIPPED}"
+                       + close_names(stem, list(names)))
 
 
 def describe(adapter: AdapterFile) -> dict:
@@ -144,7 +172,7 @@ def delete_adapter(name_or_path: str | os.PathLike) -> Path:
 
 
 def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
-                   out: str | os.PathLike | None = None) -> Path:
+                   out: str | os.PathLike | None = None, precision: str | None = None) -> Path:
     """Write the adapter in ``layout`` to ``out``, by default ``$STUDIO_HOME/exports/<name>.safetensors`` (kohya's
     layout: ready for A1111/ComfyUI's Lora folder). Exports stay outside the library, so a copy is not listed as a
     second adapter, and never land beside a shipped file."""
@@ -154,7 +182,7 @@ def export_adapter(name_or_path: str | os.PathLike, layout: str = "kohya",
     destination = Path(out) if out else studio_home() / "exports" / f"{source.stem}.safetensors"
     if destination.resolve() == source.resolve():
         raise AdapterError(f"the export of {source.name} must go to another file")
-    return save_adapter(read_adapter(source), destination, layout=layout)
+    return save_adapter(read_adapter(source), destination, layout=layout, precision=precision)
 
 
 def plot_ranks(adapter: AdapterFile, destination: str | os.PathLike) -> Path:

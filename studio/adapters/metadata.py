@@ -19,6 +19,24 @@ ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdx
                 "tiny": "adapter-studio-tiny", "custom": "custom"}
 
 
+def optimizer_learning_rates(optimizer: Any) -> list[float]:
+    """The learning rate each parameter group was trained at (its scheduler's ``initial_lr``, else ``lr``)."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    return [float(group.get("initial_lr", group["lr"])) for group in groups]
+
+
+def network_dim_and_alpha(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, str]:
+    """kohya's ``ss_network_dim``/``ss_network_alpha`` from the saved tensors: the most common rank and alpha (per
+    module ranks and alphas go to ``studio.ranks`` when they differ, e.g. CoLoRA's plan)."""
+    from collections import Counter
+
+    values = {"ss_network_dim": json.dumps(Counter(ranks.values()).most_common(1)[0][0]),
+              "ss_network_alpha": json.dumps(Counter(alphas.values()).most_common(1)[0][0])}
+    if len(set(ranks.values())) > 1:
+        values["studio.ranks"] = json.dumps(dict(ranks))
+    return values
+
+
 def adapter_metadata(
     base: Any,
     *,
@@ -30,6 +48,7 @@ def adapter_metadata(
     trigger_words: list[str],
     seed: int,
     steps: int,
+    max_steps: int | None = None,
     started_at: float,
     tag_frequency: Mapping[str, Mapping[str, int]],
     num_images: int,
@@ -51,7 +70,7 @@ def adapter_metadata(
         "ss_sd_model_name": base.name,
         "ss_seed": seed,
         "ss_steps": steps,
-        "ss_max_train_steps": steps,
+        "ss_max_train_steps": steps if max_steps is None else max_steps,
         "ss_learning_rate": learning_rate,
         "ss_num_train_images": num_images,
         "ss_resolution": "({}, {})".format(*((resolution, resolution) if isinstance(resolution, int) else resolution)),

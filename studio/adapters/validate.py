@@ -22,7 +22,11 @@ def adapter_family(adapter: AdapterFile) -> str | None:
     if adapter.base_family:
         return adapter.base_family
     architecture = adapter.metadata.get("modelspec.architecture", "").split("/")[0]
-    return _FAMILY_OF_ARCHITECTURE.get(architecture)
+    if architecture in _FAMILY_OF_ARCHITECTURE:
+        return _FAMILY_OF_ARCHITECTURE[architecture]
+    version = adapter.metadata.get("ss_base_model_version", "")  # kohya: sd_v1, sd_v2_768_v, sdxl_base_v1-0…
+    return next((family for prefix, family in (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_v2", "sd2"))
+                 if version.startswith(prefix)), None)
 
 
 def validate_adapter(adapter: AdapterFile, base) -> None:

@@ -61,7 +61,7 @@ def test_kohya_names_round_trip():
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_save_read_keeps_weights_alpha_and_metadata(tmp_path, random_base, layout):
     adapter = make_adapter(random_base)
-    path = save_adapter(adapter, tmp_path / "a.safetensors", layout=layout)
+    path = save_adapter(adapter, tmp_path / "a.safetensors", layout=layout, precision="fp32")
     back = read_adapter(path)
     for component, modules in adapter.modules.items():
         for module_path, module in modules.items():
@@ -84,7 +84,8 @@ def test_save_read_keeps_weights_alpha_and_metadata(tmp_path, random_base, layou
 def test_diffusers_kohya_diffusers_round_trip_gives_the_same_output(tmp_path, random_base):
     adapter = make_adapter(random_base)
     first = save_adapter(adapter, tmp_path / "a.safetensors")
-    kohya = save_adapter(read_adapter(first), tmp_path / "a_kohya.safetensors", layout="kohya")
+    kohya = save_adapter(read_adapter(first), tmp_path / "a_kohya.safetensors", layout="kohya",
+                         precision="fp32")
     again = save_adapter(read_adapter(kohya), tmp_path / "a_again.safetensors", layout="diffusers")
     load_adapter(random_base, first, "first")
     out_first = unet_output(random_base)
@@ -181,10 +182,18 @@ def test_truncated_and_pickle_files_are_refused(tmp_path, random_base):
         read_adapter(safe)
 
 
-def test_lycoris_files_are_refused_with_a_reason(tmp_path):
+@pytest.mark.parametrize(("parts", "algorithm"), [(("oft_blocks",), "OFT"), (("a1.weight", "a2.weight"), "GLoRA")])
+def test_unsupported_lycoris_algorithms_are_refused_by_name(tmp_path, parts, algorithm):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"lora_unet_x.{part}": torch.zeros(2, 2) for part in parts}, str(path))
+    with pytest.raises(AdapterError, match=f"odd.safetensors.*{algorithm}"):
+        read_adapter(path)
+
+
+def test_an_incomplete_loha_module_names_the_missing_part(tmp_path):
     path = tmp_path / "loha.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(AdapterError, match="LyCORIS"):
+    with pytest.raises(AdapterError, match="loha.safetensors: module x lacks its hada_w1_b"):
         read_adapter(path)
 
 

@@ -176,6 +176,15 @@ def test_callback_may_change_guidance_and_embeddings_as_stock(pair):
         <= TOLERANCE
 
 
+def test_diffusers_cfg_cutoff_callback_as_stock(pair):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    assert difference(*pair, callback_on_step_end=cutoff) <= TOLERANCE
+    assert not pair[1].do_classifier_free_guidance
+    assert np.abs(pair[1](**inputs(callback_on_step_end=cutoff)).images - pair[1](**inputs()).images).max() > 1e-5
+
+
 def test_interrupt_and_properties_as_stock(pair):
     def stop(pipe, step, timestep, tensors):
         if step == 1:
@@ -256,3 +265,105 @@ def test_every_stock_argument_is_accepted_with_its_default(stock_class):
         if our_default != stock_default:  # allowed only where the docstring says why
             assert f"``{name}=None`` is the pipeline's stock default" in documented
             assert getattr(ours_class, f"default_{name}") == stock_default
+
+
+def ip_adapter_weights(unet: UNet2DConditionModel, image_dim: int) -> dict:
+    """A random IP-Adapter in the original file layout (image projection to 4 tokens, and to_k_ip/to_v_ip for
+    every cross-attention, numbered as diffusers' loader numbers them)."""
+    generator = torch.Generator().manual_seed(5)
+    width = unet.config.cross_attention_dim
+    channels = unet.config.block_out_channels
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        level = int(name[len("up_blocks.")]) if name.startswith("up_blocks") else (
+            int(name[len("down_blocks.")]) if name.startswith("down_blocks") else -1)
+        hidden = channels[-1] if level < 0 else (
+            list(reversed(channels))[level] if name.startswith("up_blocks") else channels[level])
+        for part in ("to_k_ip", "to_v_ip"):
+            layers[f"{key}.{part}.weight"] = torch.randn(hidden, width, generator=generator) * 0.3
+        key += 2
+    projection = {"proj.weight": torch.randn(4 * width, image_dim, generator=generator) * 0.3,
+                  "proj.bias": torch.zeros(4 * width), "norm.weight": torch.ones(width),
+                  "norm.bias": torch.zeros(width)}
+    return {"image_proj": projection, "ip_adapter": layers}
+
+
+def tiny_image_encoder() -> tuple:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=16, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        intermediate_size=37, patch_size=8))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return encoder, processor
+
+
+def with_ip_adapter(components: dict) -> dict:
+    encoder, processor = tiny_image_encoder()
+    components["unet"]._load_ip_adapter_weights([ip_adapter_weights(components["unet"], 16)])
+    return {**components, "image_encoder": encoder, "feature_extractor": processor}
+
+
+@pytest.mark.parametrize("source", ["image", "embeds"])
+def test_ip_adapter_with_a_tiny_image_encoder_as_stock(source):
+    from PIL import Image
+
+    stock, ours = pipelines(with_ip_adapter(sd_components()))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    if source == "image":
+        given = {"ip_adapter_image": image}
+    else:
+        given = {"ip_adapter_image_embeds": stock.prepare_ip_adapter_image_embeds(image, None, "cpu", 1, True)}
+    assert difference(stock, ours, **given) <= TOLERANCE
+    other = Image.fromarray(255 - np.asarray(image))
+    assert np.abs(ours(**inputs(**given)).images - ours(**inputs(ip_adapter_image=other)).images).max() > 1e-4
+
+
+def test_ip_adapter_reaches_every_route_of_a_composition(tmp_path):
+    from PIL import Image
+
+    from studio.adapters.file import save_adapter
+    from tests.adapters.test_files import make_adapter
+    from tests.conftest import make_random_base
+
+    base = make_random_base()
+    pipe = base.pipe
+    encoder, processor = tiny_image_encoder()
+    pipe.unet._load_ip_adapter_weights([ip_adapter_weights(pipe.unet, 16)])
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    adapter = save_adapter(make_adapter(base, seed=1, scale=0.3), tmp_path / "a.safetensors")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    run = {"prompt": "a red solid sks", "num_inference_steps": 2, "output_type": "np", "adapters": [(adapter, 0.8)]}
+    merged = pipe(**run, ip_adapter_image=image, generator=torch.Generator().manual_seed(0)).images
+    routed = pipe(**run, ip_adapter_image=image, method="composite", generator=torch.Generator().manual_seed(0)).images
+    other = pipe(**run, ip_adapter_image=Image.fromarray(255 - np.asarray(image)), method="composite",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(routed - merged).max() <= 1e-3  # one adapter routed = the same adapter merged
+    assert np.abs(routed - other).max() > 1e-3  # the image prompt is used
+    with pytest.raises(ConfigError, match="cross-attention maps"):
+        pipe(**run, ip_adapter_image=image, method="clora")
+    with pytest.raises(ConfigError, match="Perp-Neg is a guidance rule"):
+        pipe(**run, guidance_scale=1.0, negative_prompt="blue", perp_neg=True)
+
+
+def test_safety_checker_runs_as_stock():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    _, processor = tiny_image_encoder()
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16))
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # below any cosine: every image is flagged and blacked out
+    components = {**sd_components(), "safety_checker": checker, "feature_extractor": processor}
+    stock = StableDiffusionPipeline(**components)
+    ours = CompositionPipeline(**components)
+    expected, got = stock(**inputs()), ours(**inputs())
+    assert got.nsfw_content_detected == expected.nsfw_content_detected == [True]
+    assert np.abs(got.images - expected.images).max() <= TOLERANCE and not got.images.any()

@@ -1,4 +1,5 @@
-"""diffusers-native LoRA under ``adapters=``: a shared base of every route, never silently dropped.
+"""diffusers-native LoRA under ``adapters=``: a shared base of every route, never silently dropped; and every
+composition method takes diffusers' loop arguments (callbacks, interrupt, custom timesteps, no guidance).
 
 The control is stock diffusers with every adapter loaded its own way: Merge with the studio's adapter at weight
 w on top of a diffusers-loaded one must equal ``set_adapters([native, studio], [1, w])``.
@@ -77,3 +78,37 @@ def test_a_native_adapter_keeps_its_state_after_composition(setup):
               m.lora_A["native"].weight.requires_grad) for m in layers]
     for (active, scaling, weight, grad), (active2, scaling2, weight2, grad2) in zip(before, after):
         assert active == active2 and scaling == scaling2 and grad == grad2 and torch.equal(weight, weight2)
+
+
+def test_adapters_removed_the_diffusers_way_are_attached_again(setup):
+    stock, ours, (native, studio) = setup
+    first = run(ours, adapters=[(studio, 0.7)], method="composite")
+    stock.unload_lora_weights()  # removes every LoRA layer, the studio's included
+    assert np.abs(run(ours) - run(stock)).max() <= TOLERANCE
+    assert np.abs(run(ours, adapters=[(studio, 0.7)], method="composite") - first).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["merge", "switch", "composite", "cmlora", "clora"])
+def test_every_method_takes_diffusers_loop_arguments(setup, method):
+    from diffusers import EulerDiscreteScheduler
+
+    _, ours, files = setup
+    ours.scheduler = EulerDiscreteScheduler.from_config(ours.scheduler.config)
+    steps = []
+
+    def callback(pipe, step, timestep, tensors):
+        steps.append(tuple(tensors["prompt_embeds"].shape))
+        if step == 2:
+            pipe._interrupt = True
+        return {"latents": tensors["latents"] * 0.95}
+
+    options = {"groups": [["red"], ["sks"]]} if method == "clora" else {}
+    for guidance in (5.0, 1.0):  # with and without classifier-free guidance
+        steps.clear()
+        image = ours("a red solid sks", adapters=[(files[0], 0.8), (files[1], 0.6)], method=method,
+                     method_options=options, timesteps=[999, 750, 500, 250], num_inference_steps=None,
+                     guidance_scale=guidance, eta=0.0, output_type="np", callback_on_step_end=callback,
+                     callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                     generator=torch.Generator().manual_seed(0)).images
+        assert np.isfinite(image).all() and ours.num_timesteps == 4
+        assert len(steps) == 3 and steps[0][0] == (2 if guidance > 1 else 1)  # interrupted after the third step
