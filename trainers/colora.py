@@ -173,7 +173,7 @@ class CoLoRAMethod(LoraMethod):
         strata = max(1, self.colora.probe_samples // 2)
         triples = []
         for index in range(self.colora.probe_samples):
-            batch = ctx.sample(ctx.instance, 1, generator)
+            batch = ctx.sample(ctx.instance, 1, generator, split=False)
             low = (index % strata) * total // strata
             t = torch.randint(low, low + total // strata, (1,), generator=generator).to(ctx.device)
             noise = torch.randn(batch.latents.shape, generator=generator).to(ctx.device)
