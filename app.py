@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -35,15 +36,19 @@ from studio.adapters.library import (
     list_adapters,
     resolve_adapter,
 )
+from studio.data.autocaption import Captioner, caption_folder
+from studio.data.folder import caption_rows, write_captions
 from studio.errors import StudioError
 from studio.eval.domain import DomainEvaluator
-from studio.models import BaseModel
+from studio.models import EMBEDDED_NAMES, BaseModel
 from studio.png import default_outputs, numbered_png, save_png
 from studio.samplers import SAMPLERS, SCHEDULE_FLAGS
 from studio.text import split_words
 from trainers import TRAINERS, TrainConfig
 from trainers import run as run_trainer
 from trainers.b4m import B4MConfig
+from trainers.dataset import resolution_of
+from trainers.recipe import TrainForm, default_prompts, measure_step_seconds, training_config
 from trainers.sara import SaraConfig
 
 OUTPUTS = default_outputs()
@@ -163,16 +168,19 @@ class Studio:
     # -- train -------------------------------------------------------------------------------------------------
     def train(self, model: str, files: list[Any] | None, captions: Any, style_files: list[Any] | None,
               method: str, kind: str, trigger: str, steps: float, rank: float, learning_rate: float,
-              threshold: float, decor_words: str,
-              b4m_prior: str = "square") -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
-        if not files:
-            raise gr.Error("Upload a handful of images (3–20) first.")
+              threshold: float, decor_words: str, b4m_prior: str = "square", form: TrainForm | None = None,
+              folder_text: str = "") -> Iterator[tuple[Any, ...]]:
+        """Train on the uploads (or, with none, on the image folder named on this machine); yields the status,
+        the previews, the library views and the loss plot."""
+        folder_text = (folder_text or "").strip()
+        if not files and not folder_text:
+            raise gr.Error("Upload a handful of images (3–20) first, or name an image folder on this machine.")
         if method == "b4m" and not style_files:
             raise gr.Error("Break-for-Make needs style images too.")
         if not trigger.strip():
             raise gr.Error("Give the adapter a trigger word, e.g. sks.")
         self.stop_training.clear()
-        folder = _staged_images(files, captions)
+        folder = _staged_images(files, captions) if files else None
         style = _staged_images(style_files, None) if method == "b4m" else None
         name = _free_name(f"{trigger.strip()}-{method}-{kind}")
         events: queue.Queue = queue.Queue()
@@ -183,10 +191,14 @@ class Studio:
 
         def work() -> None:
             try:
-                outcome["paths"] = run_training(self.base(model), method, folder, style, kind, trigger,
-                                                int(steps), int(rank), float(learning_rate), float(threshold),
-                                                decor_words, name, progress, self.stop_training.is_set,
-                                                b4m_prior)
+                base = self.base(model)
+                config = training_config(base, form or TrainForm(), folder or Path(folder_text), kind, trigger,
+                                         int(steps), int(rank), float(learning_rate), decor_words, name)
+                seconds = measure_step_seconds(base, resolution_of(config, base.default_size),
+                                               config.train_batch_size)
+                events.put(("estimate", 0, int(steps), {"seconds": seconds}))
+                outcome["paths"] = run_training(base, method, config, style, float(threshold), progress,
+                                                self.stop_training.is_set, b4m_prior)
             except Exception as error:  # reported in the page; the app keeps serving
                 outcome["error"] = error
             finally:
@@ -198,23 +210,29 @@ class Studio:
             worker = threading.Thread(target=work, daemon=True)
             worker.start()
             previews: list[tuple[str, str]] = []
-            status = "starting"
+            losses: list[tuple[int, float, str]] = []
+            status, estimate = "starting", ""
             while worker.is_alive() or not events.empty():
                 try:
                     event, step, total, logs = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if event == "step":
+                if event == "estimate":
+                    estimate = step_estimate(logs["seconds"], total)
+                    status = estimate
+                elif event == "step":
                     status = f"{logs['method']}: step {step}/{total} — loss {logs.get('loss', float('nan')):.4f}"
+                    status += f" ({estimate})" if estimate else ""
+                    losses.append((len(losses) + 1, float(logs.get("loss", float("nan"))), logs["method"]))
                 elif event == "validation":
                     previews += [(p, f"step {step}") for p in logs["images"]]
-                yield status, previews, *_unchanged_lists()
+                yield status, previews, *_unchanged_lists(), loss_frame(losses)
             worker.join()
         if "error" in outcome:
             raise gr.Error(f"Training failed: {outcome['error']}")
         stopped = " (stopped early)" if self.stop_training.is_set() else ""
         written = ", ".join(Path(p).name for p in outcome["paths"])
-        yield f"done{stopped}: {written}", previews, *library_views()
+        yield f"done{stopped}: {written}", previews, *library_views(), loss_frame(losses)
 
     # -- library -----------------------------------------------------------------------------------------------
     def import_file(self, model: str, file: Any):
@@ -260,6 +278,7 @@ def library_views() -> list[Any]:
 
 
 def _unchanged_lists() -> list[Any]:
+    """The library views left as they are (while training runs)."""
     return [gr.update() for _ in range(ROWS + 2)]
 
 
@@ -271,24 +290,70 @@ def _free_name(name: str) -> str:
     return candidate
 
 
-def run_training(base: BaseModel, method: str, folder: Path, style: Path | None, kind: str, trigger: str, steps: int,
-                 rank: int, learning_rate: float, threshold: float, decor_words: str, name: str, progress,
+def run_training(base: BaseModel, method: str, config: TrainConfig, style: Path | None, threshold: float, progress,
                  should_stop, b4m_prior: str = "square") -> list[Path]:
-    """The Train tab's job: one of the studio's trainers on the staged images."""
-    decor = split_words(decor_words)
-    config = TrainConfig(images=folder, instance_prompt=f"a {trigger} shape" if kind == "content" else
-                         f"a shape in {trigger} style", trigger_words=[trigger], kind=kind, output=name,
-                         max_train_steps=steps, rank=rank, learning_rate=learning_rate, decor_remove=decor,
-                         validation_prompt=f"a red solid {trigger} on a white background" if kind == "content"
-                         else f"a red {trigger} circle on a white background", validation_steps=max(1, steps // 4),
-                         num_validation_images=1)
+    """The Train tab's job: one of the studio's trainers on ``config``'s images."""
     options = None  # the method's defaults
     if method == "b4m":
-        options = B4MConfig(content=folder, style=style, content_trigger=trigger, style_trigger=f"{trigger}style",
-                            rank=rank, break_steps=steps, make_steps=steps, prior=b4m_prior)
+        trigger = config.trigger_words[0]
+        options = B4MConfig(content=config.images, style=style, content_trigger=trigger,
+                            style_trigger=f"{trigger}style", content_prompt=config.instance_prompt,
+                            style_prompt=default_prompts(base.family, f"{trigger}style", "style").instance,
+                            rank=config.rank, break_steps=config.max_train_steps, make_steps=config.max_train_steps,
+                            prior=b4m_prior)
     elif method == "sara":
         options = SaraConfig(threshold=threshold)
     return run_trainer(method, config, options, base=base, progress=progress, should_stop=should_stop)
+
+
+def step_estimate(seconds: float, steps: int) -> str:
+    """The measured time per step and what it makes for the whole run."""
+    total = seconds * steps
+    span = f"{total:.0f} s" if total < 120 else f"{total / 60:.0f} min"
+    return f"≈ {seconds:.2f} s per step (measured), ≈ {span} for {steps} steps"
+
+
+def loss_frame(losses: list[tuple[int, float, str]]):
+    return pd.DataFrame(losses or [(0, float("nan"), "")], columns=["step", "loss", "stage"])
+
+
+def form_defaults(studio: Studio, model: str, trigger: str, kind: str) -> tuple[str, str, str]:
+    """The instance, validation and class prompts the selected base starts from."""
+    family = "tiny" if (model or "").strip().lower() in EMBEDDED_NAMES else studio.base(model).family
+    prompts = default_prompts(family, trigger, kind)
+    return prompts.instance, "\n".join(prompts.validation), prompts.class_prompt
+
+
+def auto_captions(model_dir: str, folder: str, files: list[Any] | None, trigger: str):
+    """Caption with a captioning model on disk: the folder's images (written to their .txt files, existing ones
+    kept), else the uploads (into the table, used when training starts); the trigger word leads each caption."""
+    try:
+        if folder.strip():
+            caption_folder(folder.strip(), model_dir.strip() or None, prefix=trigger)
+            return caption_rows(folder.strip())
+        if not files:
+            raise gr.Error("Upload images or name an image folder first.")
+        captioner = Captioner(model_dir.strip() or None)
+        prefix = f"{trigger.strip()}, " if trigger.strip() else ""
+        return [[_file_path(f).name, prefix + captioner.caption(_file_path(f))] for f in files]
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
+
+
+def load_caption_table(folder: str):
+    try:
+        return caption_rows(folder.strip())
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
+
+
+def save_caption_table(folder: str, table: Any) -> str:
+    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    try:
+        written = write_captions(folder.strip(), [[str(c) if c is not None else "" for c in row] for row in rows])
+    except StudioError as error:
+        raise gr.Error(str(error)) from error
+    return f"saved {len(written)} captions in {folder.strip()}"
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
@@ -569,18 +634,42 @@ def build_app(model: str | None = None) -> gr.Blocks:
             gallery.select(on_select, [to_img2img, gallery], restored)
             png_file.upload(png_to_form, png_file, restored)
         with gr.Tab("Train"):
+            prompts = default_prompts("tiny" if (model or "").strip().lower() in EMBEDDED_NAMES else "sd", "sks",
+                                      "content")
             with gr.Row():
                 with gr.Column():
                     files = gr.File(label="Training images (3–20)", file_count="multiple", file_types=["image"],
                                     elem_id="train-files")
-                    captions = gr.Dataframe(headers=["file", "caption"], label="Captions (optional)",
-                                            interactive=True, column_count=(2, "fixed"))
+                    with gr.Row():
+                        image_folder = gr.Textbox(label="…or an image folder on this machine (its .txt captions "
+                                                        "load and save below)", elem_id="train-folder", scale=3)
+                        load_captions = gr.Button("Load captions", size="sm")
+                        save_captions = gr.Button("Save captions", size="sm")
+                    captions = gr.Dataframe(headers=["file", "caption"], label="Captions (optional; empty: the "
+                                            "instance prompt)", interactive=True, column_count=(2, "fixed"),
+                                            elem_id="train-captions")
+                    with gr.Row():
+                        captioner = gr.Textbox(label="Captioning model folder on this machine (BLIP, GIT, "
+                                                     "Florence-2; never downloaded)", scale=3)
+                        auto_caption = gr.Button("Caption images", size="sm")
                     style_files = gr.File(label="Style images (Break-for-Make only)", file_count="multiple",
                                           file_types=["image"])
                     train_method = gr.Radio(list(TRAINERS), value="lora", label="Method", elem_id="train-method")
                     kind = gr.Radio(["content", "style"], value="content", label="Kind (not used by Break-for-Make)")
                     trigger = gr.Textbox(label="Trigger word (Break-for-Make: the content's; the style's is this "
                                                "word + \"style\", e.g. sksstyle)", value="sks", elem_id="trigger")
+                    instance_prompt = gr.Textbox(label="Instance prompt (caption of images without one; empty: the "
+                                                       "base's default shown)", placeholder=prompts.instance,
+                                                 elem_id="instance-prompt")
+                    with gr.Row():
+                        class_prompt = gr.Textbox(label="Class prompt (prior preservation)",
+                                                  placeholder=prompts.class_prompt, scale=3)
+                        prior = gr.Checkbox(label="Prior preservation", value=False)
+                    with gr.Row():
+                        resolution = gr.Textbox(label="Resolution (512 or W,H; empty: the base's)", value="")
+                        bucket = gr.Checkbox(label="Aspect-ratio buckets", value=False)
+                    validation_prompts = gr.Textbox(label="Validation prompts (one a line; empty: the default shown)",
+                                                    lines=2, placeholder="\n".join(prompts.validation))
                     with gr.Row():
                         train_steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
                         rank = gr.Slider(1, 64, value=4, step=1, label="Rank")
@@ -596,7 +685,16 @@ def build_app(model: str | None = None) -> gr.Blocks:
                 with gr.Column():
                     status = gr.Markdown(elem_id="train-status")
                     previews = gr.Gallery(label="Previews", columns=4, height=300)
+                    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", label="Loss", height=220,
+                                            elem_id="loss-plot")
             files.upload(lambda fs: [[_file_path(f).name, ""] for f in fs or []], files, captions)
+            load_captions.click(load_caption_table, image_folder, captions)
+            save_captions.click(save_caption_table, [image_folder, captions], status)
+            auto_caption.click(auto_captions, [captioner, image_folder, files, trigger], captions,
+                               concurrency_id="gpu")
+            for event in (model_box.change, kind.change, trigger.blur):
+                event(lambda m, t, k: [gr.update(placeholder=text) for text in form_defaults(studio, m, t, k)],
+                      [model_box, trigger, kind], [instance_prompt, validation_prompts, class_prompt])
             stop_train.click(lambda: studio.stop_training.set(), None, None)
         with gr.Tab("Library"):
             library = gr.Dataframe(value=library_table(summaries), headers=LIBRARY_COLUMNS, interactive=False,
@@ -613,9 +711,16 @@ def build_app(model: str | None = None) -> gr.Blocks:
             exported = gr.File(label="Exported file", interactive=False, height=100)
         # every view of the library, refreshed together after training, import, delete and refresh
         views = [library, *[rows[4 * i + 1] for i in range(ROWS)], selected]
-        start.click(studio.train, [model_box, files, captions, style_files, train_method, kind, trigger,
-                                   train_steps, rank, learning_rate, threshold, train_decor, b4m_prior],
-                    [status, previews, *views], concurrency_id="gpu")
+        def train_from_form(*values):
+            *head, instance, class_text, prior_on, size, buckets, validation, folder_text = values
+            form = TrainForm(instance, class_text, prior_on, size, buckets, validation)
+            yield from studio.train(*head, form=form, folder_text=folder_text)
+
+        start.click(train_from_form, [model_box, files, captions, style_files, train_method, kind, trigger,
+                                      train_steps, rank, learning_rate, threshold, train_decor, b4m_prior,
+                                      instance_prompt, class_prompt, prior, resolution, bucket, validation_prompts,
+                                      image_folder],
+                    [status, previews, *views, loss_plot], concurrency_id="gpu")
         do_import.click(studio.import_file, [model_box, upload], [library_info, *views])
         do_export.click(studio.export_file, selected, [library_info, exported])
         do_delete.click(studio.delete_file, selected, [library_info, *views])

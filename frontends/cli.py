@@ -35,6 +35,7 @@ from studio.adapters.library import (
     resolve_adapter,
 )
 from studio.data import procedural
+from studio.data.autocaption import caption_folder
 from studio.errors import ConfigError, StudioError
 from studio.eval.report import evaluate_folder, format_table
 from studio.files import atomic_write
@@ -164,8 +165,6 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_app_flags(parser: argparse.ArgumentParser) -> None:
     """The web app's flags, shared by ``studio app`` and ``python app.py``."""
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
@@ -227,7 +226,6 @@ def add_training_flags(parser: argparse.ArgumentParser, options: type | None = N
     parser.add_argument("--output_dir", type=Path, default=None, help="default: the adapter library")
     parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--resolution", type=positive_int, default=None)
     parser.add_argument("--no_center_crop", dest="center_crop", action="store_false")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
@@ -251,7 +249,6 @@ def add_training_flags(parser: argparse.ArgumentParser, options: type | None = N
     parser.add_argument("--prior_loss_weight", type=float, default=defaults.prior_loss_weight)
     parser.add_argument("--class_prompt", default=None)
     parser.add_argument("--num_class_images", type=non_negative_int, default=defaults.num_class_images)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--checkpointing_steps", type=non_negative_int, default=0)
     parser.add_argument("--checkpoints_total_limit", type=non_negative_int, default=defaults.checkpoints_total_limit)
@@ -269,6 +266,7 @@ def add_training_flags(parser: argparse.ArgumentParser, options: type | None = N
                         help=f"layers the adapter trains (default: {default_of('target_modules')}; add conv1 "
                         "conv2 for the ResNet convolutions, as the demo adapters do)")
     parser.add_argument("--device", default=None)
+    add_config_flags(parser, TrainConfig)  # the fields that carry their own help: buckets, captions, precision, …
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -285,9 +283,11 @@ def _train(args: argparse.Namespace) -> int:
     options_class = TRAINERS[args.method].options
     options = config_from_args(options_class, args) if options_class is not None else None
     start = time.perf_counter()
-    for path in run_trainer(args.method, train_config_from_args(args), options):
+    written = run_trainer(args.method, train_config_from_args(args), options)
+    for path in written:
         print(path)
-    print(f"trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if written:  # under accelerate launch: the main process only
+        print(f"trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -313,6 +313,14 @@ def _build_demo_adapters(args: argparse.Namespace) -> int:
     for path in build_demo_adapters(args.output or DEMO_DIR, seed=args.seed, base=base, only=args.only,
                                     **overrides):
         print(path)
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    _single_thread_on_cpu()
+    written = caption_folder(args.folder, args.model, args.prefix, args.caption_extension, args.overwrite,
+                             args.device)
+    print(f"{len(written)} captions written in {args.folder}", file=sys.stderr)
     return 0
 
 
@@ -392,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--seed", type=int, default=0)
     images.set_defaults(handler=_demo_images)
 
+    caption = commands.add_parser("caption", help="caption a training folder with a captioning model on disk")
+    caption.add_argument("folder", type=Path)
+    caption.add_argument("--model", default=None,
+                         help="a local BLIP, BLIP-2, GIT or Florence-2 folder (nothing is downloaded)")
+    caption.add_argument("--prefix", default="", help="put before every caption, e.g. the trigger word")
+    caption.add_argument("--caption_extension", default=".txt")
+    caption.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    caption.add_argument("--device", default=None)
+    caption.set_defaults(handler=_caption)
+
     gen = commands.add_parser("generate", help="text to image with a base model (default: the embedded one)")
     gen.add_argument("--prompt", default=None, help="A1111 syntax: (word:1.2), (word), [word], BREAK; any length")
     gen.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None)
@@ -455,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "b4m":  # the name B4M's rank flag had before --rank meant rank for every trainer
             method.add_argument("--b4m_rank", dest="rank", type=positive_int, help=argparse.SUPPRESS)
         method.set_defaults(handler=_train)
-
 
     adapters = commands.add_parser("adapters", help="list, inspect and convert adapter files")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", required=True)

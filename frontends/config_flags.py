@@ -1,8 +1,9 @@
 """Command-line flags derived from a method's options dataclass, so each option and its default live once.
 
 A field with ``metadata={"help": …}`` becomes ``--name`` (and ``--name-with-dashes``); ``choices``,
-``required`` and ``aliases`` in the metadata pass through to argparse; a whole number is at least ``min`` (1
-unless the metadata says otherwise). Flags default to None, so the dataclass's
+``required`` and ``aliases`` in the metadata pass through to argparse; ``type`` reads a value the field's type
+alone does not say how to (``--resolution W,H``); a whole number is at least ``min`` (1 unless the metadata says
+otherwise). Flags default to None, so the dataclass's
 own default applies whenever a flag is not given. argparse and the standard library have no such bridge
 (``simple-parsing`` and ``HfArgumentParser`` do, but take over the whole parser and its flag names).
 """
@@ -12,9 +13,12 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
+
+from studio.errors import StudioError
 
 
 def positive_int(text: str) -> int:
@@ -81,10 +85,23 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
             text += f" (default: {', '.join(map(str, default)) if several else default})"
         read = {int: non_negative_int if field.metadata.get("min", 1) == 0 else positive_int, float: float,
                 Path: Path}.get(kind, str)
+        if "type" in field.metadata:
+            read = _argparse_type(field.metadata["type"])
         parser.add_argument(*names, dest=field.name, type=read,
                             action="append" if several else "store", default=None,
                             choices=field.metadata.get("choices"), required=field.metadata.get("required", False),
                             help=text)
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its StudioError becomes argparse's usage error."""
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except StudioError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return read
 
 
 def config_from_args(config_class: type, args: argparse.Namespace) -> Any:

@@ -47,11 +47,14 @@ class CompositionXLPipeline(CompositionEngine, StableDiffusionXLPipeline):
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return hidden, pooled
 
-    def added_conditions(self, pooled: torch.Tensor | None, latents: torch.Tensor) -> dict:
-        """Training's added conditions: pooled text and square, uncropped time ids at the latents' size."""
-        size = latents.shape[-1] * self.vae_scale_factor
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
-        return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+    def added_conditions(self, pooled: torch.Tensor | None, latents: torch.Tensor,
+                         time_ids: torch.Tensor | None = None) -> dict:
+        """Training's added conditions: pooled text and ``time_ids`` (N×6: original h, w, crop top, left, target
+        h, w; by default an uncropped image of the latents' size, height and width each from its own axis)."""
+        if time_ids is None:
+            height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+            time_ids = torch.tensor([height, width, 0, 0, height, width]).repeat(len(pooled), 1)
+        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
 
     def size_conditions(self, height: int, width: int, sizes: Mapping[str, Any], dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,7 +178,7 @@ class CoLoRAMethod(LoraMethod):
         strata = max(1, self.colora.probe_samples // 2)
         triples = []
         for index in range(self.colora.probe_samples):
-            batch = ctx.sample(data, 1, images)
+            batch = ctx.sample(data, 1, images, split=False)
             low = (index % strata) * total // strata
             t = torch.randint(low, low + total // strata, (1,), generator=draws).to(ctx.device)
             noise = torch.randn(batch.latents.shape, generator=draws).to(ctx.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -32,14 +31,39 @@ from tqdm.auto import tqdm
 from pipelines.decor import decor_blocks, kept_words, project_blocks
 from pipelines.loading import load_base
 from studio.adapters.inject import set_adapter_weights
-from studio.data.folder import TrainingImage, load_rgb, prepare_pixels, scan_folder
+from studio.data.buckets import Size
+from studio.data.captions import augment_caption, check_keep_tokens
+from studio.data.folder import TrainingImage, scan_folder
 from studio.errors import ConfigError
 from studio.eval.prompt_following import grid_cases, pair_cases
 from studio.files import atomic_torch_save
-from studio.models import sampler_label, seeded_generator
+from studio.models import choose_device, sampler_label, seeded_generator
 from studio.png import a1111_parameters, save_png, with_lora_tags
 from studio.text import clean_prompt
+from trainers import tracking
 from trainers.config import TrainConfig
+from trainers.dataset import (
+    EncodedSet,
+    Example,
+    encode_examples,
+    encode_pixels,
+    encoding_vae,
+    pixel_multiple,
+    plan_examples,
+    resolution_of,
+)
+from trainers.distributed import (
+    Trainee,
+    find_checkpoint,
+    load_checkpoint,
+    local_slice,
+    make_accelerator,
+    save_checkpoint,
+    split_count,
+    trainable_ids,
+    wrap,
+)
+from trainers.optimizers import base_dtype, check_optimizer, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +72,12 @@ ProgressCallback = Callable[[str, int, int, dict[str, Any]], None]
 
 
 @dataclass
-class EncodedSet:
-    """A cached training set: latent distributions and the text conditioning of each example."""
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None
-    captions: list[str]
-    weights: torch.Tensor  # sampling weight of each example (repeats)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-@dataclass
 class Batch:
     latents: torch.Tensor
     hidden: torch.Tensor
     pooled: torch.Tensor | None
     captions: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: original size, crop top-left, target size of each example
 
 
 @dataclass
@@ -92,42 +102,70 @@ class TrainingContext:
         return self.base.device
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        """Per-step randomness: depends only on (seed, step, stream) and, under ``accelerate launch``, the process
-        (so that each GPU draws its own batch)."""
-        rank = self.accelerator.process_index if self.accelerator is not None else 0
-        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863
-                                                  + rank * 32_452_843)
+        """Per-step randomness: depends only on (seed, step, stream), the same in every process; each process
+        trains its slice of the global batch drawn from it (:mod:`trainers.distributed`)."""
+        return torch.Generator("cpu").manual_seed(self.config.seed * 7_919 + step * 104_729 + stream * 15_485_863)
 
-    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator) -> Batch:
-        index = torch.multinomial(data.weights, batch_size, replacement=True, generator=generator)
-        noise = torch.randn(data.latent_mean[index].shape, generator=generator)
-        latents = (data.latent_mean[index] + data.latent_std[index] * noise) * _scaling(self.base)
-        captions = [data.captions[i] for i in index]
-        if self.config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
+    def sample(self, data: EncodedSet, batch_size: int, generator: torch.Generator, like: Batch | None = None,
+               split: bool = True) -> Batch:
+        """A global batch of ``batch_size`` from one bucket (drawn by the buckets' total weight, or the bucket of
+        ``like``'s size when ``data`` has one, so that both can share noise), with the step's caption
+        augmentations; this process's slice of it unless ``split`` is false."""
+        same = [b for b in data.buckets if like is not None and b.latent_mean.shape[-2:] == like.latents.shape[-2:]]
+        bucket = same[0] if same else data.buckets[0]
+        if len(data.buckets) > 1 and not same:
+            bucket = data.buckets[int(torch.multinomial(data.bucket_weights(), 1, generator=generator))]
+        index = torch.multinomial(bucket.weights, batch_size, replacement=True, generator=generator)
+        noise = torch.randn(bucket.latent_mean[index].shape, generator=generator)
+        latents = (bucket.latent_mean[index] + bucket.latent_std[index] * noise) * _scaling(self.base)
+        captions = [bucket.captions[i] for i in index]
+        config = self.config
+        augment = config.shuffle_caption or config.caption_dropout_rate
+        if augment:
+            captions = [augment_caption(c, generator, config.shuffle_caption, config.keep_tokens,
+                                        config.caption_dropout_rate) for c in captions]
+        part = (lambda t: local_slice(t, self.accelerator)) if split else (lambda t: t)
+        rows = part(torch.arange(batch_size)).tolist()
+        index, captions = part(index), [captions[i] for i in rows]
+        latents, time_ids = part(latents).to(self.device), bucket.time_ids[index].to(self.device)
+        if config.train_text_encoder:  # the cached embeddings would hide the text encoder from the loss
             hidden, pooled = encode_captions(self.base, captions, self.decor)
-            return Batch(latents.to(self.device), hidden, pooled, captions)
-        pooled = data.pooled[index] if data.pooled is not None else None
-        return Batch(latents.to(self.device), data.hidden[index].to(self.device),
-                     pooled.to(self.device) if pooled is not None else None, captions)
+            return Batch(latents, hidden, pooled, captions, time_ids)
+        if augment:  # captions change every step: encode them now
+            with torch.no_grad():
+                hidden, pooled = encode_captions(self.base, captions, self.decor)
+            return Batch(latents, hidden.float(), pooled.float() if pooled is not None else None, captions,
+                         time_ids)
+        pooled = bucket.pooled[index].to(self.device) if bucket.pooled is not None else None
+        return Batch(latents, bucket.hidden[index].to(self.device), pooled, captions, time_ids)
 
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning with gradients (for methods that train the text encoder)."""
         return encode_captions(self.base, captions, self.decor)
 
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps for ``latents`` (methods that share them across several losses call this once)."""
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  generator=generator).to(latents.device)
-        return noise, timesteps
+        """Noise and timesteps for ``latents`` (methods that share them across several losses call this once),
+        drawn for the global batch and sliced like it."""
+        processes = self.accelerator.num_processes if self.accelerator is not None else 1
+        shape = (len(latents) * processes, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator)
+        if self.config.noise_offset:  # offset noise (Guttenberg 2023), as diffusers' --noise_offset
+            noise = noise + self.config.noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],),
+                                  generator=generator)
+        return (local_slice(noise, self.accelerator).to(latents.device, latents.dtype),
+                local_slice(timesteps, self.accelerator).to(latents.device))
 
     def denoising_loss(self, batch: Batch, generator: torch.Generator, noise: torch.Tensor | None = None,
                        timesteps: torch.Tensor | None = None, unet: Any = None) -> torch.Tensor:
-        """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given)."""
+        """The diffusion loss of ``batch`` (noise and timesteps drawn from ``generator`` unless given; noise of
+        another bucket's shape is drawn anew for this one, keeping the given timesteps)."""
         unet = unet or self.base.pipe.unet
         latents = batch.latents
         if noise is None or timesteps is None:
             noise, timesteps = self.draw_noise(latents, generator)
+        elif noise.shape != latents.shape:
+            noise = self.draw_noise(latents, generator)[0]
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -139,7 +177,7 @@ class TrainingContext:
         dtype = next(unet.parameters()).dtype
         kwargs = {}
         if batch.pooled is not None:
-            kwargs["added_cond_kwargs"] = self.base.pipe.added_conditions(batch.pooled, latents)
+            kwargs["added_cond_kwargs"] = self.base.pipe.added_conditions(batch.pooled, latents, batch.time_ids)
         prediction = unet(noisy.to(dtype), timesteps, batch.hidden.to(dtype), **kwargs).sample.float()
         per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.snr_gamma is not None:
@@ -169,6 +207,10 @@ class TrainingMethod(ABC):
 
     def extra_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         return torch.zeros((), device=ctx.device)
+
+    def before_forward(self, ctx: TrainingContext, micro_step: int) -> None:
+        """Work with its own backward and step before a micro-step's loss (B4M's main-half update): it runs
+        outside the wrapped forward, where a backward would break DDP's gradient sync."""
 
     def after_backward(self, ctx: TrainingContext, step: int) -> None:
         """Gradient terms computed outside autograd, added once per optimizer step before clipping."""
@@ -227,45 +269,6 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / snr.clamp(min=1e-8)
 
 
-@torch.no_grad()
-def encode_set(base, pixels: torch.Tensor, captions: list[str], weights: Sequence[float],
-               decor: tuple[list, float] | None = None) -> EncodedSet:
-    """Encode images once (VAE posterior mean and std) and captions once (text encoder)."""
-    vae = base.pipe.vae
-    means, stds = [], []
-    for start in range(0, len(pixels), 16):
-        chunk = pixels[start : start + 16].to(base.device, vae.dtype)
-        dist = vae.encode(chunk).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    unique = sorted(set(captions))
-    hidden_unique, pooled_unique = encode_captions(base, unique, decor)
-    lookup = {caption: i for i, caption in enumerate(unique)}
-    rows = torch.tensor([lookup[c] for c in captions])
-    return EncodedSet(
-        latent_mean=torch.cat(means),
-        latent_std=torch.cat(stds),
-        hidden=hidden_unique.float().cpu()[rows],
-        pooled=pooled_unique.float().cpu()[rows] if pooled_unique is not None else None,
-        captions=list(captions),
-        weights=torch.tensor(list(weights), dtype=torch.float),
-    )
-
-
-def load_training_images(images: list[TrainingImage], resolution: int, center_crop: bool, random_flip: bool
-                         ) -> tuple[torch.Tensor, list[str], list[float]]:
-    """Pixels, captions and sampling weights; a flipped copy of each image when ``random_flip``."""
-    pixels, captions, weights = [], [], []
-    for item in images:
-        tensor = prepare_pixels(load_rgb(item.path), resolution, center_crop)
-        versions = [tensor, tensor.flip(-1)] if random_flip else [tensor]
-        for version in versions:
-            pixels.append(version)
-            captions.append(item.caption)
-            weights.append(item.repeats / len(versions))
-    return torch.stack(pixels), captions, weights
-
-
 def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
     """Prompts for prior preservation: the user's class prompt, else ordinary prompts of the embedded domain.
     On a base that also learned two-object scenes, half are two-object prompts: an adapter preserved only on
@@ -281,62 +284,26 @@ def default_class_prompts(base, config: TrainConfig, count: int) -> list[str]:
 
 
 @torch.no_grad()
-def class_images(base, config: TrainConfig, work_dir: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+def class_images(base, config: TrainConfig, work_dir: Path, resolution: Size) -> tuple[torch.Tensor, list[str]]:
     """Generate (once, cached in the work folder) the class images prior preservation trains on."""
     folder = work_dir / "class_images"
     prompts = default_class_prompts(base, config, config.num_class_images)
     cached = folder / "class_images.pt"
     if cached.exists():
         stored = torch.load(cached, weights_only=True)
-        if stored["prompts"] == "\n".join(prompts):
+        if stored["prompts"] == "\n".join(prompts) and tuple(stored["pixels"].shape[-2:]) == resolution[::-1]:
             return stored["pixels"], prompts
     pixels = []
     for start in range(0, len(prompts), 8):
         chunk = prompts[start : start + 8]
         images = base.pipe(prompt=[clean_prompt(p) for p in chunk], num_inference_steps=base.default_steps,
-                           guidance_scale=base.default_guidance_scale, height=resolution, width=resolution,
+                           guidance_scale=base.default_guidance_scale, height=resolution[1], width=resolution[0],
                            generator=[seeded_generator(config.seed * 1000 + start + i) for i in range(len(chunk))],
                            output_type="pt").images
         pixels.append(images.float().cpu() * 2 - 1)
     result = torch.cat(pixels)
     atomic_torch_save({"pixels": result, "prompts": "\n".join(prompts)}, cached)
     return result, prompts
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(work_dir: Path) -> list[Path]:
-    """A run's checkpoints (folders with a saved state), oldest first."""
-    found = [p for p in (work_dir / "checkpoints").glob("checkpoint-*") if (p / "state.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(work_dir: Path, step: int, method: TrainingMethod, optimizer, lr_scheduler,
-                    limit: int | None) -> Path:
-    target = work_dir / "checkpoints" / f"checkpoint-{step}"
-    state = {"step": step, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict()}
-    target.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(state, target / "state.pt")
-    if limit:
-        for old in checkpoint_dirs(work_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def find_checkpoint(work_dir: Path, spec: str) -> Path:
-    if spec == "latest":
-        found = checkpoint_dirs(work_dir)
-        if not found:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {work_dir / 'checkpoints'}")
-        return found[-1]
-    path = Path(spec)
-    if not (path / "state.pt").exists():
-        path = work_dir / "checkpoints" / spec
-    if not (path / "state.pt").exists():
-        raise ConfigError(f"no checkpoint at {spec}")
-    return path
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -351,36 +318,58 @@ class TrainResult:
     samples: list[Path]
 
 
-def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device):
-    if config.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        except ImportError:
-            logger.warning("bitsandbytes is not installed; using torch AdamW")
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-
-
 def _validation(ctx: TrainingContext, method: TrainingMethod, step: int) -> list[Path]:
+    """Previews of every line of ``validation_prompt`` (kohya's prompt file has one prompt a line)."""
     config = ctx.config
     paths = []
-    for weight in config.validation_weights:
-        with method.preview_weight(ctx, weight):
-            images = ctx.base.pipe(
-                prompt=[clean_prompt(config.validation_prompt)] * config.num_validation_images,
-                num_inference_steps=ctx.base.default_steps, guidance_scale=ctx.base.default_guidance_scale,
-                generator=[seeded_generator(config.seed + i) for i in range(config.num_validation_images)],
-            ).images
-        for index, image in enumerate(images):
-            path = ctx.work_dir / "samples" / f"step-{step:06d}-w{weight:g}-{index}.png"
-            text = a1111_parameters(
-                with_lora_tags(config.validation_prompt, [(config.output, weight)]), None, ctx.base.default_steps,
-                sampler_label(ctx.base.pipe), ctx.base.default_guidance_scale, config.seed + index, image.width,
-                image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
-            save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
-            paths.append(path)
+    prompts = [line.strip() for line in config.validation_prompt.splitlines() if line.strip()]
+    for number, prompt in enumerate(prompts):
+        for weight in config.validation_weights:
+            with method.preview_weight(ctx, weight):
+                images = ctx.base.pipe(
+                    prompt=[clean_prompt(prompt)] * config.num_validation_images,
+                    num_inference_steps=ctx.base.default_steps, guidance_scale=ctx.base.default_guidance_scale,
+                    generator=[seeded_generator(config.seed + i) for i in range(config.num_validation_images)],
+                ).images
+            for index, image in enumerate(images):
+                label = f"-p{number}" if len(prompts) > 1 else ""
+                path = ctx.work_dir / "samples" / f"step-{step:06d}{label}-w{weight:g}-{index}.png"
+                text = a1111_parameters(
+                    with_lora_tags(prompt, [(config.output, weight)]), None, ctx.base.default_steps,
+                    sampler_label(ctx.base.pipe), ctx.base.default_guidance_scale, config.seed + index, image.width,
+                    image.height, ctx.base.name, ctx.base.fingerprint, {"Training step": step})
+                save_png(image, path, text, {"training_step": step, "adapter_weight": weight})
+                paths.append(path)
     return paths
+
+
+def check_training_input(config: TrainConfig, base=None) -> tuple[list[TrainingImage], list[Example] | None]:
+    """Everything about the images and options that can be refused before a model loads: readable images,
+    captions, ``--keep_tokens``, and the bucket plan when the size is known (``--resolution`` or a loaded base)."""
+    if config.images is None:
+        raise ConfigError("no training images: pass --images DIR")
+    images = scan_folder(config.images, config.instance_prompt, config.repeats, config.caption_extension)
+    check_keep_tokens(((item.path, item.caption) for item in images), config.keep_tokens)
+    check_optimizer(config)
+    tracking.check_tracker(config)
+    if config.vae and not Path(config.vae).expanduser().exists():
+        raise ConfigError(f"--vae {config.vae}: no such folder or file")
+    split_count(config, _process_count())
+    if base is None:
+        base_dtype(config, choose_device(config.device))
+    else:
+        base_dtype(config, base.device)
+    if base is None and config.resolution is None:
+        return images, None
+    default = base.default_size if base is not None else 0
+    examples = plan_examples(images, config, resolution_of(config, default),
+                             pixel_multiple(base) if base is not None else None)
+    return images, examples
+
+
+def _process_count() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started, read before any model loads."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None = None,
@@ -394,82 +383,87 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
         return _train(config, method, progress, base, should_stop, work_dir)
     finally:
         if work_dir.is_dir() and not any(work_dir.iterdir()):
-            work_dir.rmdir()
+            with contextlib.suppress(OSError):  # under accelerate launch another process may remove it first
+                work_dir.rmdir()
 
 
 def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallback | None, base,
            should_stop: Callable[[], bool] | None, work_dir: Path) -> TrainResult:
     start_time = time.time()
-    if config.images is None:
-        raise ConfigError("no training images: pass --images DIR")
-    images = scan_folder(config.images, config.instance_prompt, config.repeats)
+    images, _ = check_training_input(config, base)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    base = base or load_base(config.model, device=config.device)
+    if base is None:
+        device = choose_device(config.device)
+        base = load_base(config.model, device=str(device), dtype=base_dtype(config, device))
     set_adapter_weights(base, {})  # adapters the app composed with stay attached, but out of training and captions
-    accelerator = Accelerator(mixed_precision=config.mixed_precision if base.device.type == "cuda" else "no",
-                              cpu=base.device.type == "cpu")
+    accelerator = make_accelerator(config, base.device.type == "cpu", tracking.accelerator_options(config, work_dir))
     if accelerator.num_processes > 1 and base.device != accelerator.device:  # accelerate launch: one GPU each
         base.pipe.to(accelerator.device)
         base.device = accelerator.device
-    resolution = config.resolution or base.default_size
+    resolution = resolution_of(config, base.default_size)
+    examples = plan_examples(images, config, resolution, pixel_multiple(base))  # now against the base's sizes
     work_dir.mkdir(parents=True, exist_ok=True)
-    pixels, captions, weights = load_training_images(images, resolution, config.center_crop, config.random_flip)
     decor = None
     if config.decor_remove:
-        decor = (decor_blocks(base.pipe, config.decor_remove, keep=kept_words(captions, config.decor_remove)),
-                 config.decor_alpha)
-    instance = encode_set(base, pixels, captions, weights, decor)
+        keep = kept_words([example.image.caption for example in examples], config.decor_remove)
+        decor = (decor_blocks(base.pipe, config.decor_remove, keep=keep), config.decor_alpha)
+
+    def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_captions(base, captions, decor)
+
+    with encoding_vae(base, config.vae):
+        instance = encode_examples(base, examples, encode_text)
+    _emit(progress, "buckets", 0, config.max_train_steps,
+          {"buckets": {f"{b.size[0]}x{b.size[1]}": len(b) for b in instance.buckets}})
     prior = None
     if config.with_prior_preservation:
-        class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
-        prior = encode_set(base, class_pixels, class_prompts, [1.0] * len(class_prompts), decor)
+        with accelerator.main_process_first():  # one process renders them, the others read its cache
+            class_pixels, class_prompts = class_images(base, config, work_dir, resolution)
+        with encoding_vae(base, config.vae):
+            prior = encode_pixels(base, class_pixels, class_prompts, encode_text)
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     ctx = TrainingContext(base, config, noise_scheduler, instance, prior, work_dir, accelerator, images,
                           decor=decor)
 
     groups = method.setup(ctx)
-    if config.gradient_checkpointing:
-        base.pipe.unet.enable_gradient_checkpointing()
-    optimizer = _optimizer(groups, config, base.device)
+    checkpointed = _enable_gradient_checkpointing(base, config)
+    optimizer = make_optimizer(groups, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     ctx.optimizer = optimizer
+    trainee = Trainee(base, method, ctx)
     step = 0
     if config.resume_from_checkpoint:
         checkpoint = find_checkpoint(work_dir, config.resume_from_checkpoint)
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        try:
-            method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"{checkpoint} does not fit this run (was it trained with another rank, method or "
-                              f"target modules?): {reason}") from None
-        step = int(state["step"])
+        step = load_checkpoint(accelerator, checkpoint, method)
         logger.info("resumed from %s at step %d", checkpoint, step)
+    model, wrapped_for = wrap(accelerator, trainee), trainable_ids(optimizer)
+    tracking.start(accelerator, config, method.name)
     total = config.max_train_steps
     _emit(progress, "start", step, total, {"images": len(images)})
     samples: list[Path] = []
-    bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=progress is not None)
+    bar = tqdm(total=total, initial=step, desc=f"train {method.name}",
+               disable=progress is not None or not accelerator.is_main_process)
     loss_value = math.nan
+    accumulation = config.gradient_accumulation_steps
     while step < total:
         if should_stop is not None and should_stop():
             logger.info("stopped at step %d", step)
             break
+        if trainable_ids(optimizer) != wrapped_for:  # the method swapped parameters: DDP must hook the new ones
+            model, wrapped_for = wrap(accelerator, trainee, model), trainable_ids(optimizer)
         accumulated = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            loss = method.training_loss(ctx, step * config.gradient_accumulation_steps + micro)
-            accelerator.backward(loss / config.gradient_accumulation_steps)
-            accumulated += float(loss.detach()) / config.gradient_accumulation_steps
+        for micro in range(accumulation):
+            sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+            method.before_forward(ctx, step * accumulation + micro)
+            with sync:
+                loss = model(step * accumulation + micro)
+                accelerator.backward(loss / accumulation)
+            accumulated += float(accelerator.reduce(loss.detach(), reduction="mean")) / accumulation
         method.after_backward(ctx, step)
-        params = [p for group in optimizer.param_groups for p in group["params"]]  # methods may swap parameters
-        if accelerator.num_processes > 1:  # the UNet is not DDP-wrapped: average the trainable gradients here
-            for parameter in params:
-                if parameter.grad is not None:
-                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         method.before_step(ctx, step)
@@ -483,24 +477,55 @@ def _train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallba
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         _emit(progress, "step", step, total, logs)
+        accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < total:
-            if accelerator.is_main_process:
-                path = save_checkpoint(work_dir, step, method, optimizer, lr_scheduler,
-                                       config.checkpoints_total_limit)
-                _emit(progress, "checkpoint", step, total, {"path": str(path)})
-        if config.validation_prompt and config.validation_steps and step % config.validation_steps == 0:
+            path = save_checkpoint(accelerator, work_dir, step, method, config.checkpoints_total_limit)
+            _emit(progress, "checkpoint", step, total, {"path": str(path)})
+        if (config.validation_prompt and config.validation_steps and step % config.validation_steps == 0
+                and accelerator.is_main_process):
             new = _validation(ctx, method, step)
+            tracking.log_images(accelerator, config, new, step)
             samples += new
             _emit(progress, "validation", step, total, {"images": [str(p) for p in new]})
     bar.close()
+    accelerator.wait_for_everyone()
+    tracking.finish(accelerator)
     ctx.steps_run = step
     try:
         outputs = method.export(ctx) if accelerator.is_main_process else []
     finally:
         method.cleanup(ctx)
+        _disable_gradient_checkpointing(checkpointed)
+    accelerator.wait_for_everyone()  # a later stage (B4M's make) reads what the main process wrote
     result = TrainResult(outputs, step, time.time() - start_time, loss_value, samples)
     _emit(progress, "done", step, total, {"outputs": [str(p) for p in outputs], "seconds": result.seconds})
     return result
+
+
+def _enable_gradient_checkpointing(base, config: TrainConfig) -> list[tuple[Any, bool]]:
+    """Recompute activations in the backward pass: the UNet's, and the text encoders' when they train (which
+    transformers does only in train mode). Returns the models and their modes, to switch back after the run."""
+    if not config.gradient_checkpointing:
+        return []
+    base.pipe.unet.enable_gradient_checkpointing()
+    models = [(base.pipe.unet, base.pipe.unet.training)]
+    if config.train_text_encoder:
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(base.pipe, name, None)
+            if encoder is not None:
+                models.append((encoder, encoder.training))
+                (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+                encoder.train()
+    return models
+
+
+def _disable_gradient_checkpointing(models: list[tuple[Any, bool]]) -> None:
+    for model, training in models:
+        if hasattr(model, "gradient_checkpointing_disable"):  # transformers (activation_… from version 5)
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        else:
+            model.disable_gradient_checkpointing()
+        model.train(training)
 
 
 def _emit(progress: ProgressCallback | None, event: str, step: int, total: int, logs: dict[str, Any]) -> None:

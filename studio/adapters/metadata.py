@@ -53,7 +53,7 @@ def adapter_metadata(
     tag_frequency: Mapping[str, Mapping[str, int]],
     num_images: int,
     learning_rate: float,
-    resolution: int,
+    resolution: int | tuple[int, int],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """String metadata for a safetensors header (values that are not strings are JSON-encoded)."""
@@ -71,7 +71,7 @@ def adapter_metadata(
         "ss_max_train_steps": steps if max_steps is None else max_steps,
         "ss_learning_rate": learning_rate,
         "ss_num_train_images": num_images,
-        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_resolution": "({}, {})".format(*((resolution, resolution) if isinstance(resolution, int) else resolution)),
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_training_started_at": started_at,
         "ss_training_finished_at": time.time(),

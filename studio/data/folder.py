@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from studio.data.buckets import Placement
 from studio.errors import DataError
+from studio.files import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIN_SIDE = 16
@@ -81,19 +83,25 @@ def load_rgb(path: Path) -> Image.Image:
     return image
 
 
-def prepare_pixels(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop to a square, return 3×R×R in [-1, 1]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    resized = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
-                           Image.Resampling.BICUBIC)
-    if center_crop:
-        left, top = (resized.width - resolution) // 2, (resized.height - resolution) // 2
-    else:
-        left, top = 0, 0
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as :func:`load_rgb` will see it (EXIF rotation applied), read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path.name} is not a readable image: {error}") from error
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def prepare_pixels(image: Image.Image, placement: Placement, flip: bool = False) -> torch.Tensor:
+    """Resize and crop ``image`` as ``placement`` says (mirrored when ``flip``); 3×H×W in [-1, 1]."""
+    resized = image.resize(placement.resized, Image.Resampling.BICUBIC)
+    width, height = placement.target
+    cropped = resized.crop((placement.left, placement.top, placement.left + width, placement.top + height))
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor.flip(-1) if flip else tensor
 
 
 def tag_frequency(images: list[TrainingImage], dataset_name: str = "images") -> dict[str, dict[str, int]]:
@@ -104,3 +112,39 @@ def tag_frequency(images: list[TrainingImage], dataset_name: str = "images") -> 
             if tag:
                 counts[tag] = counts.get(tag, 0) + item.repeats
     return {dataset_name: counts}
+
+
+def caption_rows(folder: str | Path, caption_extension: str = ".txt") -> list[list[str]]:
+    """[file name, caption] for every image of ``folder`` (empty caption where there is no sidecar)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist or is not a folder")
+    rows = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(caption_extension)
+        text = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.exists() else ""
+        rows.append([path.name, " ".join(text.split())])
+    return rows
+
+
+def write_captions(folder: str | Path, rows: list[list[str]], caption_extension: str = ".txt") -> list[Path]:
+    """Write each row's caption to its image's sidecar (atomically); an emptied caption removes the sidecar.
+    Rows naming no image of ``folder`` are refused before anything is written."""
+    folder = Path(folder)
+    images = {row[0]: folder / row[0] for row in rows if row and row[0]}
+    unknown = [name for name, path in images.items()
+               if Path(name).name != name or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES]
+    if unknown:
+        raise DataError(f"no such image in {folder}: {', '.join(unknown)}")
+    written = []
+    for row in rows:
+        if not row or not row[0]:
+            continue
+        sidecar = images[row[0]].with_suffix(caption_extension)
+        text = " ".join(str(row[1] if len(row) > 1 and row[1] is not None else "").split())
+        if text:
+            atomic_write(sidecar, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
+            written.append(sidecar)
+        elif sidecar.exists():
+            sidecar.unlink()
+    return written

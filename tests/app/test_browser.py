@@ -7,6 +7,7 @@ to docs/screenshots/.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from studio.data import procedural
 
@@ -153,12 +155,16 @@ def test_train_from_uploads_then_use_it_in_compose(page, server, tmp_path):
     page.locator("#train-files input[type=file]").set_input_files(files)
     page.wait_for_timeout(1500)
     page.locator("#trigger textarea, #trigger input").first.fill("qwe")
+    page.locator("#instance-prompt textarea, #instance-prompt input").first.fill("a photo of qwe toy")
     steps = page.locator("#train-steps input[type=number]")
     steps.fill("3")
     steps.press("Enter")
     page.locator("#train").click()
+    page.locator("#train-status").get_by_text("s per step (measured)").wait_for()
     page.locator("#train-status").get_by_text("done").wait_for()
     assert "qwe-lora-content.safetensors" in page.locator("#train-status").inner_text()
+    with safe_open(str(server[1] / "adapters" / "qwe-lora-content.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["ss_tag_frequency"])["images"] == {"a photo of qwe toy": 5}
     page.screenshot(path=str(SCREENSHOTS / "train.png"), full_page=True)
     assert (server[1] / "adapters" / "qwe-lora-content.safetensors").exists()
     page.get_by_role("tab", name="Compose").click()

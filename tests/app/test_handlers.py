@@ -13,6 +13,7 @@ from studio.adapters.file import read_adapter
 from studio.adapters.library import library_dir
 from studio.png import read_recipe
 from tests.app.conftest import NoProgress, form, recipe_form
+from tests.data.test_autocaption import tiny_blip as tiny_blip  # a fixture: a random BLIP saved on disk
 
 
 def test_generate_writes_pngs_with_parameters(studio_env):
@@ -117,9 +118,61 @@ def test_training_from_uploads_reports_progress_and_lands_in_the_library(studio_
     assert updates[-1][0].startswith("done") and "sks-lora-content.safetensors" in updates[-1][0]
     assert any(u[0].startswith("lora: step ") for u in updates)
     assert (home / "adapters" / "sks-lora-content.safetensors").exists()
-    assert all("sks-lora-content" in update["choices"] for update in updates[-1][3:])  # every adapter list
+    assert all("sks-lora-content" in update["choices"] for update in updates[-1][3:-1])  # every adapter list
     again = list(studio.train("", files, None, None, "lora", "content", "sks", 1, 2, 1e-3, 2e-3, ""))[-1]
     assert again[0] == "done: sks-lora-content-2.safetensors"  # the first one is not overwritten
+
+
+def test_a_custom_instance_prompt_reaches_the_adapter_with_an_estimate_and_a_loss_plot(studio_env, shape_images):
+    import json
+
+    from safetensors import safe_open
+
+    from trainers.recipe import TrainForm
+
+    studio, home = studio_env
+    files = sorted(str(p) for p in shape_images.glob("*.png"))
+    form = TrainForm(instance_prompt="a photo of sks toy", validation_prompts="a sks toy\na sks toy on grass",
+                     resolution="32,48", enable_bucket=False)
+    updates = list(studio.train("", files, None, None, "lora", "content", "sks", 4, 2, 1e-3, 2e-3, "", form=form))
+    estimates = [u[0] for u in updates if "s per step (measured)" in u[0]]
+    assert estimates and updates.index(next(u for u in updates if u[0] == estimates[0])) < next(
+        i for i, u in enumerate(updates) if u[0].startswith("lora: step"))  # shown before the first step
+    plot = updates[-1][-1]
+    assert list(plot["step"]) == [1, 2, 3, 4] and plot["loss"].notna().all()
+    assert len(updates[-1][1]) == 2 * 4  # two validation prompts at each of the 4 validation steps
+    with safe_open(str(home / "adapters" / "sks-lora-content.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["ss_tag_frequency"])["images"] == {"a photo of sks toy": 5}
+    assert meta["ss_resolution"] == "(32, 48)"
+
+
+def test_captions_of_a_folder_round_trip_and_defaults_follow_the_base(studio_env, shape_images, monkeypatch):
+    import pandas as pd
+
+    from app import form_defaults, load_caption_table, save_caption_table
+
+    studio, home = studio_env
+    rows = load_caption_table(str(shape_images))
+    assert rows[0] == ["0.png", "a red solid sks on a white background"] and len(rows) == 5
+    rows[0][1], rows[1][1] = "sks, edited caption", ""
+    assert "saved 4 captions" in save_caption_table(str(shape_images), pd.DataFrame(rows))
+    assert (shape_images / "0.txt").read_text() == "sks, edited caption\n" and not (shape_images / "1.txt").exists()
+    assert load_caption_table(str(shape_images))[:2] == [["0.png", "sks, edited caption"], ["1.png", ""]]
+    with pytest.raises(gr.Error, match="no such image"):
+        save_caption_table(str(shape_images), [["../escape.png", "x"]])
+    assert form_defaults(studio, "", "qwe", "content")[0] == "a qwe shape"  # the embedded model's domain
+    studio._base.family = "sd15"
+    monkeypatch.setattr(studio, "base", lambda spec=None: studio._base)
+    instance, validation, class_prompt = form_defaults(studio, "/models/sd15", "qwe", "content")
+    assert instance == "a photo of qwe" and "shape" not in validation and class_prompt == "a photo"
+
+
+def test_training_from_a_folder_on_this_machine(studio_env, shape_images):
+    studio, home = studio_env
+    last = list(studio.train("", None, None, None, "lora", "content", "sks", 2, 2, 1e-3, 2e-3, "",
+                             folder_text=str(shape_images)))[-1]
+    assert last[0] == "done: sks-lora-content.safetensors" and shape_images.exists()
 
 
 def test_training_stop_and_bad_input(studio_env, shape_images):
@@ -128,7 +181,8 @@ def test_training_stop_and_bad_input(studio_env, shape_images):
         list(studio.train("", [], None, None, "lora", "content", "sks", 4, 2, 1e-3, 2e-3, ""))
     files = sorted(str(p) for p in shape_images.glob("*.png"))
     run = studio.train("", files, None, None, "lora", "content", "sks", 50, 2, 1e-3, 2e-3, "")
-    next(run)
+    while ": step " not in next(run)[0]:  # past the time estimate, into training
+        pass
     studio.stop_training.set()
     last = list(run)[-1]
     assert "stopped early" in last[0]
@@ -212,3 +266,19 @@ def test_an_a1111_png_fills_the_form(tmp_path):
         plain = tmp_path / "plain.png"
         Image.new("RGB", (8, 8)).save(plain)
         app.png_to_form(str(plain))
+
+
+def test_the_caption_button_uses_a_local_model_and_says_when_there_is_none(studio_env, shape_images, tmp_path):
+    from app import auto_captions
+
+    with pytest.raises(gr.Error, match="captioning needs --model DIR"):
+        auto_captions("", "", sorted(str(p) for p in shape_images.glob("*.png")), "sks")
+
+
+def test_the_caption_button_fills_the_table_from_uploads(studio_env, shape_images, tiny_blip):
+    from app import auto_captions
+    from tests.data.test_autocaption import WORDS
+
+    rows = auto_captions(str(tiny_blip), "", sorted(str(p) for p in shape_images.glob("*.png")), "sks")
+    assert [row[0] for row in rows] == [f"{i}.png" for i in range(5)]
+    assert all(row[1].startswith("sks, ") and set(row[1][5:].split()) <= set(WORDS) for row in rows)

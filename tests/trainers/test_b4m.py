@@ -5,7 +5,7 @@ from PIL import Image
 
 from studio.adapters.file import read_adapter
 from studio.data import procedural
-from studio.errors import ConfigError
+from studio.errors import ConfigError, DataError
 from tests.conftest import make_random_base
 from trainers import TrainConfig, train
 from trainers.b4m import (
@@ -178,8 +178,12 @@ def test_break_steps_the_main_half_before_the_auxiliary_loss(tmp_path, shape_ima
     seen = []
 
     class Watched(B4MBreak):
+        def before_forward(self, ctx, step):
+            self.before = {side: [p.detach().clone() for p in self.plp.halves(side)] for side in ("A", "B")}
+            super().before_forward(ctx, step)
+
         def training_loss(self, ctx, step):
-            before = {side: [p.detach().clone() for p in self.plp.halves(side)] for side in ("A", "B")}
+            before = self.before
             loss = super().training_loss(ctx, step)
             moved = {side: any(not torch.equal(p, q) for p, q in zip(self.plp.halves(side), before[side]))
                      for side in ("A", "B")}
@@ -215,6 +219,17 @@ def test_b4m_needs_both_folders(tmp_path):
     with pytest.raises(ConfigError, match="--content DIR and --style DIR"):
         train_b4m(B4MConfig(content=tmp_path), TrainConfig(output="x", output_dir=tmp_path),
                   base=make_random_base())
+
+
+def test_b4m_checks_both_folders_before_it_renders_anything(tmp_path, shape_images):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    for content, style in ((empty, shape_images), (shape_images, empty)):
+        with pytest.raises(DataError, match="no images in"):
+            train_b4m(B4MConfig(content=content, style=style, break_steps=1, make_steps=0),
+                      TrainConfig(output="x", output_dir=out, model=str(tmp_path / "no-model")))
+    assert not out.exists()  # no work folder, no rendered auxiliary sets
 
 
 def test_b4m_on_resnet_convolutions_loads_in_a_plain_diffusers_pipeline(tmp_path, shape_images, style_images):
