@@ -401,27 +401,32 @@ class B4MBreak(_PLPMethod):
         return [{"params": self.plp.halves(self.main_side), "lr": main_rate},
                 {"params": self.plp.halves(self.aux_side), "lr": self.b4m.aux_learning_rate}]
 
+    def _main_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
+        """The main half's loss on this micro-step's batch; the batch, noise and timesteps are kept in
+        ``self._shared`` for the auxiliary loss of the same micro-step."""
+        generator = ctx.generator(step)
+        batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
+        noise, t = ctx.draw_noise(batch.latents, generator)
+        self.plp.isolate(self.main_side if self.b4m.mcp_isolation else None)
+        main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
+        self._shared = (step, generator, batch, noise, t)
+        ctx.logs.update(loss_main=float(main.detach()))
+        return main
+
     def before_forward(self, ctx: TrainingContext, step: int) -> None:
         """The main half's own update (official code: A on the main loss, clipped and stepped, before B's loss is
         computed with the updated A). It runs outside the loop's wrapped forward, because it has its own backward
-        and step; the batch, noise and timesteps are kept for the auxiliary loss of the same micro-step. Under
-        several processes a backward outside the wrapped forward breaks DDP's gradient sync, so there the break
-        needs ``sequential_break=False`` (one joint step on the summed losses)."""
+        and step. Under several processes a backward outside the wrapped forward breaks DDP's gradient sync, so
+        there the break needs ``sequential_break=False`` (one joint step on the summed losses)."""
         if not self.b4m.sequential_break:
             return
         if ctx.accelerator.num_processes > 1:
             raise ConfigError("B4M's sequential break update cannot run on several processes; pass "
                               "--no_sequential_break (one joint step on the main and auxiliary losses)")
-        generator = ctx.generator(step)
-        batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
-        noise, t = ctx.draw_noise(batch.latents, generator)
-        self.plp.isolate(self.main_side if self.b4m.mcp_isolation else None)
         with ctx.accelerator.autocast():
-            main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
+            main = self._main_loss(ctx, step)
         self._step(ctx, main)
         self.plp.isolate(None)
-        self._shared = (step, generator, batch, noise, t)
-        ctx.logs.update(loss_main=float(main.detach()))
 
     def training_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         """The auxiliary loss, computed with the main half :meth:`before_forward` just updated, on the same noise
@@ -429,16 +434,10 @@ class B4MBreak(_PLPMethod):
         main and auxiliary losses summed, for one joint step."""
         main = None
         if not self.b4m.sequential_break:
-            generator = ctx.generator(step)
-            batch = ctx.sample(ctx.instance, ctx.config.train_batch_size, generator)
-            noise, t = ctx.draw_noise(batch.latents, generator)
-            self.plp.isolate(self.main_side if self.b4m.mcp_isolation else None)
-            main = ctx.denoising_loss(batch, generator, noise=noise, timesteps=t)
-            ctx.logs.update(loss_main=float(main.detach()))
-        else:
-            if self._shared is None or self._shared[0] != step:
-                self.before_forward(ctx, step)
-            _, generator, batch, noise, t = self._shared
+            main = self._main_loss(ctx, step)
+        elif self._shared is None or self._shared[0] != step:
+            self.before_forward(ctx, step)
+        _, generator, batch, noise, t = self._shared
         self.plp.isolate(self.aux_side if self.b4m.mcp_isolation else None)
         size = ctx.config.train_batch_size
         aux = sum(ctx.denoising_loss(ctx.sample(data, size, generator, like=batch), generator, noise=noise,
