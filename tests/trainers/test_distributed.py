@@ -1,6 +1,7 @@
 """Two processes under accelerate (DDP over gloo on the CPU) train what one process trains, and resume from it."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,11 +46,19 @@ def style_images(tmp_path):
     return folder
 
 
+def free_port() -> str:
+    """A port no one listens on, so a launch never meets the previous one's rendezvous still closing."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_two_processes_equal_one_and_a_resume_continues_their_run(tmp_path, shape_images):
     out = tmp_path / "out"
     # torchrun through accelerate: accelerate's --cpu launcher starts one process unless mpirun is given a hostfile
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "frontends.cli"]
+              "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "frontends.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(launch + arguments(shape_images, out, "two"), env=env, capture_output=True, text=True,
                           timeout=600)
@@ -75,7 +84,8 @@ def test_sara_and_b4m_on_two_processes_equal_one(tmp_path, shape_images, style_i
 
     script = Path(__file__).with_name("distributed_methods.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+              "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+              "--dynamo_backend", "no", str(script)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(launch + [str(shape_images), str(style_images), str(tmp_path / "two")], env=env,
                           capture_output=True, text=True, timeout=600)
