@@ -16,7 +16,9 @@ bench's targets, with Q drawn from d rows (the earlier scale) or from max(d, 128
 
 decor_basis: for DECOR's 1-word bases, their overlaps ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ), the share of the BOS row they remove,
 and the share of a word's in-context difference (its row in "a red {word} on a white background" minus the
-reference words' mean row there) each basis removes.
+reference words' mean row there) each basis removes. Then what DECOR removes from the leakage bench's own text, as
+it is applied there (the captions' or the prompt's words protected): the share of the word rows' energy (BOS to EOS)
+of the training captions (as the bench writes them, and with the circle named), and of the inference prompts.
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
@@ -38,7 +40,7 @@ from PIL import Image
 
 from bench.measure import read_generations
 from frontends.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
-from pipelines.decor import decor_blocks
+from pipelines.decor import decor_blocks, kept_words, project_blocks
 from pipelines.loading import load_base
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
 from studio.data import procedural
@@ -168,6 +170,54 @@ def decor_basis(args, base, evaluator, work: Path) -> None:
             difference = hidden - mean
             shares.append(float((difference @ bases[w]).square().sum() / difference.square().sum()))
         print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{x:.2f}' for x in shares)} | |")
+    decor_reach(pipe, args.n)
+
+
+@torch.no_grad()
+def decor_reach(pipe, n: int) -> None:
+    """The share of the word rows' energy that DECOR removes from the leakage bench's captions and prompts."""
+    captions = {"training captions, circle unnamed (the bench's)": [procedural.caption(COLORS[i % 6], "zwx", "shape",
+                                                                     BACKGROUNDS[i % 3]) for i in range(5)],
+                "training captions, circle named": [procedural.caption(COLORS[i % 6], "zwx", "circle",
+                                                                       BACKGROUNDS[i % 3]) for i in range(5)]}
+    prompts = leakage_prompts(n)[0]
+    cache: dict[tuple, tuple] = {}
+
+    class Memo:  # the pipeline with its text encodings memoised: the bases for each prompt share most texts
+        def __getattr__(self, name: str):
+            return getattr(pipe, name)
+
+        def encode_texts(self, texts: list[str], **options) -> tuple:
+            key = (tuple(texts), tuple(sorted(options.items())))
+            if key not in cache:
+                cache[key] = pipe.encode_texts(texts, **options)
+            return cache[key]
+
+    memo = Memo()
+
+    def removed(texts: list[str], word: str, keep_from: list[str]) -> float:
+        blocks = decor_blocks(memo, [word], keep=kept_words(keep_from, [word]))
+        hidden = pipe.encode_texts(texts)[0].float()
+        end = max(len(ids) for ids in pipe.tokenizer(texts).input_ids)  # through EOS
+        rows = hidden[:, 1:end]
+        return float((rows - project_blocks(hidden, blocks)[:, 1:end].float()).square().sum() / rows.square().sum())
+
+    words = ["circle", "dotted", "blue"]
+    print(f"Share of the word rows' energy (BOS excluded, through EOS) DECOR removes (α = 1) from the leakage "
+          f"bench's text; inference: the first {len(prompts)} prompts, each with its own words protected")
+    print(f"| text | {' | '.join(f'remove {w!r}' for w in words)} |")
+    print("|---|" + "---|" * len(words))
+    for label, texts in captions.items():
+        print(f"| {label} | {' | '.join(f'{removed(texts, w, texts):.3f}' for w in words)} |")
+    shares = [np.mean([removed([p], w, [p]) for p in prompts]) for w in words]
+    print(f"| inference prompts | {' | '.join(f'{x:.3f}' for x in shares)} |")
+
+
+def leakage_prompts(n: int) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The leakage bench's n prompts ("a {color} zwx {shape} on a {background} background", never a circle)."""
+    others = [s for s in procedural.BASE_SHAPES if s != "circle"]
+    cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(n)]
+    return [f"a {c} zwx {s} on a {b} background" for c, s, b in cases], cases
 
 
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
@@ -192,9 +242,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
         options = {"decor_remove": words} if words else {}
         trained[label] = lora(base, images, "style", f"style-{label}", work / "out", args.lora_steps,
                               prior=args.prior, recipe=args.recipe, seed=args.seed, **options)
-    others = [s for s in procedural.BASE_SHAPES if s != "circle"]
-    cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
-    prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
+    prompts, cases = leakage_prompts(args.n)
     blue = np.array([c == "blue" for c, _, _ in cases])
 
     def row(label: str, adapter: Path, **options) -> None:
