@@ -83,21 +83,23 @@ def b4m(args, base, evaluator, work: Path) -> None:
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
-    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe,
-                         seed=args.seed)
-    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
-                       seed=args.seed)
     prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
     rows = {
         "B4M made adapter": [(str(made), 1.0)],
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
-        "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
+    if args.plain:
+        plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps,
+                             recipe=args.recipe, seed=args.seed)
+        plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
+                           seed=args.seed)
+        rows["plain LoRA content + style, merged 1.0/1.0"] = [(str(plain_content), 1.0), (str(plain_style), 1.0)]
     print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
           f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
-          f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
+          f"make lr {args.make_lr or args.lr}, "
+          f"{f'plain LoRAs {args.recipe} recipe' if args.plain else 'no plain pair'}, "
           f"5 + 5 images, training seed {args.seed}): {minutes:.1f} min on one CPU thread; n = {args.n}, "
           f"{args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
@@ -286,6 +288,9 @@ def main() -> None:
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)
     parser.add_argument("--lora_steps", type=int, default=400)
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="b4m: also train and read the merged plain-LoRA pair (--no-plain: B4M's rows only, when "
+                             "the pair's numbers for this seed and recipe are already known)")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
