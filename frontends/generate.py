@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines.adapter_set import AdapterSet, AttachedAdapter
 from pipelines.hires import hires_fix
 from studio import __version__
-from studio.adapters.library import resolve_adapter
 from studio.errors import ConfigError
 from studio.models import BaseModel, sampler_label, seeded_generator
 from studio.png import a1111_parameters, parse_parameters, read_recipe, with_lora_tags
@@ -95,12 +95,14 @@ class GeneratedImage:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
-             ) -> tuple[str, dict[str, Any]]:
-    """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
+def describe(base: BaseModel, request: GenerationRequest, seed: int, attached: AdapterSet | None = None,
+             recipe_extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """A1111 ``parameters`` text and the studio recipe for one image of ``request``; ``attached``: the adapters the
+    pipeline composed (``request.adapters`` first), whose files the hashes are taken from."""
     fields: dict[str, Any] = {}
     if request.adapters:
-        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(a)}" for a, _ in request.adapters)
+        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(entry)}"
+                                          for (a, _), entry in zip(request.adapters, attached or ()))
         fields["Composition"] = request.method
     if request.perp_neg:
         fields["Perp-Neg"] = "; ".join(f"{text}: {weight:g}" for text, weight in request.perp_neg)
@@ -173,10 +175,10 @@ def model_hash(base: BaseModel) -> str:
     return base.fingerprint[:10]
 
 
-def adapter_hash(spec: str) -> str:
-    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256 (hashed once per file version)."""
-    path = resolve_adapter(spec).resolve()
-    return _file_hash(str(path), path.stat().st_mtime_ns)[:12]
+def adapter_hash(adapter: AttachedAdapter) -> str:
+    """A1111's short LoRA hash: the first 12 hex digits of the attached file's sha256 (hashed once per file
+    version; the file is the one the pipeline looked up, not looked up again)."""
+    return _file_hash(str(adapter.loaded.path), adapter.loaded.mtime_ns)[:12]
 
 
 @lru_cache(maxsize=64)
@@ -230,7 +232,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
                                request.hires_strength, request.hires_upscaler)
         else:
             output = pipe(**call, generator=generator)
-        parameters, recipe = describe(base, request, seed, {"composition": output.recipe})
+        parameters, recipe = describe(base, request, seed, getattr(output, "adapters", AdapterSet()),
+                                      {"composition": output.recipe})
         results.append(GeneratedImage(output.images[0], parameters, recipe, output.masks))
     return results
 

@@ -19,8 +19,9 @@ features 40% of T old.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+from pipelines.adapter_set import AdapterSet
 from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
 from studio.errors import ConfigError
 
@@ -65,10 +66,10 @@ class CMLoRA(CompositionMethod):
         self.counter = 0
         self.late_reset_done = False
 
-    def prepare(self, adapters: Sequence[tuple[str, float]], num_steps: int, profiles: Mapping[str, dict]) -> None:
-        super().prepare(adapters, num_steps, profiles)
-        names = [name for name, _ in adapters]
-        self.high = [n for n in names if profiles.get(n, {}).get("class", "H") == "H"]
+    def prepare(self, adapters: AdapterSet, num_steps: int) -> None:
+        super().prepare(adapters, num_steps)
+        names = adapters.names
+        self.high = [a.name for a in adapters if a.profile.get("class", "H") == "H"]
         self.low = [n for n in names if n not in self.high]
         if not self.high:  # no H-LoRA: treat all as H
             self.high, self.low = names, []

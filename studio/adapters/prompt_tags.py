@@ -9,7 +9,6 @@ read; other ``<…>`` text is left as it is.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from studio.adapters.library import close_names, library_names
+from studio.adapters.weights import scalar_weight
 from studio.errors import ConfigError
 
 _OPEN = re.compile(r"<(lora|lyco):", re.IGNORECASE)
@@ -38,16 +38,6 @@ class AdapterTag:
         return {"text_encoder": self.text_encoder, "unet": self.unet}
 
 
-def _number(text: str, tag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"prompt tag {tag}: weight {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"prompt tag {tag}: weight {text!r} is not a finite number")
-    return value
-
-
 def _parse(tag: str, body: str) -> AdapterTag:
     name, *arguments = body.split(":")
     if not name.strip():
@@ -60,9 +50,9 @@ def _parse(tag: str, body: str) -> AdapterTag:
             key = key.strip().lower()
             if key not in ("te", "unet"):
                 raise ConfigError(f"prompt tag {tag}: unknown parameter {key!r} (te= and unet= are read)")
-            named[key] = _number(value.strip(), tag)
+            named[key] = scalar_weight(value, f"prompt tag {tag}: weight")
         else:
-            positional.append(_number(argument.strip(), tag))
+            positional.append(scalar_weight(argument, f"prompt tag {tag}: weight"))
     if len(positional) > 2:
         raise ConfigError(f"prompt tag {tag}: at most two weights (text encoder, UNet), got {len(positional)}")
     te = named.get("te", positional[0] if positional else 1.0)

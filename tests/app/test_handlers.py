@@ -45,7 +45,7 @@ def test_clora_shows_masks(studio_env):
 
 def test_bad_weight_and_missing_prompt_are_readable_errors(studio_env):
     studio, _ = studio_env
-    with pytest.raises(gr.Error, match="not a number"):
+    with pytest.raises(gr.Error, match="Adapter row 1: weight must be a finite number, not 'strong'"):
         studio.generate("", *form(rows=["one"], weight="strong"), progress=NoProgress())
     with pytest.raises(gr.Error, match="Write a prompt"):
         studio.generate("", *form(prompt="  "), progress=NoProgress())
