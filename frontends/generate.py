@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines.adapter_set import AdapterSet, AttachedAdapter
 from pipelines.hires import hires_fix
 from studio import __version__
+from studio.adapters.weights import scalar_weight
 from studio.errors import ConfigError
 from studio.models import BaseModel, sampler_label, seeded_generator
 from studio.png import a1111_parameters, parse_parameters, read_recipe, with_lora_tags
@@ -251,7 +252,8 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
         raise ConfigError(f"cannot read the PNG {path}: {error}") from error
     if recipe:
         values = {k: v for k, v in recipe.items() if k in _RECIPE_FIELDS}
-        values["adapters"] = [(str(a), float(w)) for a, w in values.get("adapters", [])]
+        values["adapters"] = [(str(a), scalar_weight(w, f"adapter weight for {a}"))
+                              for a, w in values.get("adapters", [])]
         values["perp_neg"] = [(str(t), float(w)) for t, w in values.get("perp_neg", [])]
         return GenerationRequest(**values), recipe.get("model")
     if parameters:
@@ -264,7 +266,8 @@ def request_from_parameters(text: str) -> GenerationRequest:
     sampler and schedule (also the old combined names such as ``DPM++ 2M Karras``), clip skip, denoising
     strength and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
     prompt, negative, fields = parse_parameters(text)
-    adapters = [(name, float(weight)) for name, weight in _LORA_TAG.findall(prompt)]
+    adapters = [(name, scalar_weight(weight, f"prompt tag <lora:{name}:{weight}>: weight"))
+                for name, weight in _LORA_TAG.findall(prompt)]
     request = GenerationRequest(prompt=_LORA_TAG.sub("", prompt).strip(), negative_prompt=negative,
                                 adapters=adapters, method=fields.get("Composition", "merge"))
     number = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance_scale", float),

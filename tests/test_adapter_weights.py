@@ -13,7 +13,7 @@ import pytest
 import app
 import pipelines.engine as engine
 from frontends.cli import parse_adapter_spec
-from frontends.generate import GenerationRequest, generate
+from frontends.generate import GenerationRequest, generate, request_from_parameters
 from pipelines import CompositionPipeline
 from pipelines.engine import adapter_spec
 from studio.adapters.file import save_adapter
@@ -58,6 +58,8 @@ def pipe_and_file(tmp_path, monkeypatch):
     pytest.param(lambda file: split_prompt("a moon <lora:tagged:1e999>"), id="prompt tag"),
     pytest.param(lambda file: split_prompt("a moon <lora:tagged:te=0.5:unet=x>"), id="prompt tag unet="),
     pytest.param(lambda file: _app_request("strong"), id="app row"),
+    pytest.param(lambda file: request_from_parameters("a moon <lora:x:1.2.3>\nSteps: 2, Seed: 1"),
+                 id="A1111 parameters"),
     pytest.param(lambda file: adapter_spec((file, float("nan"))), id="python (file, w)"),
     pytest.param(lambda file: adapter_spec((file, {"unet": {"down": "deep"}})), id="python dict form"),
 ])
