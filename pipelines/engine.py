@@ -51,7 +51,6 @@ from studio.adapters.inject import (
     detach_adapter,
     pinned_lora_modules,
     set_adapter_weights,
-    set_layer_weights,
 )
 from studio.adapters.library import resolve_adapter
 from studio.adapters.prompt_tags import adapters_from_prompts
@@ -237,7 +236,8 @@ class CompositionEngine:
             if route.merged is not None:  # the active set: the studio's merged adapters and diffusers' own
                 weights = tuple(sorted(route.merged.items()))
                 if weights != getattr(self, "_active_weights", None):
-                    set_adapter_weights(self.studio_base(), route.merged, self._managed())
+                    set_adapter_weights(self.studio_base(), route.merged, self._managed(),
+                                        generation.adapters.layer_weights())
                     self._active_weights = weights
             output, _ = run([route], None if route.merged is not None else [BASE] * width)
             results[route.key] = split(output, 0)
@@ -544,17 +544,15 @@ class CompositionEngine:
 
     def activate_adapters(self, adapters: AdapterSet, cross_attention_kwargs: dict | None,
                           scope: contextlib.ExitStack) -> tuple[float | None, dict | None]:
-        """The one place a call's adapter weights are applied: each adapter's per-layer factors and weight, the
-        rest of the studio's adapters off, for the block. Without any, diffusers' own adapters stay as diffusers
-        left them and the ``scale`` of ``cross_attention_kwargs`` works as in stock; with some, diffusers' own
-        become the shared base for the block (scaled by it). Returns the LoRA scale for the text encoders and the
+        """Where a call's adapter weights reach the layers: each adapter's weight times its per-layer factors, the
+        rest of the studio's adapters off, for the block (routes that change the active set within the call pass
+        the same set's weights and factors). Without any, diffusers' own adapters stay as diffusers left them and
+        the ``scale`` of ``cross_attention_kwargs`` works as in stock; with some, diffusers' own become the shared
+        base for the block (scaled by it). Returns the LoRA scale for the text encoders and the
         ``cross_attention_kwargs`` for the UNet."""
         managed = self._managed()
-        for name, layers in adapters.layer_weights().items():
-            set_layer_weights(self.studio_base(), name, layers)
-            scope.callback(set_layer_weights, self.studio_base(), name, None)
         if managed:
-            set_adapter_weights(self.studio_base(), adapters.weights(), managed)
+            set_adapter_weights(self.studio_base(), adapters.weights(), managed, adapters.layer_weights())
         self._active_weights = tuple(sorted(adapters.weights().items()))
         scale = (cross_attention_kwargs or {}).get("scale")
         if not adapters:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+import torch
+from PIL import Image
 
 import app
 import pipelines.engine as engine
@@ -119,3 +121,33 @@ def test_each_adapter_file_is_resolved_once_per_image(pipe_and_file, monkeypatch
     pipe.compose_adapters(request.prompt, request.adapters)  # what attaching the image's adapters once costs
     assert again == {"stat": counts["stat"], "lookup": 2, "read": 0}
     assert counts["stat"] > 0  # the count sees the file system
+
+
+def test_a_call_leaves_no_per_call_state_on_the_pipeline(pipe_and_file):
+    """What one call composes (adapters, their weights and factors, the init image, the UNet's extra inputs) is
+    passed along and returned, not left on the pipeline: only its per-pipeline caches remain."""
+    pipe, given = pipe_and_file
+    pipe("a red solid sks", num_inference_steps=1, output_type="latent")  # what a plain call sets, as diffusers'
+    before = set(vars(pipe))
+    output = pipe("a red solid sks", image=Image.new("RGB", (64, 64), "red"), strength=0.5, num_inference_steps=2,
+                  adapters=[(given, {"unet": {"down": 0.5}}), "tagged"], method="clora", output_type="np",
+                  generator=torch.Generator().manual_seed(0))
+    assert output.adapters.names == [name for name, _ in output.recipe["adapters"]]
+    assert output.adapters[0].layers is not None and output.adapters[1].triggers == ("sks",)
+    assert set(vars(pipe)) == before
+    assert {key for key in before if key.startswith("_studio")} == {"_studio_base", "_studio_loaded"}
+
+
+def test_an_attached_set_runs_again_and_an_evicted_one_is_refused(pipe_and_file, tmp_path):
+    pipe, given = pipe_and_file
+    attached = pipe.attach_adapters([(given, 0.7)])
+
+    def image(adapters):
+        return pipe("a sks", num_inference_steps=2, adapters=adapters, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    assert (image(attached) == image([(given, 0.7)])).all()
+    pipe.max_loaded_adapters = 1
+    pipe.attach_adapters(["tagged"])
+    with pytest.raises(ConfigError, match="no longer attached"):
+        image(attached)

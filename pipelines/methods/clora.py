@@ -186,7 +186,7 @@ class CLoRA(CompositionMethod):
             return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
         out = []
         for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
-            set_adapter_weights(pipe.studio_base(), self._weights(key))
+            set_adapter_weights(pipe.studio_base(), self._weights(key), factors=run.adapters.layer_weights())
             hidden, added = pipe.stack_conditions([condition])
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
                 predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **run.unet_inputs(1))
