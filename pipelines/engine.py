@@ -488,8 +488,8 @@ class CompositionEngine:
             composer.prepare(attached, len(schedule))
             composer.bind(self, [texts[0] for texts in prompt_sets])
             extra = self.prepare_extra_step_kwargs(generator, eta)
-            run = Generation(self, attached, init, guidance_embedding(self, batch, device, latents.dtype),
-                             attention_kwargs)
+            generation = Generation(self, attached, init, guidance_embedding(self, batch, device, latents.dtype),
+                                    attention_kwargs)
             self._num_timesteps = len(schedule)
             if self.begin_index_zero and image is None and hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(0)
@@ -502,9 +502,10 @@ class CompositionEngine:
                 for step, t in enumerate(schedule):
                     if self.interrupt:
                         continue
-                    latents = composer.refine(run, step, t, latents, conditions)
-                    predictions, maps = self.evaluate(run, composer.plan(step), run.model_input(latents, t), t,
-                                                      conditions, cache, stats, composer.capture_resolution, kv)
+                    latents = composer.refine(generation, step, t, latents, conditions)
+                    predictions, maps = self.evaluate(generation, composer.plan(step),
+                                                      generation.model_input(latents, t), t, conditions, cache,
+                                                      stats, composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
                                                   guidance_rescale, [w for _, w in negatives], conditions[0].guided)

@@ -126,7 +126,7 @@ class CompositionMethod(ABC):
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         """The pipeline and the prompts (main first, then one per adapter), after :meth:`prepare`."""
 
-    def refine(self, run: Generation, step: int, timestep, latents: torch.Tensor, conditions: Sequence
+    def refine(self, generation: Generation, step: int, timestep, latents: torch.Tensor, conditions: Sequence
                ) -> torch.Tensor:
         """Return the latents this step denoises (default: unchanged)."""
         return latents

@@ -169,31 +169,32 @@ class CLoRA(CompositionMethod):
         own = {name: weight for _, name, weight in self.content if name == key}
         return {**own, **self.styles}
 
-    def _maps(self, run: Generation, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
+    def _maps(self, generation: Generation, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
         """Each route's conditional cross-attention maps at latent ``z`` (with gradients to it)."""
         routes = self._routes()
         batch = len(z)
         conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
-        pipe = run.pipe
-        model_input = run.model_input(z, timestep)
+        pipe = generation.pipe
+        model_input = generation.model_input(z, timestep)
         if not self.styles:  # one batched call, each slice routed through its adapter
             stacked = model_input.repeat(len(routes), 1, 1, 1)
             hidden, added = pipe.stack_conditions(conditional)
             names = [adapter for _, adapter, _ in routes for _ in range(batch)]
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, stacked, timestep, hidden, names, added, **run.unet_inputs(len(routes)))
+                predict_noise(pipe.unet, stacked, timestep, hidden, names, added,
+                              **generation.unet_inputs(len(routes)))
             maps = store.mean()
             return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
         out = []
         for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
-            set_adapter_weights(pipe.studio_base(), self._weights(key), factors=run.adapters.layer_weights())
+            set_adapter_weights(pipe.studio_base(), self._weights(key), factors=generation.adapters.layer_weights())
             hidden, added = pipe.stack_conditions([condition])
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **run.unet_inputs(1))
+                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **generation.unet_inputs(1))
             out.append(store.mean())
         return out
 
-    def refine(self, run: Generation, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
+    def refine(self, generation: Generation, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
         if step == 0:  # the largest attention grid not above the requested one (the UNet halves, rounding up)
             side = min(latents.shape[-2:])
             while side > self.requested_resolution:
@@ -207,7 +208,7 @@ class CLoRA(CompositionMethod):
         for _ in range(rounds):
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
-                loss = self._loss(self._maps(run, z, timestep, conditions))
+                loss = self._loss(self._maps(generation, z, timestep, conditions))
                 if loss.requires_grad and float(loss.detach()) > 0:
                     gradient = torch.autograd.grad(loss, z)[0]
                     latents = (z - step_size * gradient).detach()
