@@ -5,6 +5,9 @@ their own weights; diffusers' ``set_adapters`` dict form adds per-block UNet wei
 (``{"text_encoder": 0.5, "unet": {"down": 0.9, "mid": 1.0, "up": {"block_0": 0.6}}}``). diffusers applies that
 form to its own LoRA layers only; here the same form becomes a factor per peft layer of the studio's adapters,
 multiplied into the weight every composition method sets, so it holds for every method.
+
+:func:`adapter_weight` is the one rule that reads a weight, whichever way it came in (Python, the CLI's
+``FILE:W``, A1111's prompt tags and PNG parameters, the app's form): a bad one is the same error everywhere.
 """
 
 from __future__ import annotations
