@@ -242,9 +242,10 @@ def test_sampler_clip_skip_img2img_inpaint_and_hires_from_the_form(studio_env):
     class Event:
         index = 0
 
-    values = app.png_to_form(gallery[0][0])
-    assert values[-9:-6] == ["DPM++ 2M", "Karras", 2] and values[-5] == 0.6
-    assert values[-6]["background"] == recipe["init_image"]
+    values = recipe_form(app.png_to_form(gallery[0][0]))
+    restored = [values[name] for name in ("sampler", "schedule", "clip_skip", "strength")]
+    assert restored == ["DPM++ 2M", "Karras", 2, 0.6]
+    assert values["init"]["background"] == recipe["init_image"]
     sent, strength = app.send_to_img2img(Event(), gallery)
     assert sent["background"] == gallery[0][0] and strength == 0.75
     hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2), progress=NoProgress())
@@ -259,9 +260,10 @@ def test_an_a1111_png_fills_the_form(tmp_path):
                                 "CFG scale: 6, Seed: 77, Size: 64x64, Clip skip: 2, Model hash: 0123456789")
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    values = app.png_to_form(str(path))
-    assert values[:3] == [True, "one", 0.7] and values[16:18] == ["a red star", "blurry"]
-    assert values[19] == 77 and values[21:23] == [9, 6.0] and values[-9:-6] == ["Euler a", "Automatic", 2]
+    values = recipe_form(app.png_to_form(str(path)))
+    assert values["rows"][0] == {"on": True, "adapter": "one", "weight": 0.7, "own_prompt": ""}
+    assert [values[name] for name in ("prompt", "negative", "seed", "steps", "guidance", "sampler", "schedule",
+                                      "clip_skip")] == ["a red star", "blurry", 77, 9, 6.0, "Euler a", "Automatic", 2]
     with pytest.raises(gr.Error, match="no generation parameters"):
         plain = tmp_path / "plain.png"
         Image.new("RGB", (8, 8)).save(plain)
