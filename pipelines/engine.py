@@ -462,9 +462,10 @@ class CompositionEngine:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
             conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
+            schedule_steps = len(schedule)
             latents, schedule, self._studio_init = init_image.prepare(
                 self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents)
-            composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}))
+            composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}), schedule_steps)
             composer.bind(self, [texts[0] for texts in prompt_sets])
             extra = self.prepare_extra_step_kwargs(generator, eta)
             self._studio_unet_inputs = (guidance_embedding(self, batch, device, latents.dtype), attention_kwargs)

@@ -13,7 +13,9 @@ image then takes the original pixels outside the mask, as A1111 overlays them: t
 attention would otherwise let the repainted region shift every pixel.
 
 Composition methods see the steps that are run as their whole schedule (step 0 = the first step run), so
-CMLoRA writes its caches and CLoRA updates its latents and masks from the first step run.
+CMLoRA writes its caches and CLoRA updates its latents and masks from the first step run; they are also told the
+whole schedule's length, on which CMLoRA bounds the age of a cached feature (the same noise-level distance as in
+text to image).
 """
 
 from __future__ import annotations
