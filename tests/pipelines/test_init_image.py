@@ -172,3 +172,20 @@ def test_cmlora_img2img_at_half_strength_takes_about_half_the_unet_work(setup):
     half = pipe(PROMPT, generator=torch.Generator().manual_seed(0), image=init, strength=0.5, **call).stats
     assert half.samples * 2 == full.samples  # every adapter at each of the 10 steps run
     assert half.shallow_passes > 0 and half.block_evaluations <= 0.53 * full.block_evaluations
+
+
+def test_mask_blur_fades_the_seam_and_zero_is_the_plain_mask(setup):
+    pipe, adapters, init = setup
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # repaint the left half
+    mask = Image.fromarray(mask)
+    reference = np.asarray(init, np.float32)[None] / 255
+    plain = run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0)
+    assert np.array_equal(run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0, mask_blur=0), plain)
+    soft = run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0, mask_blur=4)
+    border = np.abs(soft - reference)[:, :, 32:40].mean(axis=(0, 1, 3))  # columns just outside the mask
+    assert np.abs(plain - reference)[:, :, 32:40].max() < 1e-5
+    assert border[0] > 0.02 and np.all(np.diff(border) <= 1e-6)  # the new image fades out away from the seam
+    assert np.abs(soft - reference)[:, :, 48:].max() < 1e-5  # far from the seam: the original pixels
+    with pytest.raises(ConfigError, match="mask blur"):
+        run(pipe, adapters, "merge", image=init, mask_image=mask, mask_blur=-1)
