@@ -172,7 +172,9 @@ def test_bad_generation_input_leaves_no_png(tmp_path, capsys):
                            (["--init-image", str(tmp_path / "none.png")], "cannot read the init image"),
                            (["--mask", str(tmp_path / "m.png")], "mask needs the image"),
                            (["--init-image", str(tmp_path)], "cannot read the init image"),
-                           (["--init-image", str(init), "--strength", "2"], "strength is the fraction")):
+                           (["--init-image", str(init), "--strength", "2"], "strength is the fraction"),
+                           (["--hires-scale", "2", "--hires-upscaler", "4x-Bogus"], "unknown hires upscaler"),
+                           (["--init-image", str(init), "--mask", str(init), "--mask-blur", "-1"], "mask blur is")):
         assert main(["generate", "--prompt", PROMPT, "--steps", "2", "--out", str(out), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
