@@ -16,7 +16,7 @@ cache waits at most N refresh intervals (≤ 7% of T for N ≤ 5); at T = 20 the
 features 40% of T old. T in that bound is the whole schedule the run is part of, so the bound is a distance in
 noise level: an img2img run that takes the last 10 of 20 steps may reuse a feature for 2 steps, as the
 text-to-image steps it replaces do (bounded on the 10 steps run, it would refresh every adapter at every step
-and cost two thirds of the text-to-image call instead of half). At full strength nothing changes.
+and cost about 0.6 of the text-to-image call instead of about half). At full strength nothing changes.
 """
 
 from __future__ import annotations
