@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines import upscalers
 from pipelines.adapter_set import AdapterSet, AttachedAdapter
 from pipelines.hires import hires_fix
 from studio import __version__
@@ -48,11 +49,12 @@ class GenerationRequest:
     clip_skip: int = 1  # A1111's meaning: 1 = the last layer, 2 = the penultimate
     init_image: str | None = None  # img2img / inpainting: the image file
     mask: str | None = None  # inpainting: white = repaint
+    mask_blur: float = 4.0  # A1111's "Mask blur" (Gaussian σ in pixels) and its default
     strength: float = 0.75  # A1111's "Denoising strength" of img2img
     hires_scale: float = 1.0  # > 1: hires fix
     hires_steps: int | None = None  # None: the first pass's steps
     hires_strength: float = 0.7
-    hires_upscaler: str = "Latent"
+    hires_upscaler: str = "Latent"  # an A1111 name, an upscaler model file, or its stem in $STUDIO_HOME/upscalers
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
@@ -138,6 +140,7 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, attached: A
         "clip_skip": request.clip_skip,
         "init_image": request.init_image,
         "mask": request.mask,
+        "mask_blur": request.mask_blur,
         "strength": request.strength,
         "hires_scale": request.hires_scale,
         "hires_steps": request.hires_steps,
@@ -158,12 +161,14 @@ def generation_fields(request: GenerationRequest) -> dict[str, Any]:
         fields["Clip skip"] = request.clip_skip
     if request.init_image:
         fields["Denoising strength"] = f"{request.strength:g}"
+        if request.mask and request.mask_blur:
+            fields["Mask blur"] = f"{request.mask_blur:g}"
     if request.hires_scale > 1:
         fields["Denoising strength"] = f"{request.hires_strength:g}"
         fields["Hires upscale"] = f"{request.hires_scale:g}"
         if request.hires_steps:
             fields["Hires steps"] = request.hires_steps
-        fields["Hires upscaler"] = request.hires_upscaler
+        fields["Hires upscaler"] = upscalers.label(request.hires_upscaler)
     return fields
 
 
@@ -223,7 +228,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
         raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
     init = _open(request.init_image, "RGB", "init image")
     if init is not None:
-        call.update(image=init, strength=request.strength, mask_image=_open(request.mask, "L", "mask"))
+        call.update(image=init, strength=request.strength, mask_image=_open(request.mask, "L", "mask"),
+                    mask_blur=request.mask_blur)
     results = []
     for index in range(request.num_images):
         seed = request.seed + index
@@ -255,6 +261,7 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
         values["adapters"] = [(str(a), scalar_weight(w, f"adapter weight for {a}"))
                               for a, w in values.get("adapters", [])]
         values["perp_neg"] = [(str(t), float(w)) for t, w in values.get("perp_neg", [])]
+        values.setdefault("mask_blur", 0.0)  # recipes from before the mask blur used the mask as drawn
         return GenerationRequest(**values), recipe.get("model")
     if parameters:
         return request_from_parameters(parameters), None
@@ -264,7 +271,7 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
 def request_from_parameters(text: str) -> GenerationRequest:
     """An A1111 ``parameters`` text as a request: prompt (``<lora:name:weight>`` tags become adapters), size,
     sampler and schedule (also the old combined names such as ``DPM++ 2M Karras``), clip skip, denoising
-    strength and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
+    strength, mask blur and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
     prompt, negative, fields = parse_parameters(text)
     adapters = [(name, scalar_weight(weight, f"prompt tag <lora:{name}:{weight}>: weight"))
                 for name, weight in _LORA_TAG.findall(prompt)]
@@ -272,7 +279,7 @@ def request_from_parameters(text: str) -> GenerationRequest:
                                 adapters=adapters, method=fields.get("Composition", "merge"))
     number = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance_scale", float),
               "Clip skip": ("clip_skip", int), "Hires upscale": ("hires_scale", float),
-              "Hires steps": ("hires_steps", int)}
+              "Hires steps": ("hires_steps", int), "Mask blur": ("mask_blur", float)}
     try:
         for key, (name, kind) in number.items():
             if key in fields:
@@ -287,8 +294,8 @@ def request_from_parameters(text: str) -> GenerationRequest:
                 request.strength = strength
     except ValueError as error:
         raise ConfigError(f"unreadable A1111 parameters: {error}") from error
-    if "Hires upscaler" in fields:
-        request.hires_upscaler = "Latent" if fields["Hires upscaler"].startswith("Latent") else "Lanczos"
+    if "Hires upscaler" in fields:  # a model's name is looked up in the upscalers folder when generating
+        request.hires_upscaler = fields["Hires upscaler"]
     request.sampler, request.schedule = _a1111_sampler(fields.get("Sampler"), fields.get("Schedule type"))
     if "Perp-Neg" in fields:
         request.perp_neg = [(t.rsplit(":", 1)[0].strip(), float(t.rsplit(":", 1)[1]))

@@ -388,6 +388,7 @@ class CompositionEngine:
         image: Any | None = None,
         strength: float = 0.8,
         mask_image: Any | None = None,
+        mask_blur: float = 0.0,
         **kwargs: Any,
     ):
         """diffusers' ``StableDiffusionPipeline.__call__`` (SD) or ``StableDiffusionXLPipeline.__call__`` (SDXL):
@@ -411,7 +412,8 @@ class CompositionEngine:
         IP-Adapter inputs, whose attention processors those maps would replace.
 
         Modes (:mod:`pipelines.init_image`): ``image`` and ``strength`` as diffusers' img2img pipeline names them,
-        ``mask_image`` as its inpaint pipeline does (white = repaint; a 9-channel UNet takes its own path); prompts
+        ``mask_image`` as its inpaint pipeline does (white = repaint; a 9-channel UNet takes its own path), with
+        A1111's ``mask_blur`` (Gaussian σ in pixels; 0, the default, uses the mask as given); prompts
         take A1111's syntax and any length (:mod:`studio.prompt_weighting`); ``negative_clip_skip`` applies a
         clip skip to the negative prompts too, as A1111 does (diffusers skips on the prompt only).
         """
@@ -483,9 +485,11 @@ class CompositionEngine:
                 images = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                               batch, guided)
             conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
+            schedule_steps = len(schedule)
             latents, schedule, init = init_image.prepare(
-                self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents)
-            composer.prepare(attached, len(schedule))
+                self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents,
+                mask_blur)
+            composer.prepare(attached, len(schedule), schedule_steps)
             composer.bind(self, [texts[0] for texts in prompt_sets])
             extra = self.prepare_extra_step_kwargs(generator, eta)
             generation = Generation(self, attached, init, guidance_embedding(self, batch, device, latents.dtype),

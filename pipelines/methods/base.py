@@ -117,11 +117,15 @@ class CompositionMethod(ABC):
     def __init__(self) -> None:
         self.adapters = AdapterSet()
         self.num_steps = 0
+        self.schedule_steps = 0
 
-    def prepare(self, adapters: AdapterSet, num_steps: int) -> None:
-        """Called once per generation before the first step."""
+    def prepare(self, adapters: AdapterSet, num_steps: int, schedule_steps: int | None = None) -> None:
+        """Called once per generation before the first step. ``num_steps``: the steps this run takes (its step 0
+        is the first one run); ``schedule_steps``: the length of the whole schedule they belong to (an img2img
+        run at strength s takes its last ``num_steps`` ≈ s·``schedule_steps``; default: ``num_steps``)."""
         self.adapters = adapters
         self.num_steps = num_steps
+        self.schedule_steps = schedule_steps or num_steps
 
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         """The pipeline and the prompts (main first, then one per adapter), after :meth:`prepare`."""

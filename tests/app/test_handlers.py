@@ -234,22 +234,26 @@ def test_sampler_clip_skip_img2img_inpaint_and_hires_from_the_form(studio_env):
     parameters, recipe = read_recipe(gallery[0][0])
     assert "Sampler: DPM++ 2M" in parameters and "Schedule type: Karras" in parameters
     assert "Clip skip: 2" in parameters and "Denoising strength: 0.6" in parameters
+    assert "Mask blur: 4" in parameters  # A1111's default blur, written as A1111 writes it
     mask = np.asarray(Image.open(recipe["mask"]))
     assert mask[:, :32].min() == 255 and mask[:, 32:].max() == 0
     out = np.asarray(Image.open(gallery[0][0]), np.int16)
-    assert np.abs(out[:, 32:] - np.asarray(picture, np.int16)[:, 32:]).max() <= 1  # kept outside the mask
+    kept = np.abs(out - np.asarray(picture, np.int16)).max(axis=(0, 2))
+    assert kept[44:].max() <= 1 and kept[32:36].max() > 1  # kept outside the mask, past the blurred seam
 
     class Event:
         index = 0
 
     values = recipe_form(app.png_to_form(gallery[0][0]))
-    restored = [values[name] for name in ("sampler", "schedule", "clip_skip", "strength")]
-    assert restored == ["DPM++ 2M", "Karras", 2, 0.6]
-    assert values["init"]["background"] == recipe["init_image"]
+    assert [values[k] for k in ("sampler", "schedule", "clip_skip", "strength")] == ["DPM++ 2M", "Karras", 2, 0.6]
+    assert values["init"]["background"] == recipe["init_image"] and values["mask_blur"] == 4
     sent, strength = app.send_to_img2img(Event(), gallery)
     assert sent["background"] == gallery[0][0] and strength == 0.75
-    hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2), progress=NoProgress())
+    hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2, hires_upscaler="Latent (bicubic)"),
+                                  progress=NoProgress())
     assert Image.open(hires[0][0]).size == (96, 96)
+    assert "Hires upscaler: Latent (bicubic)" in read_recipe(hires[0][0])[0]
+    assert recipe_form(app.png_to_form(hires[0][0]))["hires_upscaler"] == "Latent (bicubic)"
 
 
 def test_an_a1111_png_fills_the_form(tmp_path):

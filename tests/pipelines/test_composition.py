@@ -162,6 +162,21 @@ def test_cmlora_cache_age_is_bounded_by_a_fraction_of_the_steps(steps, bound):
         assert full == 3 + len(refresh_steps(220)) - 1
 
 
+@pytest.mark.parametrize("adapters", [2, 3])
+def test_cmlora_cache_age_is_measured_on_the_whole_schedule(adapters):
+    """An img2img run of the last 10 of 20 steps refreshes deep features about half as often as the 20-step run
+    (bounded on the 10 steps run, every feature would be rewritten every step: 11 of 17 full evaluations)."""
+    def full_evaluations(steps, schedule_steps=None):
+        method = CMLoRA()
+        method.prepare(AdapterSet.of([(str(i), 1.0) for i in range(adapters)]), steps, schedule_steps)
+        return sum(route.cache == "write" for step in range(steps) for route in method.plan(step)), method.max_age
+
+    (txt2img, age), (img2img, img2img_age) = full_evaluations(20), full_evaluations(10, schedule_steps=20)
+    assert age == img2img_age == 2
+    assert img2img <= (txt2img + 1) // 2
+    assert full_evaluations(10)[0] > (txt2img + 1) // 2  # the run's own length as T: the bound binds every step
+
+
 def test_named_pipeline_uses_its_method(setup):
     pipe, paths = setup
     named = CMLoRAPipeline.from_base(pipe.studio_base())
