@@ -26,6 +26,7 @@ from frontends.compare import compare_methods
 from frontends.generate import GenerationRequest, generate, request_from_png
 from pipelines.loading import load_base
 from pipelines.methods import METHODS
+from pipelines.upscalers import choices as upscaler_choices
 from studio.adapters.file import read_adapter
 from studio.adapters.library import (
     AdapterSummary,
@@ -36,9 +37,10 @@ from studio.adapters.library import (
     list_adapters,
     resolve_adapter,
 )
+from studio.adapters.weights import scalar_weight
 from studio.data.autocaption import Captioner, caption_folder
 from studio.data.folder import caption_rows, write_captions
-from studio.errors import StudioError
+from studio.errors import ConfigError, StudioError
 from studio.eval.domain import DomainEvaluator
 from studio.models import EMBEDDED_NAMES, BaseModel
 from studio.png import default_outputs, numbered_png, save_png
@@ -82,7 +84,8 @@ class Studio:
                 decor_alpha: float, seed: float, randomize: bool, steps: float, guidance: float, size: float,
                 batch: float, sampler: str = MODEL_SAMPLER, schedule: str = "Automatic", clip_skip: float = 1,
                 init: Any = None, strength: float = 0.75, hires_scale: float = 1.0, hires_steps: float = 0,
-                hires_strength: float = 0.7, hires_upscaler: str = "Latent") -> GenerationRequest:
+                hires_strength: float = 0.7, hires_upscaler: str = "Latent", mask_blur: float = 4.0
+                ) -> GenerationRequest:
         if not prompt.strip():
             raise gr.Error("Write a prompt first.")
         adapters, adapter_prompts = [], []
@@ -91,9 +94,9 @@ class Studio:
             if not enabled or not name:
                 continue
             try:
-                value = float(weight)
-            except (TypeError, ValueError):
-                raise gr.Error(f"Adapter row {index + 1}: weight {weight!r} is not a number.") from None
+                value = scalar_weight(weight, f"adapter row {index + 1}: weight")
+            except ConfigError as error:
+                raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
             adapters.append((str(name), value))
             adapter_prompts.append(own_prompt or prompt)
         options: dict[str, Any] = {}
@@ -119,6 +122,7 @@ class Studio:
             sampler=None if sampler == MODEL_SAMPLER else sampler, schedule=schedule, clip_skip=int(clip_skip),
             **_init_fields(init), strength=float(strength), hires_scale=float(hires_scale),
             hires_steps=int(hires_steps) or None, hires_strength=float(hires_strength), hires_upscaler=hires_upscaler,
+            mask_blur=float(mask_blur),
         )
 
     def generate(self, model: str, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
@@ -457,7 +461,7 @@ def move_row(index: int, delta: int, *values: Any) -> list[Any]:
 RECIPE_FIELDS = ("prompt", "negative", "method", "seed", "randomize", "steps", "guidance", "size", "perp_neg",
                  "perp_neg_weight", "decor_words", "decor_alpha", "switch_interval", "cache_interval", "clora_words",
                  "clora_fill", "sampler", "schedule", "clip_skip", "init", "strength", "hires_scale", "hires_steps",
-                 "hires_strength", "hires_upscaler")
+                 "hires_strength", "hires_upscaler", "mask_blur")
 
 
 def _gallery_path(event: gr.SelectData, gallery: Any) -> str:
@@ -506,7 +510,7 @@ def png_to_form(path: Any) -> list[Any]:
               "schedule": request.schedule or "Automatic", "clip_skip": request.clip_skip, "init": init,
               "strength": request.strength, "hires_scale": request.hires_scale,
               "hires_steps": request.hires_steps or 0, "hires_strength": request.hires_strength,
-              "hires_upscaler": request.hires_upscaler}
+              "hires_upscaler": request.hires_upscaler, "mask_blur": request.mask_blur}
     return rows + [fields[name] for name in RECIPE_FIELDS]
 
 
@@ -579,13 +583,17 @@ def build_app(model: str | None = None) -> gr.Blocks:
                         init = gr.ImageEditor(label="Image (paint white over what to repaint; no strokes = img2img)",
                                               type="pil", height=300, elem_id="init-image",
                                               brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
-                        strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength")
+                        with gr.Row():
+                            strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength")
+                            mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
                     with gr.Accordion("Hires fix", open=False):
                         with gr.Row():
                             hires_scale = gr.Slider(1, 4, value=1, step=0.25, label="Upscale by (1 = off)")
                             hires_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0 = same)")
                             hires_strength = gr.Slider(0, 1, value=0.7, step=0.05, label="Denoising strength")
-                            hires_upscaler = gr.Radio(["Latent", "Lanczos"], value="Latent", label="Upscaler")
+                            hires_upscaler = gr.Dropdown(
+                                upscaler_choices(), value="Latent", label="Upscaler (or a model file's path)",
+                                allow_custom_value=True, elem_id="hires-upscaler")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Stop")
@@ -604,7 +612,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
             form = [*rows, prompt, negative, method, switch_interval, cache_interval, clora_words, clora_fill,
                     perp_neg, perp_weight,
                     decor_words, decor_alpha, seed, randomize, steps, guidance, size, batch, sampler, schedule,
-                    clip_skip, init, strength, hires_scale, hires_steps, hires_strength, hires_upscaler]
+                    clip_skip, init, strength, hires_scale, hires_steps, hires_strength, hires_upscaler, mask_blur]
             run.click(studio.generate, [model_box, *form], [gallery, masks, info], concurrency_id="gpu")
             stop.click(lambda: studio.stop_generation.set(), None, None)  # ends the batch after the current image
             compare.click(studio.compare, [model_box, *form], comparison, concurrency_id="gpu")
@@ -619,7 +627,8 @@ def build_app(model: str | None = None) -> gr.Blocks:
                      "switch_interval": switch_interval, "cache_interval": cache_interval,
                      "clora_words": clora_words, "clora_fill": clora_fill, "sampler": sampler, "schedule": schedule,
                      "clip_skip": clip_skip, "init": init, "strength": strength, "hires_scale": hires_scale,
-                     "hires_steps": hires_steps, "hires_strength": hires_strength, "hires_upscaler": hires_upscaler}
+                     "hires_steps": hires_steps, "hires_strength": hires_strength, "hires_upscaler": hires_upscaler,
+                     "mask_blur": mask_blur}
             restored = [*rows, *(named[name] for name in RECIPE_FIELDS)]
             img2img_at = [4 * ROWS + RECIPE_FIELDS.index("init"), 4 * ROWS + RECIPE_FIELDS.index("strength")]
 

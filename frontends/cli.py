@@ -34,6 +34,7 @@ from studio.adapters.library import (
     plot_ranks,
     resolve_adapter,
 )
+from studio.adapters.weights import scalar_weight
 from studio.data import procedural
 from studio.data.autocaption import caption_folder
 from studio.errors import ConfigError, StudioError
@@ -85,6 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
         ("height", args.height), ("num_images", args.num_images), ("method", args.method),
         ("decor_alpha", args.decor_alpha), ("sampler", args.sampler or args.scheduler), ("schedule", args.schedule),
         ("clip_skip", args.clip_skip), ("init_image", args.init_image), ("mask", args.mask),
+        ("mask_blur", args.mask_blur),
         ("strength", args.strength), ("hires_scale", args.hires_scale), ("hires_steps", args.hires_steps),
         ("hires_strength", args.hires_strength), ("hires_upscaler", args.hires_upscaler),
         ("adapters", [parse_adapter_spec(a) for a in args.adapter]),
@@ -109,10 +111,7 @@ def parse_adapter_spec(text: str) -> tuple[str, float]:
     source, sep, weight = text.rpartition(":")
     if not sep or "/" in weight or weight.endswith(".safetensors"):
         return text, 1.0
-    try:
-        return source, float(weight)
-    except ValueError:
-        raise ConfigError(f"adapter weight {weight!r} in {text!r} is not a number") from None
+    return source, scalar_weight(weight, f"adapter weight in {text!r}")
 
 
 def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:
@@ -450,13 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A1111's clip skip: 1 = last layer, 2 = penultimate (anime checkpoints)")
     gen.add_argument("--init-image", dest="init_image", default=None, help="img2img: the starting image")
     gen.add_argument("--mask", default=None, help="inpainting: white = repaint (resized to the image)")
+    gen.add_argument("--mask-blur", dest="mask_blur", type=float, default=None,
+                     help="inpainting: Gaussian blur of the mask in pixels, as A1111's (default 4; 0 = as drawn)")
     gen.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=None,
                      help="img2img: fraction of the steps that repaint (0–1, default 0.75)")
     gen.add_argument("--hires-scale", dest="hires_scale", type=float, default=None, help="hires fix: upscale by")
     gen.add_argument("--hires-steps", dest="hires_steps", type=positive_int, default=None)
     gen.add_argument("--hires-strength", dest="hires_strength", type=float, default=None,
                      help="hires fix: denoising strength of the second pass (default 0.7)")
-    gen.add_argument("--hires-upscaler", dest="hires_upscaler", choices=["Latent", "Lanczos"], default=None)
+    gen.add_argument("--hires-upscaler", dest="hires_upscaler", default=None, metavar="NAME|FILE",
+                     help="hires fix: Latent (default), 'Latent (bicubic)' and A1111's other names, Lanczos, "
+                     "Nearest, None, or an ESRGAN/Real-ESRGAN/SwinIR… model (.safetensors/.pth file, or its name "
+                     "in $STUDIO_HOME/upscalers)")
     gen.add_argument("--from-png", dest="from_png", default=None, metavar="FILE",
                      help="take every setting from a PNG's parameters (studio or A1111); flags given override")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")

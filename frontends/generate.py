@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines import upscalers
+from pipelines.adapter_set import AdapterSet, AttachedAdapter
 from pipelines.hires import hires_fix
 from studio import __version__
-from studio.adapters.library import resolve_adapter
+from studio.adapters.weights import scalar_weight
 from studio.errors import ConfigError
 from studio.models import BaseModel, sampler_label, seeded_generator
 from studio.png import a1111_parameters, parse_parameters, read_recipe, with_lora_tags
@@ -47,11 +49,12 @@ class GenerationRequest:
     clip_skip: int = 1  # A1111's meaning: 1 = the last layer, 2 = the penultimate
     init_image: str | None = None  # img2img / inpainting: the image file
     mask: str | None = None  # inpainting: white = repaint
+    mask_blur: float = 4.0  # A1111's "Mask blur" (Gaussian σ in pixels) and its default
     strength: float = 0.75  # A1111's "Denoising strength" of img2img
     hires_scale: float = 1.0  # > 1: hires fix
     hires_steps: int | None = None  # None: the first pass's steps
     hires_strength: float = 0.7
-    hires_upscaler: str = "Latent"
+    hires_upscaler: str = "Latent"  # an A1111 name, an upscaler model file, or its stem in $STUDIO_HOME/upscalers
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, base: BaseModel) -> GenerationRequest:
@@ -95,12 +98,14 @@ class GeneratedImage:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
-             ) -> tuple[str, dict[str, Any]]:
-    """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
+def describe(base: BaseModel, request: GenerationRequest, seed: int, attached: AdapterSet | None = None,
+             recipe_extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """A1111 ``parameters`` text and the studio recipe for one image of ``request``; ``attached``: the adapters the
+    pipeline composed (``request.adapters`` first), whose files the hashes are taken from."""
     fields: dict[str, Any] = {}
     if request.adapters:
-        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(a)}" for a, _ in request.adapters)
+        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(entry)}"
+                                          for (a, _), entry in zip(request.adapters, attached or ()))
         fields["Composition"] = request.method
     if request.perp_neg:
         fields["Perp-Neg"] = "; ".join(f"{text}: {weight:g}" for text, weight in request.perp_neg)
@@ -135,6 +140,7 @@ def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extr
         "clip_skip": request.clip_skip,
         "init_image": request.init_image,
         "mask": request.mask,
+        "mask_blur": request.mask_blur,
         "strength": request.strength,
         "hires_scale": request.hires_scale,
         "hires_steps": request.hires_steps,
@@ -155,12 +161,14 @@ def generation_fields(request: GenerationRequest) -> dict[str, Any]:
         fields["Clip skip"] = request.clip_skip
     if request.init_image:
         fields["Denoising strength"] = f"{request.strength:g}"
+        if request.mask and request.mask_blur:
+            fields["Mask blur"] = f"{request.mask_blur:g}"
     if request.hires_scale > 1:
         fields["Denoising strength"] = f"{request.hires_strength:g}"
         fields["Hires upscale"] = f"{request.hires_scale:g}"
         if request.hires_steps:
             fields["Hires steps"] = request.hires_steps
-        fields["Hires upscaler"] = request.hires_upscaler
+        fields["Hires upscaler"] = upscalers.label(request.hires_upscaler)
     return fields
 
 
@@ -173,10 +181,10 @@ def model_hash(base: BaseModel) -> str:
     return base.fingerprint[:10]
 
 
-def adapter_hash(spec: str) -> str:
-    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256 (hashed once per file version)."""
-    path = resolve_adapter(spec).resolve()
-    return _file_hash(str(path), path.stat().st_mtime_ns)[:12]
+def adapter_hash(adapter: AttachedAdapter) -> str:
+    """A1111's short LoRA hash: the first 12 hex digits of the attached file's sha256 (hashed once per file
+    version; the file is the one the pipeline looked up, not looked up again)."""
+    return _file_hash(str(adapter.loaded.path), adapter.loaded.mtime_ns)[:12]
 
 
 @lru_cache(maxsize=64)
@@ -220,7 +228,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
         raise ConfigError(f"this {base.family} pipeline ({type(pipe).__name__}) cannot compose adapters")
     init = _open(request.init_image, "RGB", "init image")
     if init is not None:
-        call.update(image=init, strength=request.strength, mask_image=_open(request.mask, "L", "mask"))
+        call.update(image=init, strength=request.strength, mask_image=_open(request.mask, "L", "mask"),
+                    mask_blur=request.mask_blur)
     results = []
     for index in range(request.num_images):
         seed = request.seed + index
@@ -230,7 +239,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
                                request.hires_strength, request.hires_upscaler)
         else:
             output = pipe(**call, generator=generator)
-        parameters, recipe = describe(base, request, seed, {"composition": output.recipe})
+        parameters, recipe = describe(base, request, seed, getattr(output, "adapters", AdapterSet()),
+                                      {"composition": output.recipe})
         results.append(GeneratedImage(output.images[0], parameters, recipe, output.masks))
     return results
 
@@ -248,8 +258,10 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
         raise ConfigError(f"cannot read the PNG {path}: {error}") from error
     if recipe:
         values = {k: v for k, v in recipe.items() if k in _RECIPE_FIELDS}
-        values["adapters"] = [(str(a), float(w)) for a, w in values.get("adapters", [])]
+        values["adapters"] = [(str(a), scalar_weight(w, f"adapter weight for {a}"))
+                              for a, w in values.get("adapters", [])]
         values["perp_neg"] = [(str(t), float(w)) for t, w in values.get("perp_neg", [])]
+        values.setdefault("mask_blur", 0.0)  # recipes from before the mask blur used the mask as drawn
         return GenerationRequest(**values), recipe.get("model")
     if parameters:
         return request_from_parameters(parameters), None
@@ -259,14 +271,15 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
 def request_from_parameters(text: str) -> GenerationRequest:
     """An A1111 ``parameters`` text as a request: prompt (``<lora:name:weight>`` tags become adapters), size,
     sampler and schedule (also the old combined names such as ``DPM++ 2M Karras``), clip skip, denoising
-    strength and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
+    strength, mask blur and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
     prompt, negative, fields = parse_parameters(text)
-    adapters = [(name, float(weight)) for name, weight in _LORA_TAG.findall(prompt)]
+    adapters = [(name, scalar_weight(weight, f"prompt tag <lora:{name}:{weight}>: weight"))
+                for name, weight in _LORA_TAG.findall(prompt)]
     request = GenerationRequest(prompt=_LORA_TAG.sub("", prompt).strip(), negative_prompt=negative,
                                 adapters=adapters, method=fields.get("Composition", "merge"))
     number = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance_scale", float),
               "Clip skip": ("clip_skip", int), "Hires upscale": ("hires_scale", float),
-              "Hires steps": ("hires_steps", int)}
+              "Hires steps": ("hires_steps", int), "Mask blur": ("mask_blur", float)}
     try:
         for key, (name, kind) in number.items():
             if key in fields:
@@ -281,8 +294,8 @@ def request_from_parameters(text: str) -> GenerationRequest:
                 request.strength = strength
     except ValueError as error:
         raise ConfigError(f"unreadable A1111 parameters: {error}") from error
-    if "Hires upscaler" in fields:
-        request.hires_upscaler = "Latent" if fields["Hires upscaler"].startswith("Latent") else "Lanczos"
+    if "Hires upscaler" in fields:  # a model's name is looked up in the upscalers folder when generating
+        request.hires_upscaler = fields["Hires upscaler"]
     request.sampler, request.schedule = _a1111_sampler(fields.get("Sampler"), fields.get("Schedule type"))
     if "Perp-Neg" in fields:
         request.perp_neg = [(t.rsplit(":", 1)[0].strip(), float(t.rsplit(":", 1)[1]))

@@ -10,10 +10,15 @@ generator draw), strength 0 runs no step and returns the image through the VAE.
 noised to the next step, back outside the mask (diffusers' ``StableDiffusionInpaintPipeline`` for such UNets);
 a 9-channel inpainting UNet instead sees [latents, mask, masked-image latents] and is not blended. The decoded
 image then takes the original pixels outside the mask, as A1111 overlays them: the VAE decoder's mid-block
-attention would otherwise let the repainted region shift every pixel.
+attention would otherwise let the repainted region shift every pixel. ``mask_blur`` is A1111's "Mask blur": the
+binarised mask is Gaussian-blurred with σ = ``mask_blur`` pixels (torchvision's ``gaussian_blur`` with
+OpenCV's kernel size, 2·⌊2.5σ + 0.5⌋ + 1, as A1111 calls it); the latent mask is that blurred mask rounded,
+and the overlay takes min(1, 2 × blurred) of the new image, so the seam fades out over the blur's width.
 
 Composition methods see the steps that are run as their whole schedule (step 0 = the first step run), so
-CMLoRA writes its caches and CLoRA updates its latents and masks from the first step run.
+CMLoRA writes its caches and CLoRA updates its latents and masks from the first step run; they are also told the
+whole schedule's length, on which CMLoRA bounds the age of a cached feature (the same noise-level distance as in
+text to image).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from torchvision.transforms.functional import gaussian_blur
 
 from studio.errors import ConfigError
 
@@ -109,6 +115,16 @@ def _encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
     return latents * config.scaling_factor
 
 
+def blurred(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A1111's mask blur of a [batch, 1, h, w] mask in [0, 1]: Gaussian, σ = ``sigma`` pixels (0: unchanged)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, Real) or sigma < 0:
+        raise ConfigError(f"mask blur is a Gaussian's σ in pixels, 0 or more, not {sigma!r}")
+    if sigma == 0:
+        return mask
+    size = min(2 * int(2.5 * sigma + 0.5) + 1, 2 * (min(mask.shape[-2:]) // 2) - 1)  # reflect padding's limit
+    return gaussian_blur(mask, [size, size], [float(sigma), float(sigma)])
+
+
 def _batched(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if len(tensor) == batch:
         return tensor
@@ -129,8 +145,8 @@ def image_latents(pipe, image: Any, height: int, width: int) -> torch.Tensor:
 
 
 def prepare(pipe, image: Any, mask_image: Any, strength: float, schedule: torch.Tensor, batch: int, height: int,
-            width: int, dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor, InitImage | None]:
+            width: int, dtype: torch.dtype, device: torch.device, generator, latents: torch.Tensor | None,
+            mask_blur: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, InitImage | None]:
     """Starting latents, the part of ``schedule`` (the scheduler's timesteps, set) to run, and the init image."""
     if image is None:
         latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generator,
@@ -152,10 +168,12 @@ def prepare(pipe, image: Any, mask_image: Any, strength: float, schedule: torch.
     if mask_image is not None:
         processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_normalize=False,
                                       do_binarize=True, do_convert_grayscale=True)
-        mask = processor.preprocess(mask_image, height=height, width=width).to(device, dtype)
+        soft = blurred(processor.preprocess(mask_image, height=height, width=width).to(device, torch.float32),
+                       mask_blur)
+        mask = (soft >= 0.5).to(dtype)
         if image_size(image) is not None:
             init.pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, dtype)
-            init.pixel_mask = mask
+            init.pixel_mask = (2 * soft).clamp(max=1).to(dtype)
         if is_inpainting_unet(pipe):
             if init.pixels is None:
                 raise ConfigError("an inpainting UNet needs the image as pixels (PIL or tensor), not latents")

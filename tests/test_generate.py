@@ -1,7 +1,10 @@
 from dataclasses import replace
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import save_file
+from spandrel.architectures.Compact import Compact
 
 from frontends.cli import main
 from frontends.generate import GenerationRequest, generate
@@ -87,8 +90,8 @@ def test_cli_file_weight_equals_python_file_and_weight(tmp_path, tiny_base):
 A1111_TEXT = """masterpiece, a (red:1.2) star <lora:demo:0.8>
 Negative prompt: blurry
 Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, Model hash: 0123456789, \
-Model: tiny, Denoising strength: 0.55, Clip skip: 2, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent, \
-Lora hashes: "demo: 0123456789ab", Version: v1.10.1"""
+Model: tiny, Denoising strength: 0.55, Clip skip: 2, Hires upscale: 1.5, Hires steps: 4, \
+Hires upscaler: R-ESRGAN 4x+, Mask blur: 8, Lora hashes: "demo: 0123456789ab", Version: v1.10.1"""
 
 
 def test_an_a1111_png_is_read_into_a_request(tmp_path):
@@ -108,6 +111,7 @@ def test_an_a1111_png_is_read_into_a_request(tmp_path):
     assert (request.width, request.height) == (64, 96)
     assert (request.sampler, request.schedule, request.clip_skip) == ("DPM++ 2M", "Karras", 2)
     assert (request.hires_scale, request.hires_steps, request.hires_strength) == (1.5, 4, 0.55)
+    assert (request.hires_upscaler, request.mask_blur) == ("R-ESRGAN 4x+", 8.0)  # looked up in upscalers/
     legacy = request_from_parameters_text("a\nSteps: 3, Sampler: DPM++ 2M Karras, Seed: 1")
     assert (legacy.sampler, legacy.schedule) == ("DPM++ 2M", "Karras")
 
@@ -123,12 +127,19 @@ def test_from_png_reproduces_every_mode_bit_exactly(tmp_path, tiny_base):
 
     from studio.samplers import set_sampler
 
-    init = tmp_path / "init.png"
+    init, mask, upscaler = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "tiny-compact.safetensors"
     Image.new("RGB", (64, 64), (20, 30, 120)).save(init)
+    painted = Image.new("L", (64, 64))
+    painted.paste(255, (0, 0, 32, 64))
+    painted.save(mask)
+    torch.manual_seed(0)
+    save_file(Compact(num_feat=8, num_conv=2, upscale=2).state_dict(), upscaler)
     runs = {
         "txt2img": ["--sampler", "Euler a", "--schedule", "Automatic", "--clip-skip", "2"],
         "img2img": ["--init-image", str(init), "--strength", "0.5", "--sampler", "DPM++ 2M", "--schedule", "Karras"],
+        "inpaint": ["--init-image", str(init), "--mask", str(mask), "--mask-blur", "6", "--strength", "0.8"],
         "hires": ["--hires-scale", "1.5", "--hires-steps", "3", "--hires-strength", "0.6"],
+        "hires-model": ["--hires-scale", "1.5", "--hires-steps", "2", "--hires-upscaler", str(upscaler)],
     }
     try:
         for name, flags in runs.items():
@@ -145,6 +156,9 @@ def test_from_png_reproduces_every_mode_bit_exactly(tmp_path, tiny_base):
         assert "Schedule type: Karras" in read_recipe(tmp_path / "img2img.png")[0]
         assert "Hires upscale: 1.5" in read_recipe(tmp_path / "hires.png")[0]
         assert Image.open(tmp_path / "hires.png").size == (96, 96)
+        assert "Mask blur: 6" in read_recipe(tmp_path / "inpaint.png")[0]
+        assert "Hires upscaler: tiny-compact" in read_recipe(tmp_path / "hires-model.png")[0]
+        assert Image.open(tmp_path / "hires-model.png").size == (96, 96)
     finally:
         set_sampler(tiny_base.pipe, "DDIM")
 
@@ -158,7 +172,9 @@ def test_bad_generation_input_leaves_no_png(tmp_path, capsys):
                            (["--init-image", str(tmp_path / "none.png")], "cannot read the init image"),
                            (["--mask", str(tmp_path / "m.png")], "mask needs the image"),
                            (["--init-image", str(tmp_path)], "cannot read the init image"),
-                           (["--init-image", str(init), "--strength", "2"], "strength is the fraction")):
+                           (["--init-image", str(init), "--strength", "2"], "strength is the fraction"),
+                           (["--hires-scale", "2", "--hires-upscaler", "4x-Bogus"], "unknown hires upscaler"),
+                           (["--init-image", str(init), "--mask", str(init), "--mask-blur", "-1"], "mask blur is")):
         assert main(["generate", "--prompt", PROMPT, "--steps", "2", "--out", str(out), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))

@@ -13,14 +13,18 @@ non-uniform schedule (the official default mode never reuses features), the late
 resets, the phase boundary is a fraction of T (0.55), and the weights are constant. A cached feature is never
 older than ``max_staleness``·T steps (at least one): the schedule was made for T = 220, where an adapter's
 cache waits at most N refresh intervals (≤ 7% of T for N ≤ 5); at T = 20 the same rotation would reuse
-features 40% of T old.
+features 40% of T old. T in that bound is the whole schedule the run is part of, so the bound is a distance in
+noise level: an img2img run that takes the last 10 of 20 steps may reuse a feature for 2 steps, as the
+text-to-image steps it replaces do (bounded on the 10 steps run, it would refresh every adapter at every step
+and cost about 0.6 of the text-to-image call instead of about half). At full strength nothing changes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+from pipelines.adapter_set import AdapterSet
 from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
 from studio.errors import ConfigError
 
@@ -65,10 +69,10 @@ class CMLoRA(CompositionMethod):
         self.counter = 0
         self.late_reset_done = False
 
-    def prepare(self, adapters: Sequence[tuple[str, float]], num_steps: int, profiles: Mapping[str, dict]) -> None:
-        super().prepare(adapters, num_steps, profiles)
-        names = [name for name, _ in adapters]
-        self.high = [n for n in names if profiles.get(n, {}).get("class", "H") == "H"]
+    def prepare(self, adapters: AdapterSet, num_steps: int, schedule_steps: int | None = None) -> None:
+        super().prepare(adapters, num_steps, schedule_steps)
+        names = adapters.names
+        self.high = [a.name for a in adapters if a.profile.get("class", "H") == "H"]
         self.low = [n for n in names if n not in self.high]
         if not self.high:  # no H-LoRA: treat all as H
             self.high, self.low = names, []
@@ -77,7 +81,7 @@ class CMLoRA(CompositionMethod):
         self.counter = 0
         self.dominant = self.high[0]
         self.late_reset_done = False
-        self.max_age = max(1, math.ceil(self.max_staleness * num_steps))
+        self.max_age = max(1, math.ceil(self.max_staleness * self.schedule_steps))
         self.written = {}
 
     def _late(self, step: int) -> bool:

@@ -58,7 +58,7 @@ def form(prompt="a red solid sks on a white background", rows=None, method="merg
              "decor_words": "", "decor_alpha": 1.0, "seed": seed, "randomize": False, "steps": 3, "guidance": 5.0,
              "size": 64, "batch": batch, "sampler": app.MODEL_SAMPLER, "schedule": "Automatic", "clip_skip": 1,
              "init": None, "strength": 0.75, "hires_scale": 1.0, "hires_steps": 0, "hires_strength": 0.7,
-             "hires_upscaler": "Latent", **fields}
+             "hires_upscaler": "Latent", "mask_blur": 4.0, **fields}
     assert set(named) == set(FORM_FIELDS), set(named) ^ set(FORM_FIELDS)
     return [*cells, *(named[name] for name in FORM_FIELDS)]
 

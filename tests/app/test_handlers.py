@@ -45,7 +45,7 @@ def test_clora_shows_masks(studio_env):
 
 def test_bad_weight_and_missing_prompt_are_readable_errors(studio_env):
     studio, _ = studio_env
-    with pytest.raises(gr.Error, match="not a number"):
+    with pytest.raises(gr.Error, match="Adapter row 1: weight must be a finite number, not 'strong'"):
         studio.generate("", *form(rows=["one"], weight="strong"), progress=NoProgress())
     with pytest.raises(gr.Error, match="Write a prompt"):
         studio.generate("", *form(prompt="  "), progress=NoProgress())
@@ -234,21 +234,26 @@ def test_sampler_clip_skip_img2img_inpaint_and_hires_from_the_form(studio_env):
     parameters, recipe = read_recipe(gallery[0][0])
     assert "Sampler: DPM++ 2M" in parameters and "Schedule type: Karras" in parameters
     assert "Clip skip: 2" in parameters and "Denoising strength: 0.6" in parameters
+    assert "Mask blur: 4" in parameters  # A1111's default blur, written as A1111 writes it
     mask = np.asarray(Image.open(recipe["mask"]))
     assert mask[:, :32].min() == 255 and mask[:, 32:].max() == 0
     out = np.asarray(Image.open(gallery[0][0]), np.int16)
-    assert np.abs(out[:, 32:] - np.asarray(picture, np.int16)[:, 32:]).max() <= 1  # kept outside the mask
+    kept = np.abs(out - np.asarray(picture, np.int16)).max(axis=(0, 2))
+    assert kept[44:].max() <= 1 and kept[32:36].max() > 1  # kept outside the mask, past the blurred seam
 
     class Event:
         index = 0
 
-    values = app.png_to_form(gallery[0][0])
-    assert values[-9:-6] == ["DPM++ 2M", "Karras", 2] and values[-5] == 0.6
-    assert values[-6]["background"] == recipe["init_image"]
+    values = recipe_form(app.png_to_form(gallery[0][0]))
+    assert [values[k] for k in ("sampler", "schedule", "clip_skip", "strength")] == ["DPM++ 2M", "Karras", 2, 0.6]
+    assert values["init"]["background"] == recipe["init_image"] and values["mask_blur"] == 4
     sent, strength = app.send_to_img2img(Event(), gallery)
     assert sent["background"] == gallery[0][0] and strength == 0.75
-    hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2), progress=NoProgress())
+    hires, _, _ = studio.generate("", *form(hires_scale=1.5, hires_steps=2, hires_upscaler="Latent (bicubic)"),
+                                  progress=NoProgress())
     assert Image.open(hires[0][0]).size == (96, 96)
+    assert "Hires upscaler: Latent (bicubic)" in read_recipe(hires[0][0])[0]
+    assert recipe_form(app.png_to_form(hires[0][0]))["hires_upscaler"] == "Latent (bicubic)"
 
 
 def test_an_a1111_png_fills_the_form(tmp_path):
@@ -259,9 +264,10 @@ def test_an_a1111_png_fills_the_form(tmp_path):
                                 "CFG scale: 6, Seed: 77, Size: 64x64, Clip skip: 2, Model hash: 0123456789")
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    values = app.png_to_form(str(path))
-    assert values[:3] == [True, "one", 0.7] and values[16:18] == ["a red star", "blurry"]
-    assert values[19] == 77 and values[21:23] == [9, 6.0] and values[-9:-6] == ["Euler a", "Automatic", 2]
+    values = recipe_form(app.png_to_form(str(path)))
+    assert values["rows"][0] == {"on": True, "adapter": "one", "weight": 0.7, "own_prompt": ""}
+    assert [values[name] for name in ("prompt", "negative", "seed", "steps", "guidance", "sampler", "schedule",
+                                      "clip_skip")] == ["a red star", "blurry", 77, 9, 6.0, "Euler a", "Automatic", 2]
     with pytest.raises(gr.Error, match="no generation parameters"):
         plain = tmp_path / "plain.png"
         Image.new("RGB", (8, 8)).save(plain)

@@ -160,3 +160,32 @@ def test_clora_finds_its_concept_in_a_later_chunk(setup):
                   method="clora", method_options={"groups": [["red"], ["blue"]]}, output_type="np")
     masks = [mask for name, mask in output.masks.items() if name != "__clora_base__"]
     assert len(masks) == 2 and all(mask.sum() > 0 for mask in masks)
+
+
+
+def test_cmlora_img2img_at_half_strength_takes_about_half_the_unet_work(setup):
+    """The engine tells CMLoRA the whole schedule's length: a strength-0.5 run reuses deep features as long as the
+    text-to-image steps it replaces do (with the bound taken on the 10 steps run, it took 0.58 of the work)."""
+    pipe, adapters, init = setup
+    call = dict(num_inference_steps=20, output_type="latent", adapters=adapters, method="cmlora")
+    full = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **call).stats
+    half = pipe(PROMPT, generator=torch.Generator().manual_seed(0), image=init, strength=0.5, **call).stats
+    assert half.samples * 2 == full.samples  # every adapter at each of the 10 steps run
+    assert half.shallow_passes > 0 and half.block_evaluations <= 0.53 * full.block_evaluations
+
+
+def test_mask_blur_fades_the_seam_and_zero_is_the_plain_mask(setup):
+    pipe, adapters, init = setup
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # repaint the left half
+    mask = Image.fromarray(mask)
+    reference = np.asarray(init, np.float32)[None] / 255
+    plain = run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0)
+    assert np.array_equal(run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0, mask_blur=0), plain)
+    soft = run(pipe, adapters, "merge", image=init, mask_image=mask, strength=1.0, mask_blur=4)
+    border = np.abs(soft - reference)[:, :, 32:40].mean(axis=(0, 1, 3))  # columns just outside the mask
+    assert np.abs(plain - reference)[:, :, 32:40].max() < 1e-5
+    assert border[0] > 0.02 and np.all(np.diff(border) <= 1e-6)  # the new image fades out away from the seam
+    assert np.abs(soft - reference)[:, :, 48:].max() < 1e-5  # far from the seam: the original pixels
+    with pytest.raises(ConfigError, match="mask blur"):
+        run(pipe, adapters, "merge", image=init, mask_image=mask, mask_blur=-1)
