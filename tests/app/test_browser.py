@@ -132,7 +132,7 @@ def test_send_to_img2img_with_a_sampler(page):
 def test_bad_weight_and_unknown_model_show_messages(page, server):
     _enable_row(page, 0, "sks-moon", weight="strong")
     page.locator("#generate").click()
-    _toast(page, "is not a number")
+    _toast(page, "must be a finite number")
     _enable_row(page, 0, "sks-moon", weight="1.0")
     model_box = page.get_by_label("Base model (empty = the embedded tiny-sd; or a folder / .safetensors file)")
     model_box.fill("/no/such/model")
