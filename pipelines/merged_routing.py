@@ -15,9 +15,10 @@ with the same adapters, each checked on first use against everything it was buil
 counter, dtype and device of the base weight and of the adapter's LoRA factors (in-place edits, ``load_state_dict``
 and ``.to()`` change one of them), the adapter's scale in the layer (``set_adapters``, per-call and per-layer
 weights), and a count of the layer's ``merge``/``unmerge`` calls (peft and diffusers' ``fuse_lora`` edit the
-weight through ``.data``, which no version counter sees). Detaching an adapter or dropping a LoRA layer frees its
-copies at once; edits through ``.data`` outside peft's merge are not seen: call :func:`release_merged_weights`
-after them (``pipe.merged_routing_budget = 0`` also releases everything and turns merged routing off).
+weight through ``.data``, which no version counter sees). Detaching an adapter (peft's ``delete_adapter``) frees
+its copies at once, a dropped LoRA layer's go when it is collected, stale ones at the next generation; edits
+through ``.data`` outside peft's merge are not seen: call :func:`release_merged_weights` after them
+(``pipe.merged_routing_budget = 0`` also releases everything and turns merged routing off).
 """
 
 from __future__ import annotations
@@ -143,18 +144,17 @@ class MergedWeights:
         for key in [k for k, kept in self.entries.items() if not self._valid(k, kept)]:
             del self.entries[key]
 
-    def trim(self, budget_bytes: int, keep: Iterable[str] = ()) -> None:
-        """Drop least recently used entries until at most ``budget_bytes`` are kept; entries built only from
-        ``keep`` adapters go last."""
-        keep = set(keep) | {BASE}
+    def trim(self, budget_bytes: int, keep: Iterable[str] | None = None) -> None:
+        """Drop least recently used entries until at most ``budget_bytes`` are kept; with ``keep``, only entries
+        of other adapters."""
+        allowed = None if keep is None else set(keep) | {BASE}
         total = self.nbytes
-        for spare in (False, True):
-            for key in list(self.entries):
-                if total <= budget_bytes:
-                    return
-                if spare or not set(key[1]) <= keep:
-                    weight = self.entries.pop(key).weight
-                    total -= weight.numel() * weight.element_size()
+        for key in list(self.entries):
+            if total <= budget_bytes:
+                return
+            if allowed is None or not set(key[1]) <= allowed:
+                weight = self.entries.pop(key).weight
+                total -= weight.numel() * weight.element_size()
 
     def release(self) -> None:
         self.entries.clear()
@@ -290,9 +290,9 @@ def merged_routing(unet: torch.nn.Module, adapters: Iterable[str],
 call each base layer runs its slices on merged weights, and peft's own LoRA branches are told to add nothing.
 
     The merged weights are taken from and kept in :func:`kept_merged_weights`, which holds at most
-    ``budget_bytes`` between generations (entries of other adapters are dropped first to make room for this
-    one's). Yields None (and changes nothing: routed calls keep peft's mixed batch) when a layer is not a plain
-    Linear/Conv2d LoRA or the merged copies would take more than ``budget_bytes``.
+    ``budget_bytes`` between generations (least recently used first; entries of other adapters make room for
+    this generation's beforehand). Yields None (and changes nothing: routed calls keep peft's mixed batch) when a
+    layer is not a plain Linear/Conv2d LoRA or the merged copies would take more than ``budget_bytes``.
     """
     layers = [layer for _, layer in lora_modules(unet)]
     adapters = list(adapters)

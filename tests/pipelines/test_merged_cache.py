@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import CompositionPipeline
-from pipelines.merged_routing import kept_merged_weights
+from pipelines.merged_routing import MergedRouting, kept_merged_weights
 from studio.adapters.file import save_adapter
 from studio.adapters.inject import detach_adapter, lora_modules
 from tests.conftest import make_random_base
@@ -111,3 +111,16 @@ def test_detaching_an_adapter_frees_its_merged_weights(pipe_and_files):
     assert not any(names[0] in key[1] for key in kept.entries) and 0 < kept.nbytes < held
     pipe.release_merged_weights()
     assert kept.nbytes == 0
+
+
+def test_kept_weights_stay_within_the_budget(pipe_and_files):
+    pipe, files = pipe_and_files
+    call(pipe, adapters=files, method="composite")
+    kept = kept_merged_weights(pipe.unet)
+    held = kept.nbytes
+    layers = [layer for _, layer in lora_modules(pipe.unet)]
+    need = MergedRouting.extra_bytes(layers, [n for n, _ in pipe.attach_adapters(files[1:])])
+    pipe.merged_routing_budget = need + (held - 1 - need) // 2  # room for this generation, not for both
+    assert need < pipe.merged_routing_budget < held
+    output = call(pipe, adapters=files[1:], method="composite")
+    assert output.stats.merged_weights > 0 and kept.nbytes <= pipe.merged_routing_budget
