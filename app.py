@@ -37,9 +37,10 @@ from studio.adapters.library import (
     list_adapters,
     resolve_adapter,
 )
+from studio.adapters.weights import scalar_weight
 from studio.data.autocaption import Captioner, caption_folder
 from studio.data.folder import caption_rows, write_captions
-from studio.errors import StudioError
+from studio.errors import ConfigError, StudioError
 from studio.eval.domain import DomainEvaluator
 from studio.models import EMBEDDED_NAMES, BaseModel
 from studio.png import default_outputs, numbered_png, save_png
@@ -93,9 +94,9 @@ class Studio:
             if not enabled or not name:
                 continue
             try:
-                value = float(weight)
-            except (TypeError, ValueError):
-                raise gr.Error(f"Adapter row {index + 1}: weight {weight!r} is not a number.") from None
+                value = scalar_weight(weight, f"adapter row {index + 1}: weight")
+            except ConfigError as error:
+                raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
             adapters.append((str(name), value))
             adapter_prompts.append(own_prompt or prompt)
         options: dict[str, Any] = {}

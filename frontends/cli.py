@@ -34,6 +34,7 @@ from studio.adapters.library import (
     plot_ranks,
     resolve_adapter,
 )
+from studio.adapters.weights import scalar_weight
 from studio.data import procedural
 from studio.data.autocaption import caption_folder
 from studio.errors import ConfigError, StudioError
@@ -110,10 +111,7 @@ def parse_adapter_spec(text: str) -> tuple[str, float]:
     source, sep, weight = text.rpartition(":")
     if not sep or "/" in weight or weight.endswith(".safetensors"):
         return text, 1.0
-    try:
-        return source, float(weight)
-    except ValueError:
-        raise ConfigError(f"adapter weight {weight!r} in {text!r} is not a number") from None
+    return source, scalar_weight(weight, f"adapter weight in {text!r}")
 
 
 def parse_weighted_text(text: str, default: float = 1.5) -> tuple[str, float]:

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from pipelines import upscalers
+from pipelines.adapter_set import AdapterSet, AttachedAdapter
 from pipelines.hires import hires_fix
 from studio import __version__
-from studio.adapters.library import resolve_adapter
+from studio.adapters.weights import scalar_weight
 from studio.errors import ConfigError
 from studio.models import BaseModel, sampler_label, seeded_generator
 from studio.png import a1111_parameters, parse_parameters, read_recipe, with_lora_tags
@@ -97,12 +98,14 @@ class GeneratedImage:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def describe(base: BaseModel, request: GenerationRequest, seed: int, recipe_extra: dict[str, Any] | None = None
-             ) -> tuple[str, dict[str, Any]]:
-    """A1111 ``parameters`` text and the studio recipe for one image of ``request``."""
+def describe(base: BaseModel, request: GenerationRequest, seed: int, attached: AdapterSet | None = None,
+             recipe_extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """A1111 ``parameters`` text and the studio recipe for one image of ``request``; ``attached``: the adapters the
+    pipeline composed (``request.adapters`` first), whose files the hashes are taken from."""
     fields: dict[str, Any] = {}
     if request.adapters:
-        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(a)}" for a, _ in request.adapters)
+        fields["Lora hashes"] = ", ".join(f"{Path(str(a)).stem}: {adapter_hash(entry)}"
+                                          for (a, _), entry in zip(request.adapters, attached or ()))
         fields["Composition"] = request.method
     if request.perp_neg:
         fields["Perp-Neg"] = "; ".join(f"{text}: {weight:g}" for text, weight in request.perp_neg)
@@ -178,10 +181,10 @@ def model_hash(base: BaseModel) -> str:
     return base.fingerprint[:10]
 
 
-def adapter_hash(spec: str) -> str:
-    """A1111's short LoRA hash: the first 12 hex digits of the file's sha256 (hashed once per file version)."""
-    path = resolve_adapter(spec).resolve()
-    return _file_hash(str(path), path.stat().st_mtime_ns)[:12]
+def adapter_hash(adapter: AttachedAdapter) -> str:
+    """A1111's short LoRA hash: the first 12 hex digits of the attached file's sha256 (hashed once per file
+    version; the file is the one the pipeline looked up, not looked up again)."""
+    return _file_hash(str(adapter.loaded.path), adapter.loaded.mtime_ns)[:12]
 
 
 @lru_cache(maxsize=64)
@@ -236,7 +239,8 @@ def generate(base: BaseModel, request: GenerationRequest) -> list[GeneratedImage
                                request.hires_strength, request.hires_upscaler)
         else:
             output = pipe(**call, generator=generator)
-        parameters, recipe = describe(base, request, seed, {"composition": output.recipe})
+        parameters, recipe = describe(base, request, seed, getattr(output, "adapters", AdapterSet()),
+                                      {"composition": output.recipe})
         results.append(GeneratedImage(output.images[0], parameters, recipe, output.masks))
     return results
 
@@ -254,7 +258,8 @@ def request_from_png(path: str | Path) -> tuple[GenerationRequest, str | None]:
         raise ConfigError(f"cannot read the PNG {path}: {error}") from error
     if recipe:
         values = {k: v for k, v in recipe.items() if k in _RECIPE_FIELDS}
-        values["adapters"] = [(str(a), float(w)) for a, w in values.get("adapters", [])]
+        values["adapters"] = [(str(a), scalar_weight(w, f"adapter weight for {a}"))
+                              for a, w in values.get("adapters", [])]
         values["perp_neg"] = [(str(t), float(w)) for t, w in values.get("perp_neg", [])]
         values.setdefault("mask_blur", 0.0)  # recipes from before the mask blur used the mask as drawn
         return GenerationRequest(**values), recipe.get("model")
@@ -268,7 +273,8 @@ def request_from_parameters(text: str) -> GenerationRequest:
     sampler and schedule (also the old combined names such as ``DPM++ 2M Karras``), clip skip, denoising
     strength, mask blur and hires fields; the studio's own Composition, Perp-Neg and DECOR fields too."""
     prompt, negative, fields = parse_parameters(text)
-    adapters = [(name, float(weight)) for name, weight in _LORA_TAG.findall(prompt)]
+    adapters = [(name, scalar_weight(weight, f"prompt tag <lora:{name}:{weight}>: weight"))
+                for name, weight in _LORA_TAG.findall(prompt)]
     request = GenerationRequest(prompt=_LORA_TAG.sub("", prompt).strip(), negative_prompt=negative,
                                 adapters=adapters, method=fields.get("Composition", "merge"))
     number = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance_scale", float),

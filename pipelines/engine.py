@@ -26,6 +26,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from pipelines import init_image
+from pipelines.adapter_set import AdapterSet, AttachedAdapter, LoadedAdapter
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.call_contract import (
     StepCallback,
@@ -40,7 +41,7 @@ from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
 from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing, release_merged_weights
 from pipelines.methods import make_method
-from pipelines.methods.base import Conditioning, Prediction, Route
+from pipelines.methods.base import Conditioning, Generation, Prediction, Route
 from pipelines.native_lora import shared_base
 from pipelines.unet_runner import BASE, FeatureCache, UNetStats, predict_noise
 from studio.adapters.file import read_adapter
@@ -50,11 +51,10 @@ from studio.adapters.inject import (
     detach_adapter,
     pinned_lora_modules,
     set_adapter_weights,
-    set_layer_weights,
 )
 from studio.adapters.library import resolve_adapter
 from studio.adapters.prompt_tags import adapters_from_prompts
-from studio.adapters.weights import AdapterWeight, weight_from_mapping
+from studio.adapters.weights import AdapterWeight, adapter_weight
 from studio.errors import ConfigError
 from studio.models import BaseModel, detect_family, fingerprint
 from studio.text import clean_prompt, split_words
@@ -109,69 +109,96 @@ class CompositionEngine:
         return pipe
 
     # -- adapters ---------------------------------------------------------------------------------------------
-    def _loaded(self) -> OrderedDict[str, str]:
+    def _loaded(self) -> OrderedDict[str, LoadedAdapter]:
+        """The adapter files attached by the studio, least recently used first: file version → its record."""
         if getattr(self, "_studio_loaded", None) is None:
             self._studio_loaded = OrderedDict()
         return self._studio_loaded
 
-    def attach_adapters(self, adapters: Sequence[AdapterSpec] | None) -> list[tuple[str, float]]:
-        """Load (or reuse) each adapter; returns (attached name, weight) in the user's order. A weight in diffusers'
-        dict form ({"text_encoder": …, "unet": {"down": …}}) becomes per-layer factors and weight 1. All or
-        nothing: every file is read and checked before any is attached, and a failed attach detaches this call's."""
+    def _managed(self) -> set[str]:
+        """The names the studio's adapters are attached under."""
+        return {record.name for record in self._loaded().values()}
+
+    def _current(self) -> OrderedDict[str, LoadedAdapter]:
+        """:meth:`_loaded` without the adapters diffusers removed since (``unload_lora_weights``,
+        ``delete_adapters`` remove the studio's adapters too)."""
+        loaded = self._loaded()
+        if loaded:
+            present = set(attached_adapters(self.studio_base()))
+            for key in [key for key, record in loaded.items() if record.name not in present]:
+                del loaded[key]
+        return loaded
+
+    def attach_adapters(self, adapters: Sequence[AdapterSpec] | AdapterSet | None) -> AdapterSet:
+        """Load (or reuse) each adapter; returns them as an :class:`AdapterSet` in the user's order. Each file is
+        looked up, its version read from the file system and (if new) read and checked here, once; a set this
+        returned may be passed again (``adapters=``) to run more passes on it without any of that. A weight in
+        diffusers' dict form ({"text_encoder": …, "unet": {"down": …}}) becomes per-layer factors and weight 1.
+        All or nothing: every file is read and checked before any is attached, and a failed attach detaches this
+        call's."""
+        if isinstance(adapters, AdapterSet):
+            return self._still_attached(adapters)
         if isinstance(adapters, str | Path):  # one adapter, as diffusers takes one prompt
             adapters = [adapters]
-        loaded = self._loaded()
-        if loaded:  # diffusers' unload_lora_weights / delete_adapters remove the studio's adapters too
-            present = set(attached_adapters(self.studio_base()))
-            for key in [key for key, name in loaded.items() if name not in present]:
-                del loaded[key]
+        loaded = self._current()
         specs = []
         for spec in adapters or []:
             source, weight = adapter_spec(spec)
-            path = resolve_adapter(source)
-            key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-            specs.append((key, weight, None if key in self._loaded() else read_adapter(path)))
-        added: list[tuple[str, str]] = []
+            path = resolve_adapter(source).resolve()
+            version = path.stat().st_mtime_ns
+            key = f"{path}:{version}"
+            specs.append((key, weight, path, version, None if key in loaded else read_adapter(path)))
+        added: list[str] = []
         try:
-            for key, _, adapter in specs:
-                if adapter is not None and key not in self._loaded():
+            for key, _, path, version, adapter in specs:
+                if adapter is not None and key not in loaded:
                     name = _unique_name(adapter.name, set(attached_adapters(self.studio_base())))
                     attach_adapter(self.studio_base(), adapter, name)
-                    self._loaded()[key] = name
-                    added.append((key, name))
-                    self._studio_profiles = getattr(self, "_studio_profiles", {})
-                    self._studio_profiles[name] = _frequency_profile(adapter)
-                    self._studio_triggers = getattr(self, "_studio_triggers", {})
-                    self._studio_triggers[name] = adapter.trigger_words
-                    self._studio_kinds = getattr(self, "_studio_kinds", {})
-                    self._studio_kinds[name] = adapter.kind
+                    loaded[key] = LoadedAdapter.of(adapter, name, path, version)
+                    added.append(key)
         except Exception:
-            for key, name in added:
-                detach_adapter(self.studio_base(), name)
-                del self._loaded()[key]
+            for key in added:
+                detach_adapter(self.studio_base(), loaded.pop(key).name)
             raise
-        resolved = []
-        self._studio_weight_recipe = {}
-        for key, weight, _ in specs:
-            loaded = self._loaded()
+        entries = []
+        for key, weight, *_ in specs:
             loaded.move_to_end(key)
-            layered = weight if isinstance(weight, AdapterWeight) else None
-            set_layer_weights(self.studio_base(), loaded[key], layered)
-            if layered is not None:
-                self._studio_weight_recipe[loaded[key]] = layered.describe()
-            resolved.append((loaded[key], 1.0 if layered is not None else float(weight)))
-        in_use = {name for name, _ in resolved}
-        while len(self._loaded()) > self.max_loaded_adapters:
-            key, name = next(iter(self._loaded().items()))
-            if name in in_use:
+            layers = weight if isinstance(weight, AdapterWeight) else None
+            entries.append(AttachedAdapter(loaded[key], 1.0 if layers is not None else weight, layers))
+        in_use = {entry.name for entry in entries}
+        while len(loaded) > self.max_loaded_adapters:
+            key, record = next(iter(loaded.items()))
+            if record.name in in_use:
                 break
-            detach_adapter(self.studio_base(), name)
-            set_layer_weights(self.studio_base(), name, None)
-            del self._loaded()[key]
-        return resolved
+            detach_adapter(self.studio_base(), record.name)
+            del loaded[key]
+        return AdapterSet(tuple(entries))
+
+    def _still_attached(self, adapters: AdapterSet) -> AdapterSet:
+        """A set :meth:`attach_adapters` returned, checked to be attached still (none evicted nor unloaded)."""
+        loaded = self._current()
+        current = {record.name: key for key, record in loaded.items()}
+        for entry in adapters:
+            if current.get(entry.name) is None or loaded[current[entry.name]] != entry.loaded:
+                raise ConfigError(f"adapter {entry.name!r} is no longer attached to this pipeline (unloaded, or "
+                                  "evicted by newer ones); pass its file again")
+            loaded.move_to_end(current[entry.name])
+        return adapters
+
+    def compose_adapters(self, prompt, adapters: Sequence[AdapterSpec] | AdapterSet | None
+                         ) -> tuple[Any, AdapterSet]:
+        """A call's adapters: ``adapters`` (specs, or a set attached before) followed by the prompt's A1111
+        ``<lora:NAME:W>`` tags, attached; and the prompt(s) without the tags."""
+        prompt, tagged = prompt_tags(prompt)
+        if not tagged:
+            return prompt, self.attach_adapters(adapters)
+        if isinstance(adapters, AdapterSet):
+            return prompt, self._still_attached(adapters + self.attach_adapters(tagged))
+        given = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
+        return prompt, self.attach_adapters(given + tagged)
 
     # -- one denoising step -----------------------------------------------------------------------------------
-    def evaluate(self, routes: Sequence[Route], latents: torch.Tensor, timestep,
+    def evaluate(self, generation: Generation, routes: Sequence[Route], latents: torch.Tensor, timestep,
                  conditions: Sequence[Conditioning], cache: FeatureCache, stats: UNetStats,
                  capture_resolution: int | None = None, kv: CrossKVCache | None = None
                  ) -> tuple[dict[str, Prediction], dict[str, torch.Tensor]]:
@@ -192,7 +219,7 @@ class CompositionEngine:
             hidden, added = self.stack_conditions([conditions[r.prompt] for r in group])
             key = (None if names is None else tuple(names), tuple(r.prompt for r in group),
                    getattr(self, "_active_weights", None))
-            inputs = self.unet_inputs(count * len(group))
+            inputs = generation.unet_inputs(count * len(group))
             if capture_resolution is None:
                 with kv.keyed(key):
                     return predict_noise(self.unet, stacked, timestep, hidden, names, added, deep, stats,
@@ -214,7 +241,8 @@ class CompositionEngine:
             if route.merged is not None:  # the active set: the studio's merged adapters and diffusers' own
                 weights = tuple(sorted(route.merged.items()))
                 if weights != getattr(self, "_active_weights", None):
-                    set_adapter_weights(self.studio_base(), route.merged, set(self._loaded().values()))
+                    set_adapter_weights(self.studio_base(), route.merged, self._managed(),
+                                        generation.adapters.layer_weights())
                     self._active_weights = weights
             output, _ = run([route], None if route.merged is not None else [BASE] * width)
             results[route.key] = split(output, 0)
@@ -230,13 +258,6 @@ class CompositionEngine:
                 if route.cache == "write":
                     cache.features[route.adapter] = feature[width * index : width * (index + 1)]
         return results, maps
-
-    def unet_inputs(self, repeat: int) -> dict[str, Any]:
-        """The UNet inputs of this generation besides latents and conditioning, for a batch of ``repeat`` stacked
-        copies of the latents: LCM's ``timestep_cond`` and the ``cross_attention_kwargs``."""
-        timestep_cond, attention_kwargs = getattr(self, "_studio_unet_inputs", (None, None))
-        return {"timestep_cond": None if timestep_cond is None else timestep_cond.repeat(repeat, 1),
-                "cross_attention_kwargs": attention_kwargs}
 
     def combine_guidance(self, prediction: Prediction, guidance_scale: float, guidance_rescale: float,
                          negative_weights: Sequence[float] = (), guided: bool = True) -> torch.Tensor:
@@ -359,7 +380,7 @@ class CompositionEngine:
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        adapters: Sequence[AdapterSpec] | None = None,
+        adapters: Sequence[AdapterSpec] | AdapterSet | None = None,
         method: str | None = None,
         method_options: Mapping[str, Any] | None = None,
         perp_neg: bool | Sequence[tuple[str, float]] | None = None,
@@ -384,7 +405,8 @@ class CompositionEngine:
         second text encoder nor size conditioning (stock SD silently drops unknown arguments), while
         ``denoising_end`` works on both; the deprecated ``callback``/``callback_steps`` keywords are kept.
 
-        Composition: ``adapters=[(file or name, weight), …]`` with ``method`` (``method_options``), Perp-Neg
+        Composition: ``adapters=[(file or name, weight), …]`` (or the :class:`~pipelines.adapter_set.AdapterSet`
+        that :meth:`attach_adapters` or an earlier output returned) with ``method`` (``method_options``), Perp-Neg
         (``perp_neg``, ``perp_neg_weight``), DECOR (``decor_remove``, ``decor_alpha``, ``decor_rank``) and
         per-adapter prompts (``adapter_prompts``). Without ``adapters=`` the UNet runs with whatever adapters
         diffusers has active (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, the
@@ -431,9 +453,8 @@ class CompositionEngine:
                                        composer.uses_adapter_prompts)
         ip_adapter = ip_adapter_image is not None or ip_adapter_image_embeds is not None
         refuse_combinations(method_name, composer, bool(perp_neg), guided, ip_adapter)
-        prompt, adapters = with_prompt_tags(prompt, adapters)
-        resolved = self.attach_adapters(adapters)
-        if not resolved and method_name != "merge":
+        prompt, attached = self.compose_adapters(prompt, adapters)
+        if not attached and method_name != "merge":
             raise ConfigError(f"method {method_name!r} composes adapters: pass adapters=[(file, weight), …]")
         height, width = self.default_size(height, width)
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
@@ -442,7 +463,7 @@ class CompositionEngine:
         with contextlib.ExitStack() as scope:
             scope.enter_context(pinned_lora_modules(self.unet, getattr(self, "text_encoder", None),
                                                     getattr(self, "text_encoder_2", None)))
-            lora_scale, attention_kwargs = self.activate_adapters(resolved, cross_attention_kwargs, scope)
+            lora_scale, attention_kwargs = self.activate_adapters(attached, cross_attention_kwargs, scope)
             schedule = denoising_schedule(self, num_inference_steps, device, timesteps, sigmas, denoising_end)
             if given.prompt is not None:
                 prompts = [""] * len(given.prompt)  # placeholders: the embeddings stand for the text
@@ -456,9 +477,9 @@ class CompositionEngine:
             prompt_sets = [prompts]
             if composer.uses_adapter_prompts:
                 own = list(adapter_prompts or [])
-                if own and len(own) != len(resolved):
-                    raise ConfigError(f"{len(own)} adapter prompts for {len(resolved)} adapters")
-                prompt_sets += [[t] * len(prompts) for t in (own or [prompts[0]] * len(resolved))]
+                if own and len(own) != len(attached):
+                    raise ConfigError(f"{len(own)} adapter prompts for {len(attached)} adapters")
+                prompt_sets += [[t] * len(prompts) for t in (own or [prompts[0]] * len(attached))]
             conditions = [self.encode_conditions(texts, text if index == 0 else replace(text, prompt_2=None))
                           for index, texts in enumerate(prompt_sets)]
             conditions = pad_chunks(self, conditions)
@@ -470,34 +491,35 @@ class CompositionEngine:
                                                               batch, guided)
             conditions = [with_extras(c, time_ids, images, batch, device) for c in conditions]
             schedule_steps = len(schedule)
-            latents, schedule, self._studio_init = init_image.prepare(
+            latents, schedule, init = init_image.prepare(
                 self, image, mask_image, strength, schedule, batch, height, width, dtype, device, generator, latents,
                 mask_blur)
-            composer.prepare(resolved, len(schedule), getattr(self, "_studio_profiles", {}), schedule_steps)
+            composer.prepare(attached, len(schedule), schedule_steps)
             composer.bind(self, [texts[0] for texts in prompt_sets])
             extra = self.prepare_extra_step_kwargs(generator, eta)
-            self._studio_unet_inputs = (guidance_embedding(self, batch, device, latents.dtype), attention_kwargs)
+            generation = Generation(self, attached, init, guidance_embedding(self, batch, device, latents.dtype),
+                                    attention_kwargs)
             self._num_timesteps = len(schedule)
             if self.begin_index_zero and image is None and hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(0)
             cache, stats, kv = FeatureCache(), UNetStats(), CrossKVCache()
             if self.cache_cross_kv:
                 scope.enter_context(cached_cross_kv(self.unet, kv))
-            routing = scope.enter_context(merged_routing(self.unet, [name for name, _ in resolved],
-                                                         self.merged_routing_budget)) if resolved else None
+            routing = scope.enter_context(merged_routing(self.unet, attached.names,
+                                                         self.merged_routing_budget)) if attached else None
             with self.progress_bar(total=len(schedule)) as progress:
                 for step, t in enumerate(schedule):
                     if self.interrupt:
                         continue
-                    latents = composer.refine(self, step, t, latents, conditions)
-                    model_input = self.model_input(latents, t)
-                    predictions, maps = self.evaluate(composer.plan(step), model_input, t, conditions, cache, stats,
-                                                      composer.capture_resolution, kv)
+                    latents = composer.refine(generation, step, t, latents, conditions)
+                    predictions, maps = self.evaluate(generation, composer.plan(step),
+                                                      generation.model_input(latents, t), t, conditions, cache,
+                                                      stats, composer.capture_resolution, kv)
                     composer.observe(step, maps)
                     noise = self.combine_guidance(composer.fuse(step, predictions), self.guidance_scale,
                                                   guidance_rescale, [w for _, w in negatives], conditions[0].guided)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                    latents = init_image.blend(self, latents, self._studio_init, schedule, step)
+                    latents = init_image.blend(self, latents, init, schedule, step)
                     if step_callback:
                         latents = self.call_back(step_callback, step, t, latents, conditions, kv)
                     progress.update()
@@ -508,9 +530,7 @@ class CompositionEngine:
         stats.cached_text_projections = kv.hits
         masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                  if mask is not None}
-        recipe = {"method": method_name, "adapters": [[n, w] for n, w in resolved], **composer.describe()}
-        if self._studio_weight_recipe:
-            recipe["adapter_weights"] = dict(self._studio_weight_recipe)
+        recipe = {"method": method_name, **attached.recipe(), **composer.describe()}
         if negatives:
             recipe["perp_neg"] = [[text, weight] for text, weight in negatives]
         if decor_remove:
@@ -518,10 +538,11 @@ class CompositionEngine:
         if output_type == "latent":
             images, nsfw = latents, None
         else:
-            pixels = init_image.overlay(self.decode_latents_to_pixels(latents), self._studio_init)
+            pixels = init_image.overlay(self.decode_latents_to_pixels(latents), init)
             images, nsfw = self.postprocess_pixels(pixels, output_type, device, dtype)
         self.maybe_free_model_hooks()
-        return self.make_output(images, nsfw, return_dict, recipe=recipe, stats=stats, masks=masks)
+        return self.make_output(images, nsfw, return_dict, recipe=recipe, stats=stats, masks=masks,
+                                adapters=attached)
 
     default_guidance_scale = 7.5  # StableDiffusionPipeline's; the SDXL pipeline's is 5.0
     begin_index_zero = False  # the SDXL pipeline starts its scheduler at index 0, the SD one lets it find t
@@ -532,19 +553,20 @@ class CompositionEngine:
         rows, columns = (size, size) if isinstance(size, int) else size
         return height or rows * self.vae_scale_factor, width or columns * self.vae_scale_factor
 
-    def activate_adapters(self, resolved: Sequence[tuple[str, float]], cross_attention_kwargs: dict | None,
+    def activate_adapters(self, adapters: AdapterSet, cross_attention_kwargs: dict | None,
                           scope: contextlib.ExitStack) -> tuple[float | None, dict | None]:
-        """Activate the studio's adapters of this call at their weights (the rest of the studio's off) for the
-        block. Without
-        any, diffusers' own adapters stay as diffusers left them and the ``scale`` of ``cross_attention_kwargs``
-        works as in stock; with some, diffusers' own become the shared base for the block (scaled by it).
-        Returns the LoRA scale for the text encoders and the ``cross_attention_kwargs`` for the UNet."""
-        managed = set(self._loaded().values())
+        """Where a call's adapter weights reach the layers: each adapter's weight times its per-layer factors, the
+        rest of the studio's adapters off, for the block (routes that change the active set within the call pass
+        the same set's weights and factors). Without any, diffusers' own adapters stay as diffusers left them and
+        the ``scale`` of ``cross_attention_kwargs`` works as in stock; with some, diffusers' own become the shared
+        base for the block (scaled by it). Returns the LoRA scale for the text encoders and the
+        ``cross_attention_kwargs`` for the UNet."""
+        managed = self._managed()
         if managed:
-            set_adapter_weights(self.studio_base(), dict(resolved), managed)
-        self._active_weights = tuple(sorted(resolved))
+            set_adapter_weights(self.studio_base(), adapters.weights(), managed, adapters.layer_weights())
+        self._active_weights = tuple(sorted(adapters.weights().items()))
         scale = (cross_attention_kwargs or {}).get("scale")
-        if not resolved:
+        if not adapters:
             return scale, cross_attention_kwargs
         # afterwards the pipeline is as diffusers left it: fuse_lora, get_active_adapters or a stock pipeline
         # sharing the modules see none of the studio's adapters
@@ -583,10 +605,6 @@ class CompositionEngine:
         pixels, nsfw = self.run_safety_checker(pixels, device, dtype)
         denormalize = [True] * pixels.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(pixels, output_type=output_type, do_denormalize=denormalize), nsfw
-
-    def model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
-        """The UNet's input at ``timestep``: scheduler-scaled latents (an inpainting UNet: with its mask inputs)."""
-        return init_image.model_input(self, latents, timestep, getattr(self, "_studio_init", None))
 
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode in the VAE's dtype (SDXL's fp16 VAE is upcast by the SDXL pipeline's override)."""
@@ -725,29 +743,25 @@ def perp_neg_terms(perp_neg: bool | Sequence[tuple[str, float]] | None, negative
     return terms
 
 
-def adapter_spec(spec: Any) -> tuple[str | Path, Any]:
-    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair; the weight is a
-    number or diffusers' ``set_adapters`` dict form (an :class:`~studio.adapters.weights.AdapterWeight`)."""
+def adapter_spec(spec: Any) -> tuple[str | Path, float | AdapterWeight]:
+    """One ``adapters`` entry: a file or library name (weight 1) or a (file or name, weight) pair; the weight is read
+    by :func:`~studio.adapters.weights.adapter_weight` (a number or diffusers' ``set_adapters`` dict form)."""
     if isinstance(spec, str | Path):
         return spec, 1.0
     if not isinstance(spec, Sequence) or len(spec) != 2 or not isinstance(spec[0], str | Path):
         raise ConfigError(f"each adapter is a file or name, or a (file or name, weight) pair, not {spec!r}")
-    if isinstance(spec[1], AdapterWeight):
-        return spec[0], spec[1]
-    if isinstance(spec[1], Mapping):
-        return spec[0], weight_from_mapping(spec[1], f"adapter weight for {spec[0]}")
-    return spec[0], _finite_number(spec[1], f"adapter weight for {spec[0]}")
+    return spec[0], adapter_weight(spec[1], f"adapter weight for {spec[0]}")
 
 
-def with_prompt_tags(prompt, adapters) -> tuple[Any, list]:
-    """A1111's ``<lora:NAME:W>`` tags taken out of the prompt(s) and added after ``adapters``."""
+def prompt_tags(prompt) -> tuple[Any, list]:
+    """A1111's ``<lora:NAME:W>`` tags taken out of the prompt(s): the prompt(s) without them and the tagged
+    adapters as (file, weight)."""
     if prompt is None:
-        return prompt, adapters
+        return prompt, []
     texts, tagged = adapters_from_prompts([prompt] if isinstance(prompt, str) else list(prompt))
     if not tagged:
-        return prompt, adapters
-    given = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
-    return (texts[0] if isinstance(prompt, str) else texts), given + tagged
+        return prompt, []
+    return (texts[0] if isinstance(prompt, str) else texts), tagged
 
 
 def _finite_number(value: Any, what: str) -> float:
@@ -780,8 +794,3 @@ def _unique_name(name: str, taken: set[str]) -> str:
     while candidate in taken or candidate in ("training", "base"):
         candidate, index = f"{name}_{index}", index + 1
     return candidate
-
-
-def _frequency_profile(adapter) -> dict:
-    raw = adapter.metadata.get("studio.freq_profile")
-    return json.loads(raw) if raw else {}

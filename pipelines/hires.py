@@ -2,9 +2,10 @@
 
 The first pass stops at latents; the upscale is either in latent space (A1111's "Latent" family: the latents
 interpolated) or in pixels (decode; PIL's Lanczos or nearest, or an upscaler model such as Real-ESRGAN: see
-:mod:`pipelines.upscalers`; the img2img pass encodes again); the second pass is the same call (same adapters,
-method, Perp-Neg, DECOR) with ``image=`` the upscaled result, its own ``num_inference_steps`` and ``strength``,
-and a generator restarted from the first pass's seed, as A1111 reseeds its second pass.
+:mod:`pipelines.upscalers`; the img2img pass encodes again); the second pass is the same call (method,
+Perp-Neg, DECOR; the adapters as the first pass attached them) with ``image=`` the upscaled result, its own
+``num_inference_steps`` and ``strength``, and a generator restarted from the first pass's seed, as A1111
+reseeds its second pass.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 
 from pipelines import upscalers
 from pipelines.init_image import check_strength
+from studio.adapters.prompt_tags import split_prompt
 from studio.errors import ConfigError
 
 
@@ -54,10 +56,22 @@ def hires_fix(pipe, call: Mapping[str, Any], scale: float, steps: int | None = N
     size = hires_size(height, width, scale, pipe.vae_scale_factor)
     generator = first.get("generator")
     state = generator.get_state() if isinstance(generator, torch.Generator) else None
-    latents = pipe(**{**first, "height": height, "width": width, "output_type": "latent"}).images
-    second = {**first, "height": size[0], "width": size[1], "image": upscale(pipe, latents, size, upscaler),
+    output = pipe(**{**first, "height": height, "width": width, "output_type": "latent"})
+    second = {**first, "height": size[0], "width": size[1], "image": upscale(pipe, output.images, size, upscaler),
               "strength": strength, "num_inference_steps": steps or first.get("num_inference_steps", 50),
               "mask_image": None, "latents": None}
+    attached = getattr(output, "adapters", None)
+    if attached is not None:  # the first pass's adapters (its prompt tags' too) as attached: no file looked up again
+        second.update(adapters=attached, prompt=untagged(first.get("prompt")))
     if state is not None:
         second["generator"] = torch.Generator(generator.device).set_state(state)
     return pipe(**second)
+
+
+def untagged(prompt: str | list[str] | None) -> str | list[str] | None:
+    """The prompt(s) without A1111's ``<lora:…>`` tags (their adapters are in the first pass's set)."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return split_prompt(prompt)[0]
+    return [split_prompt(text)[0] for text in prompt]

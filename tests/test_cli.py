@@ -43,7 +43,7 @@ def test_cli_errors_are_messages(tmp_path, capsys):
 def test_argument_parsers():
     assert parse_adapter_spec("a/b/sks-moon.safetensors:0.5") == ("a/b/sks-moon.safetensors", 0.5)
     assert parse_adapter_spec("sks-moon") == ("sks-moon", 1.0)
-    with pytest.raises(ConfigError, match="is not a number"):
+    with pytest.raises(ConfigError, match="must be a finite number, not 'strong'"):
         parse_adapter_spec("sks-moon:strong")
     assert parse_option("interval=3") == ("interval", 3) and parse_option("use_cache=false") == ("use_cache", False)
     assert parse_weighted_text("a striped shape:2") == ("a striped shape", 2.0)

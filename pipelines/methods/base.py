@@ -5,9 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from pipelines import init_image
+from pipelines.adapter_set import AdapterSet
 from pipelines.guidance import weighted_mean
 
 
@@ -54,6 +57,30 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """One call's state, passed to whatever evaluates the UNet (the engine's step, CLoRA's attention passes):
+    the adapters it composes, the img2img/inpainting state, LCM's guidance embedding and the caller's
+    ``cross_attention_kwargs``. Kept here, not on the pipeline, so nothing of one call outlives it."""
+
+    pipe: Any
+    adapters: AdapterSet
+    init: init_image.InitImage | None = None
+    timestep_cond: torch.Tensor | None = None
+    attention_kwargs: dict[str, Any] | None = None
+
+    def model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The UNet's input at ``timestep``: scheduler-scaled latents (an inpainting UNet: with its mask inputs)."""
+        return init_image.model_input(self.pipe, latents, timestep, self.init)
+
+    def unet_inputs(self, repeat: int) -> dict[str, Any]:
+        """The UNet inputs besides latents and conditioning, for a batch of ``repeat`` stacked copies of the
+        latents: LCM's ``timestep_cond`` and the ``cross_attention_kwargs``."""
+        cond = self.timestep_cond
+        return {"timestep_cond": None if cond is None else cond.repeat(repeat, 1),
+                "cross_attention_kwargs": self.attention_kwargs}
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Noise predictions of one evaluation, one per conditioning: [uncond, cond, extra negatives…]."""
 
@@ -75,7 +102,8 @@ def fuse_weighted(predictions: Sequence[Prediction], weights: Sequence[float]) -
 
 
 class CompositionMethod(ABC):
-    """A method sees the adapters (name, weight) in the user's order and the number of steps.
+    """A method sees the call's :class:`~pipelines.adapter_set.AdapterSet` (names, weights, profiles, kinds,
+    triggers, in the user's order) and the number of steps.
 
     Optional capabilities: ``uses_adapter_prompts`` (each adapter evaluated with its own prompt),
     ``capture_resolution`` (cross-attention maps of each evaluation passed to :meth:`observe`), and
@@ -87,23 +115,23 @@ class CompositionMethod(ABC):
     capture_resolution: int | None = None
 
     def __init__(self) -> None:
-        self.adapters: list[tuple[str, float]] = []
+        self.adapters = AdapterSet()
         self.num_steps = 0
         self.schedule_steps = 0
 
-    def prepare(self, adapters: Sequence[tuple[str, float]], num_steps: int, profiles: Mapping[str, dict],
-                schedule_steps: int | None = None) -> None:
+    def prepare(self, adapters: AdapterSet, num_steps: int, schedule_steps: int | None = None) -> None:
         """Called once per generation before the first step. ``num_steps``: the steps this run takes (its step 0
         is the first one run); ``schedule_steps``: the length of the whole schedule they belong to (an img2img
         run at strength s takes its last ``num_steps`` ≈ s·``schedule_steps``; default: ``num_steps``)."""
-        self.adapters = list(adapters)
+        self.adapters = adapters
         self.num_steps = num_steps
         self.schedule_steps = schedule_steps or num_steps
 
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         """The pipeline and the prompts (main first, then one per adapter), after :meth:`prepare`."""
 
-    def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions: Sequence) -> torch.Tensor:
+    def refine(self, generation: Generation, step: int, timestep, latents: torch.Tensor, conditions: Sequence
+               ) -> torch.Tensor:
         """Return the latents this step denoises (default: unchanged)."""
         return latents
 

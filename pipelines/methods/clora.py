@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.guidance import masked_fusion
-from pipelines.methods.base import CompositionMethod, Prediction, Route
+from pipelines.methods.base import CompositionMethod, Generation, Prediction, Route
 from pipelines.unet_runner import BASE, predict_noise
 from studio.adapters.inject import set_adapter_weights
 from studio.errors import ConfigError
@@ -109,26 +109,25 @@ class CLoRA(CompositionMethod):
     # -- setup ---------------------------------------------------------------------------------------------------
     def bind(self, pipe, prompts: Sequence[str]) -> None:
         self.prompts = list(prompts)
-        self._assign_roles(pipe)
+        self._assign_roles()
         if self.groups is not None:
             self._check_groups(pipe.tokenizer)
-        groups = self.groups or [[trigger] for trigger in self._triggers(pipe)]
+        groups = self.groups or [[trigger] for trigger in self._triggers()]
         self.indices = [[(pos, label) for label, words in enumerate(groups) for word in words
                          for pos in token_positions(pipe.tokenizer, prompt, word)] for prompt in self.prompts]
         self.masks, self.mask_history, self.losses = {}, [], []
 
-    def _assign_roles(self, pipe) -> None:
+    def _assign_roles(self) -> None:
         """Content adapters (contrasted, masked) and style adapters (active in every pass), from ``roles`` or the
         adapters' ``studio.kind``; with no content adapter at all, every adapter is treated as content."""
         if self.roles is not None and len(self.roles) != len(self.adapters):
             raise ConfigError(f"CLoRA: {len(self.roles)} roles for {len(self.adapters)} adapters")
-        kinds = getattr(pipe, "_studio_kinds", {})
-        roles = self.roles or ["style" if kinds.get(name) == "style" else "content" for name, _ in self.adapters]
+        roles = self.roles or ["style" if a.kind == "style" else "content" for a in self.adapters]
         if "content" not in roles:
             roles = ["content"] * len(self.adapters)
-        self.content = [(i + 1, name, weight) for i, ((name, weight), role) in enumerate(zip(self.adapters, roles))
+        self.content = [(i + 1, a.name, a.weight) for i, (a, role) in enumerate(zip(self.adapters, roles))
                         if role == "content"]
-        self.styles = {name: weight for (name, weight), role in zip(self.adapters, roles) if role == "style"}
+        self.styles = {a.name: a.weight for a, role in zip(self.adapters, roles) if role == "style"}
 
     def _check_groups(self, tokenizer) -> None:
         """Given groups must name each content adapter's concept with words of the prompt: a word the prompt lacks
@@ -141,10 +140,10 @@ class CLoRA(CompositionMethod):
         if missing:
             raise ConfigError(f"CLoRA: concept words not in the prompt: {', '.join(map(repr, missing))}")
 
-    def _triggers(self, pipe) -> list[str]:
+    def _triggers(self) -> list[str]:
         """Default concept groups: each content adapter's first trigger word (its name when it has none)."""
-        known = getattr(pipe, "_studio_triggers", {})
-        return [(known.get(name) or [name])[0] for _, name, _ in self.content]
+        triggers = {a.name: a.triggers for a in self.adapters}
+        return [(triggers[name] or (name,))[0] for _, name, _ in self.content]
 
     def latent_step(self, latents: torch.Tensor) -> float:
         """η: the given step size, or the paper's 20 scaled by this latent's area relative to 64×64."""
@@ -170,30 +169,32 @@ class CLoRA(CompositionMethod):
         own = {name: weight for _, name, weight in self.content if name == key}
         return {**own, **self.styles}
 
-    def _maps(self, pipe, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
+    def _maps(self, generation: Generation, z: torch.Tensor, timestep, conditions) -> list[torch.Tensor]:
         """Each route's conditional cross-attention maps at latent ``z`` (with gradients to it)."""
         routes = self._routes()
         batch = len(z)
         conditional = [conditions[p].branch(conditions[p].cond_index) for _, _, p in routes]
-        model_input = pipe.model_input(z, timestep)
+        pipe = generation.pipe
+        model_input = generation.model_input(z, timestep)
         if not self.styles:  # one batched call, each slice routed through its adapter
             stacked = model_input.repeat(len(routes), 1, 1, 1)
             hidden, added = pipe.stack_conditions(conditional)
             names = [adapter for _, adapter, _ in routes for _ in range(batch)]
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, stacked, timestep, hidden, names, added, **pipe.unet_inputs(len(routes)))
+                predict_noise(pipe.unet, stacked, timestep, hidden, names, added,
+                              **generation.unet_inputs(len(routes)))
             maps = store.mean()
             return [maps[i * batch : (i + 1) * batch] for i in range(len(routes))]
         out = []
         for (key, _, _), condition in zip(routes, conditional):  # styles and the route's adapter active together
-            set_adapter_weights(pipe.studio_base(), self._weights(key))
+            set_adapter_weights(pipe.studio_base(), self._weights(key), factors=generation.adapters.layer_weights())
             hidden, added = pipe.stack_conditions([condition])
             with capture_cross_attention(pipe.unet, self.capture_resolution) as store:
-                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **pipe.unet_inputs(1))
+                predict_noise(pipe.unet, model_input, timestep, hidden, None, added, **generation.unet_inputs(1))
             out.append(store.mean())
         return out
 
-    def refine(self, pipe, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
+    def refine(self, generation: Generation, step: int, timestep, latents: torch.Tensor, conditions) -> torch.Tensor:
         if step == 0:  # the largest attention grid not above the requested one (the UNet halves, rounding up)
             side = min(latents.shape[-2:])
             while side > self.requested_resolution:
@@ -207,7 +208,7 @@ class CLoRA(CompositionMethod):
         for _ in range(rounds):
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
-                loss = self._loss(self._maps(pipe, z, timestep, conditions))
+                loss = self._loss(self._maps(generation, z, timestep, conditions))
                 if loss.requires_grad and float(loss.detach()) > 0:
                     gradient = torch.autograd.grad(loss, z)[0]
                     latents = (z - step_size * gradient).detach()

@@ -22,8 +22,9 @@ and cost about 0.6 of the text-to-image call instead of about half). At full str
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+from pipelines.adapter_set import AdapterSet
 from pipelines.methods.base import CompositionMethod, Prediction, Route, fuse_weighted
 from studio.errors import ConfigError
 
@@ -68,11 +69,10 @@ class CMLoRA(CompositionMethod):
         self.counter = 0
         self.late_reset_done = False
 
-    def prepare(self, adapters: Sequence[tuple[str, float]], num_steps: int, profiles: Mapping[str, dict],
-                schedule_steps: int | None = None) -> None:
-        super().prepare(adapters, num_steps, profiles, schedule_steps)
-        names = [name for name, _ in adapters]
-        self.high = [n for n in names if profiles.get(n, {}).get("class", "H") == "H"]
+    def prepare(self, adapters: AdapterSet, num_steps: int, schedule_steps: int | None = None) -> None:
+        super().prepare(adapters, num_steps, schedule_steps)
+        names = adapters.names
+        self.high = [a.name for a in adapters if a.profile.get("class", "H") == "H"]
         self.low = [n for n in names if n not in self.high]
         if not self.high:  # no H-LoRA: treat all as H
             self.high, self.low = names, []

@@ -15,7 +15,7 @@ class Composite(CompositionMethod):
     name = "composite"
 
     def plan(self, step: int) -> list[Route]:
-        return [Route(name, adapter=name) for name, _ in self.adapters]
+        return [Route(name, adapter=name) for name in self.adapters.names]
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
-        return fuse_weighted([predictions[name] for name, _ in self.adapters], [1.0] * len(self.adapters))
+        return fuse_weighted([predictions[name] for name in self.adapters.names], [1.0] * len(self.adapters))

@@ -11,7 +11,7 @@ class Merge(CompositionMethod):
     name = "merge"
 
     def plan(self, step: int) -> list[Route]:
-        return [Route("merged", merged=dict(self.adapters))]
+        return [Route("merged", merged=self.adapters.weights())]
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
         return predictions["merged"]

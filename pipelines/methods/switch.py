@@ -26,8 +26,7 @@ class Switch(CompositionMethod):
         return ((step - 1) // self.interval) % len(self.adapters) if step > 0 else 0
 
     def plan(self, step: int) -> list[Route]:
-        name, _ = self.adapters[self.active_index(step)]
-        return [Route("active", adapter=name)]
+        return [Route("active", adapter=self.adapters[self.active_index(step)].name)]
 
     def fuse(self, step: int, predictions: Mapping[str, Prediction]) -> Prediction:
         return predictions["active"]

@@ -167,40 +167,29 @@ def _escape(path: str) -> str:
     return path.replace(".", r"\.")
 
 
-def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[str] | None = None) -> None:
+def set_adapter_weights(base, weights: Mapping[str, float], managed: Iterable[str] | None = None,
+                        factors: Mapping[str, AdapterWeight | None] | None = None) -> None:
     """Activate exactly the adapters in ``weights`` with their weights among the ``managed`` ones (default: every
-    attached adapter); adapters outside ``managed`` (e.g. one being trained) keep their state. A layer's scale is
-    the weight times the adapter's per-component/per-block factor (:func:`set_layer_weights`)."""
+    attached adapter); adapters outside ``managed`` (e.g. one being trained) keep their state. ``factors``: an
+    adapter's separate text-encoder/UNet and per-block factors (:class:`~studio.adapters.weights.AdapterWeight`),
+    multiplied into its weight in each layer."""
     unknown = set(weights) - set(attached_adapters(base))
     if unknown:
         raise AdapterError(f"no attached adapter named {', '.join(sorted(unknown))}")
     controlled = set(weights) | (set(managed) if managed is not None else set(attached_adapters(base)))
-    factors = _layer_weights(base)
+    layered = {name: factor for name, factor in (factors or {}).items() if factor is not None}
     for component, path, layer in lora_layers(base):
         kept = [n for n in layer.active_adapters if n not in controlled and n in layer.lora_A]
         wanted = kept + [n for n in weights if n in layer.lora_A]
         _activate(layer, wanted)
         for name in weights:
             if name in layer.lora_A:
-                factor = layer_factor(factors[name], component, path) if name in factors else 1.0
+                factor = layer_factor(layered[name], component, path) if name in layered else 1.0
                 layer.set_scale(name, float(weights[name]) * factor)
         for name in controlled & set(wanted):  # inference adapters stay frozen (set_adapter unfreezes)
             if layer.lora_A[name].weight.requires_grad or layer.lora_B[name].weight.requires_grad:
                 layer.lora_A[name].requires_grad_(False)
                 layer.lora_B[name].requires_grad_(False)
-
-
-def _layer_weights(base) -> dict[str, AdapterWeight]:
-    return base.pipe.__dict__.setdefault("_studio_layer_weights", {})
-
-
-def set_layer_weights(base, name: str, weight: AdapterWeight | None) -> None:
-    """Give adapter ``name`` separate text-encoder/UNet and per-block factors (None: 1 everywhere); they multiply
-    the weight :func:`set_adapter_weights` gives it, in every layer."""
-    if weight is None or weight.is_uniform():
-        _layer_weights(base).pop(name, None)
-    else:
-        _layer_weights(base)[name] = weight
 
 
 def detach_adapter(base, name: str) -> None:

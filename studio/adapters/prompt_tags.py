@@ -9,7 +9,6 @@ read; other ``<…>`` text is left as it is.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from studio.adapters.library import close_names, library_names
+from studio.adapters.weights import AdapterWeight, scalar_weight
 from studio.errors import ConfigError
 
 _OPEN = re.compile(r"<(lora|lyco):", re.IGNORECASE)
@@ -31,21 +31,12 @@ class AdapterTag:
     text_encoder: float
     unet: float
 
-    def weight(self) -> float | dict[str, float]:
-        """The weight in the form ``adapters=[(name, weight)]`` takes: one number, or diffusers' dict form."""
+    def weight(self) -> float | AdapterWeight:
+        """The weight in the form ``adapters=[(name, weight)]`` takes: one number, or separate text-encoder and
+        UNet factors (both already read by :func:`~studio.adapters.weights.scalar_weight`)."""
         if self.text_encoder == self.unet:
             return self.unet
-        return {"text_encoder": self.text_encoder, "unet": self.unet}
-
-
-def _number(text: str, tag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"prompt tag {tag}: weight {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"prompt tag {tag}: weight {text!r} is not a finite number")
-    return value
+        return AdapterWeight(text_encoder=self.text_encoder, unet=self.unet)
 
 
 def _parse(tag: str, body: str) -> AdapterTag:
@@ -60,9 +51,9 @@ def _parse(tag: str, body: str) -> AdapterTag:
             key = key.strip().lower()
             if key not in ("te", "unet"):
                 raise ConfigError(f"prompt tag {tag}: unknown parameter {key!r} (te= and unet= are read)")
-            named[key] = _number(value.strip(), tag)
+            named[key] = scalar_weight(value, f"prompt tag {tag}: weight")
         else:
-            positional.append(_number(argument.strip(), tag))
+            positional.append(scalar_weight(argument, f"prompt tag {tag}: weight"))
     if len(positional) > 2:
         raise ConfigError(f"prompt tag {tag}: at most two weights (text encoder, UNet), got {len(positional)}")
     te = named.get("te", positional[0] if positional else 1.0)
@@ -117,7 +108,7 @@ def resolve_tag(tag: AdapterTag) -> Path:
     raise ConfigError(f"prompt tag {tag.tag}: no adapter named {tag.name!r}{close_names(tag.name, list(names))}")
 
 
-def adapters_from_prompts(prompts: list[str]) -> tuple[list[str], list[tuple[Path, float | dict[str, float]]]]:
+def adapters_from_prompts(prompts: list[str]) -> tuple[list[str], list[tuple[Path, float | AdapterWeight]]]:
     """The prompts without tags, and the tagged adapters as ``(file, weight)``. Every prompt of one batch must carry
     the same tags (one set of adapters is attached per generation)."""
     split = [split_prompt(p) for p in prompts]

@@ -5,6 +5,9 @@ their own weights; diffusers' ``set_adapters`` dict form adds per-block UNet wei
 (``{"text_encoder": 0.5, "unet": {"down": 0.9, "mid": 1.0, "up": {"block_0": 0.6}}}``). diffusers applies that
 form to its own LoRA layers only; here the same form becomes a factor per peft layer of the studio's adapters,
 multiplied into the weight every composition method sets, so it holds for every method.
+
+:func:`adapter_weight` is the one rule that reads a weight, whichever way it came in (Python, the CLI's
+``FILE:W``, A1111's prompt tags and PNG parameters, the app's form): a bad one is the same error everywhere.
 """
 
 from __future__ import annotations
@@ -58,10 +61,29 @@ def layer_factor(weight: AdapterWeight, component: str, path: str) -> float:
     return factor
 
 
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+def adapter_weight(value: object, what: str = "adapter weight") -> float | AdapterWeight:
+    """The one reading of an adapter weight, whichever way it came in: a number, a number written as text (the
+    CLI's ``FILE:W``, A1111's ``<lora:NAME:W>``, a form field), diffusers' ``set_adapters`` dict form, or an
+    :class:`AdapterWeight` already read (returned as it is). Anything else is a :class:`ConfigError` naming
+    ``what``; a number must be finite."""
+    if isinstance(value, AdapterWeight):
+        return value
+    if isinstance(value, Mapping):
+        return weight_from_mapping(value, what)
+    return scalar_weight(value, what)
+
+
+def scalar_weight(value: object, what: str = "adapter weight") -> float:
+    """A one-number weight (or a number written as text), finite; the rule :func:`adapter_weight` applies."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, Real) or not math.isfinite(number):
         raise ConfigError(f"{what} must be a finite number, not {value!r}")
-    return float(value)
+    return float(number)
 
 
 def weight_from_mapping(spec: Mapping, what: str = "adapter weight") -> AdapterWeight:
@@ -70,8 +92,8 @@ def weight_from_mapping(spec: Mapping, what: str = "adapter weight") -> AdapterW
     if unknown:
         raise ConfigError(f"{what}: unknown part(s) {', '.join(sorted(map(str, unknown)))}; use text_encoder, "
                           "text_encoder_2 and unet")
-    te = _number(spec.get("text_encoder", 1.0), f"{what} text_encoder")
-    te2 = _number(spec["text_encoder_2"], f"{what} text_encoder_2") if "text_encoder_2" in spec else None
+    te = scalar_weight(spec.get("text_encoder", 1.0), f"{what} text_encoder")
+    te2 = scalar_weight(spec["text_encoder_2"], f"{what} text_encoder_2") if "text_encoder_2" in spec else None
     unet = spec.get("unet", 1.0)
     blocks: dict[str, float] = {}
     if isinstance(unet, Mapping):
@@ -83,8 +105,8 @@ def weight_from_mapping(spec: Mapping, what: str = "adapter weight") -> AdapterW
                 for block, number in value.items():
                     if not str(block).startswith("block_") or not str(block)[6:].isdigit():
                         raise ConfigError(f"{what}: {part} blocks are named block_0, block_1…, not {block!r}")
-                    blocks[f"{part}.{str(block)[6:]}"] = _number(number, f"{what} unet.{part}.{block}")
+                    blocks[f"{part}.{str(block)[6:]}"] = scalar_weight(number, f"{what} unet.{part}.{block}")
             else:
-                blocks[part] = _number(value, f"{what} unet.{part}")
+                blocks[part] = scalar_weight(value, f"{what} unet.{part}")
         unet = 1.0
-    return AdapterWeight(text_encoder=te, unet=_number(unet, f"{what} unet"), text_encoder_2=te2, blocks=blocks)
+    return AdapterWeight(text_encoder=te, unet=scalar_weight(unet, f"{what} unet"), text_encoder_2=te2, blocks=blocks)

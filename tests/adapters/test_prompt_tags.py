@@ -42,8 +42,8 @@ def test_split_prompt_reads_a1111_forms():
 @pytest.mark.parametrize(("prompt", "message"), [
     ("a moon <lora:sks-moon:0.7", "<lora:sks-moon:0.7' has no closing"),
     ("a <lora:sks-moon:0.7 <lora:b:1>", "<lora:sks-moon:0.7' has no closing"),
-    ("a <lora:sks-moon:strong>", "<lora:sks-moon:strong>: weight 'strong' is not a number"),
-    ("a <lora:sks-moon:nan>", "not a finite number"),
+    ("a <lora:sks-moon:strong>", "<lora:sks-moon:strong>: weight must be a finite number, not 'strong'"),
+    ("a <lora:sks-moon:nan>", "must be a finite number, not 'nan'"),
     ("a <lora:sks-moon:dyn=4>", "unknown parameter 'dyn'"),
 ])
 def test_bad_tags_name_the_tag(prompt, message):

@@ -45,7 +45,7 @@ def test_clora_shows_masks(studio_env):
 
 def test_bad_weight_and_missing_prompt_are_readable_errors(studio_env):
     studio, _ = studio_env
-    with pytest.raises(gr.Error, match="not a number"):
+    with pytest.raises(gr.Error, match="Adapter row 1: weight must be a finite number, not 'strong'"):
         studio.generate("", *form(rows=["one"], weight="strong"), progress=NoProgress())
     with pytest.raises(gr.Error, match="Write a prompt"):
         studio.generate("", *form(prompt="  "), progress=NoProgress())
@@ -264,11 +264,10 @@ def test_an_a1111_png_fills_the_form(tmp_path):
                                 "CFG scale: 6, Seed: 77, Size: 64x64, Clip skip: 2, Model hash: 0123456789")
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    values = app.png_to_form(str(path))
-    assert values[:3] == [True, "one", 0.7] and values[16:18] == ["a red star", "blurry"]
-    named = recipe_form(values)
-    assert values[19] == 77 and values[21:23] == [9, 6.0]
-    assert [named[k] for k in ("sampler", "schedule", "clip_skip")] == ["Euler a", "Automatic", 2]
+    values = recipe_form(app.png_to_form(str(path)))
+    assert values["rows"][0] == {"on": True, "adapter": "one", "weight": 0.7, "own_prompt": ""}
+    assert [values[name] for name in ("prompt", "negative", "seed", "steps", "guidance", "sampler", "schedule",
+                                      "clip_skip")] == ["a red star", "blurry", 77, 9, 6.0, "Euler a", "Automatic", 2]
     with pytest.raises(gr.Error, match="no generation parameters"):
         plain = tmp_path / "plain.png"
         Image.new("RGB", (8, 8)).save(plain)

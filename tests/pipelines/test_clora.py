@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pipelines.adapter_set import AdapterSet
 from pipelines.methods.base import Prediction
 from pipelines.methods.clora import CLoRA, contrastive_loss, token_positions
 from studio.adapters.file import save_adapter
@@ -51,7 +52,7 @@ def test_clora_updates_latents_returns_masks_and_differs_from_composite(setup, t
 def test_clora_groups_are_configurable(setup, tmp_path):
     pipe, paths = setup
     method = CLoRA(groups=[["red"], ["blue"]], extra_rounds=0)
-    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    method.prepare(AdapterSet.of([("a", 1.0), ("b", 1.0)]), 4)
     method.bind(pipe, [PROMPT, PROMPT, PROMPT])
     assert method.indices[0] == [(2, 0), (7, 1)]
 
@@ -65,7 +66,7 @@ def test_clora_groups_are_configurable(setup, tmp_path):
 def test_given_groups_that_would_leave_an_adapter_unused_are_refused(setup, groups, message):
     pipe, _ = setup
     method = CLoRA(groups=groups)
-    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    method.prepare(AdapterSet.of([("a", 1.0), ("b", 1.0)]), 4)
     with pytest.raises(ConfigError, match=message):
         method.bind(pipe, [PROMPT] * 3)
 
@@ -76,7 +77,7 @@ def test_each_mask_comes_from_its_own_concept_and_fusion_fills_the_rest(setup, u
     prediction, or with ``uncovered="adapters"`` to the adapters' mean."""
     pipe, _ = setup
     method = CLoRA(groups=[["red"], ["blue"]], mask_threshold=0.5, uncovered=uncovered)
-    method.prepare([("a", 1.0), ("b", 1.0)], 4, {})
+    method.prepare(AdapterSet.of([("a", 1.0), ("b", 1.0)]), 4)
     method.bind(pipe, [PROMPT] * 3)
     maps = torch.full((1, 256, 77), 0.01)
     grid = maps[0].view(16, 16, 77)
@@ -115,7 +116,7 @@ def test_a_style_adapter_is_active_in_every_pass_and_never_contrasted(setup):
 
     pipe, _ = setup
     method = CLoRA(groups=[["sks"]], roles=["content", "style"])
-    method.prepare([("c", 1.0), ("s", 0.8)], 4, {})
+    method.prepare(AdapterSet.of([("c", 1.0), ("s", 0.8)]), 4)
     method.bind(pipe, ["a red solid sks on a white background"] * 3)
     assert method.plan(0) == [Route(BASE_KEY, merged={"s": 0.8}, prompt=0),
                               Route("c", merged={"c": 1.0, "s": 0.8}, prompt=1)]

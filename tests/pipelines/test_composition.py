@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipelines import CMLoRAPipeline, CompositionPipeline
+from pipelines.adapter_set import AdapterSet, AttachedAdapter, LoadedAdapter
 from pipelines.merged_routing import merged_routing
 from pipelines.methods.base import Prediction
 from pipelines.methods.cmlora import CMLoRA, dominant_shares, refresh_steps
@@ -33,7 +34,7 @@ def test_batched_routing_equals_sequential_evaluation(setup, merged, layout):
     """Both routings (peft's mixed batch; merged weights, grouped when the runs are even) match one adapter
     at a time; index 3 is the base."""
     pipe, paths = setup
-    names = [name for name, _ in pipe.attach_adapters([(p, 0.8) for p in paths])]
+    names = pipe.attach_adapters([(p, 0.8) for p in paths]).names
     from studio.adapters.inject import set_adapter_weights
 
     set_adapter_weights(pipe.studio_base(), {n: 0.8 for n in names})
@@ -128,7 +129,8 @@ def test_cmlora_schedule_and_weights_follow_the_paper():
 
 def test_cmlora_evaluates_every_adapter_and_rotates_only_the_dominant_one():
     method = CMLoRA()
-    method.prepare([("subject", 1.0), ("background", 1.0)], 20, {"background": {"class": "L"}})
+    background = AttachedAdapter(LoadedAdapter("background", profile={"class": "L"}))
+    method.prepare(AdapterSet.of([("subject", 1.0)]) + AdapterSet((background,)), 20)
     predictions = {"subject": Prediction((torch.zeros(1), torch.zeros(1))),
                    "background": Prediction((torch.ones(1), torch.ones(1)))}
     dominant = []
@@ -146,7 +148,7 @@ def test_cmlora_evaluates_every_adapter_and_rotates_only_the_dominant_one():
 def test_cmlora_cache_age_is_bounded_by_a_fraction_of_the_steps(steps, bound):
     method = CMLoRA()
     names = ["a", "b", "c"]
-    method.prepare([(n, 1.0) for n in names], steps, {})
+    method.prepare(AdapterSet.of([(n, 1.0) for n in names]), steps)
     written, oldest, full = {}, 0, 0
     for step in range(steps):
         for route in method.plan(step):
@@ -166,7 +168,7 @@ def test_cmlora_cache_age_is_measured_on_the_whole_schedule(adapters):
     (bounded on the 10 steps run, every feature would be rewritten every step: 11 of 17 full evaluations)."""
     def full_evaluations(steps, schedule_steps=None):
         method = CMLoRA()
-        method.prepare([(str(i), 1.0) for i in range(adapters)], steps, {}, schedule_steps)
+        method.prepare(AdapterSet.of([(str(i), 1.0) for i in range(adapters)]), steps, schedule_steps)
         return sum(route.cache == "write" for step in range(steps) for route in method.plan(step)), method.max_age
 
     (txt2img, age), (img2img, img2img_age) = full_evaluations(20), full_evaluations(10, schedule_steps=20)
