@@ -101,7 +101,7 @@ def test_fusing_a_diffusers_lora_rebuilds_and_so_does_unfusing_it(pipe_and_files
 
 def test_detaching_an_adapter_frees_its_merged_weights(pipe_and_files):
     pipe, files = pipe_and_files
-    names = [n for n, _ in pipe.attach_adapters(files)]
+    names = pipe.attach_adapters(files).names
     call(pipe, adapters=files[1:], method="composite")  # kept: stacks of the other two
     call(pipe, adapters=files, method="composite")  # and stacks with the first
     kept = kept_merged_weights(pipe.unet)
@@ -119,7 +119,7 @@ def test_kept_weights_stay_within_the_budget(pipe_and_files):
     kept = kept_merged_weights(pipe.unet)
     held = kept.nbytes
     layers = [layer for _, layer in lora_modules(pipe.unet)]
-    need = MergedRouting.extra_bytes(layers, [n for n, _ in pipe.attach_adapters(files[1:])])
+    need = MergedRouting.extra_bytes(layers, pipe.attach_adapters(files[1:]).names)
     pipe.merged_routing_budget = need + (held - 1 - need) // 2  # room for this generation, not for both
     assert need < pipe.merged_routing_budget < held
     output = call(pipe, adapters=files[1:], method="composite")
