@@ -45,6 +45,10 @@ queue_fidelity() {  # docs/results.md, "Method fidelity"
     run fidelity_decor_basis bench.disentangle decor_basis
     run fidelity_decor_seed0 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 0
     run fidelity_b4m_basis bench.disentangle basis --n 50
+    run fidelity_b4m_seed0 bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide \
+        --style_lr 3e-3 --make_lr 3e-4 --prior_layers all --seed 0
+    run fidelity_b4m_prior_rows_d_seed0 bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet \
+        --recipe wide --style_lr 3e-3 --make_lr 3e-4 --prior_layers all --prior_rows 0 --no-plain --seed 0
     run fidelity_compose_decorrelated bench.compose quality --style decorrelated --n_values 2 --seeds 30 \
         --methods merge composite cmlora "cmlora, no cache" clora
 }

@@ -16,7 +16,9 @@ bench's targets, with Q drawn from d rows (the earlier scale) or from max(d, 128
 
 decor_basis: for DECOR's 1-word bases, their overlaps ‖VᵢᵀVⱼ‖²/min(kᵢ, kⱼ), the share of the BOS row they remove,
 and the share of a word's in-context difference (its row in "a red {word} on a white background" minus the
-reference words' mean row there) each basis removes.
+reference words' mean row there) each basis removes. Then what DECOR removes from the leakage bench's own text, as
+it is applied there (the captions' or the prompt's words protected): the share of the word rows' energy (BOS to EOS)
+of the training captions (as the bench writes them, and with the circle named), and of the inference prompts.
 
 leakage: a style adapter trained on 5 zigzag *circles* captioned "a {color} zwx shape on a {background}
 background" is prompted with the other shapes; leakage is the rate at which it still draws a circle. Trained
@@ -38,7 +40,7 @@ from PIL import Image
 
 from bench.measure import read_generations
 from frontends.build.demo_adapters import KEYS_VALUES, WIDE, render_demo_images
-from pipelines.decor import decor_blocks
+from pipelines.decor import decor_blocks, kept_words, project_blocks
 from pipelines.loading import load_base
 from studio.adapters.file import AdapterFile, LoraModule, save_adapter
 from studio.data import procedural
@@ -81,21 +83,23 @@ def b4m(args, base, evaluator, work: Path) -> None:
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
-    plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps, recipe=args.recipe,
-                         seed=args.seed)
-    plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
-                       seed=args.seed)
     prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
     rows = {
         "B4M made adapter": [(str(made), 1.0)],
         "B4M content + style, merged 1.0/1.0": [(str(content_file), 1.0), (str(style_file), 1.0)],
-        "plain LoRA content + style, merged 1.0/1.0": [(str(plain_content), 1.0), (str(plain_style), 1.0)],
     }
+    if args.plain:
+        plain_content = lora(base, content, "content", "lora-content", work / "out", args.lora_steps,
+                             recipe=args.recipe, seed=args.seed)
+        plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
+                           seed=args.seed)
+        rows["plain LoRA content + style, merged 1.0/1.0"] = [(str(plain_content), 1.0), (str(plain_style), 1.0)]
     print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
           f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
-          f"make lr {args.make_lr or args.lr}, plain LoRAs {args.recipe} recipe, "
+          f"make lr {args.make_lr or args.lr}, "
+          f"{f'plain LoRAs {args.recipe} recipe' if args.plain else 'no plain pair'}, "
           f"5 + 5 images, training seed {args.seed}): {minutes:.1f} min on one CPU thread; n = {args.n}, "
           f"{args.steps} steps")
     print("| adapters | moon and zigzag | moon | zigzag |")
@@ -168,6 +172,54 @@ def decor_basis(args, base, evaluator, work: Path) -> None:
             difference = hidden - mean
             shares.append(float((difference @ bases[w]).square().sum() / difference.square().sum()))
         print(f"| {w} | {bases[w].shape[1]} | {' | '.join(f'{x:.2f}' for x in shares)} | |")
+    decor_reach(pipe, args.n)
+
+
+@torch.no_grad()
+def decor_reach(pipe, n: int) -> None:
+    """The share of the word rows' energy that DECOR removes from the leakage bench's captions and prompts."""
+    captions = {"training captions, circle unnamed (the bench's)": [procedural.caption(COLORS[i % 6], "zwx", "shape",
+                                                                     BACKGROUNDS[i % 3]) for i in range(5)],
+                "training captions, circle named": [procedural.caption(COLORS[i % 6], "zwx", "circle",
+                                                                       BACKGROUNDS[i % 3]) for i in range(5)]}
+    prompts = leakage_prompts(n)[0]
+    cache: dict[tuple, tuple] = {}
+
+    class Memo:  # the pipeline with its text encodings memoised: the bases for each prompt share most texts
+        def __getattr__(self, name: str):
+            return getattr(pipe, name)
+
+        def encode_texts(self, texts: list[str], **options) -> tuple:
+            key = (tuple(texts), tuple(sorted(options.items())))
+            if key not in cache:
+                cache[key] = pipe.encode_texts(texts, **options)
+            return cache[key]
+
+    memo = Memo()
+
+    def removed(texts: list[str], word: str, keep_from: list[str]) -> float:
+        blocks = decor_blocks(memo, [word], keep=kept_words(keep_from, [word]))
+        hidden = pipe.encode_texts(texts)[0].float()
+        end = max(len(ids) for ids in pipe.tokenizer(texts).input_ids)  # through EOS
+        rows = hidden[:, 1:end]
+        return float((rows - project_blocks(hidden, blocks)[:, 1:end].float()).square().sum() / rows.square().sum())
+
+    words = ["circle", "dotted", "blue"]
+    print(f"Share of the word rows' energy (BOS excluded, through EOS) DECOR removes (α = 1) from the leakage "
+          f"bench's text; inference: the first {len(prompts)} prompts, each with its own words protected")
+    print(f"| text | {' | '.join(f'remove {w!r}' for w in words)} |")
+    print("|---|" + "---|" * len(words))
+    for label, texts in captions.items():
+        print(f"| {label} | {' | '.join(f'{removed(texts, w, texts):.3f}' for w in words)} |")
+    shares = [np.mean([removed([p], w, [p]) for p in prompts]) for w in words]
+    print(f"| inference prompts | {' | '.join(f'{x:.3f}' for x in shares)} |")
+
+
+def leakage_prompts(n: int) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The leakage bench's n prompts ("a {color} zwx {shape} on a {background} background", never a circle)."""
+    others = [s for s in procedural.BASE_SHAPES if s != "circle"]
+    cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(n)]
+    return [f"a {c} zwx {s} on a {b} background" for c, s, b in cases], cases
 
 
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
@@ -192,9 +244,7 @@ def leakage(args, base, evaluator, work: Path) -> None:
         options = {"decor_remove": words} if words else {}
         trained[label] = lora(base, images, "style", f"style-{label}", work / "out", args.lora_steps,
                               prior=args.prior, recipe=args.recipe, seed=args.seed, **options)
-    others = [s for s in procedural.BASE_SHAPES if s != "circle"]
-    cases = [(COLORS[i % 6], others[i % len(others)], BACKGROUNDS[(i // 6) % 3]) for i in range(args.n)]
-    prompts = [f"a {c} zwx {s} on a {b} background" for c, s, b in cases]
+    prompts, cases = leakage_prompts(args.n)
     blue = np.array([c == "blue" for c, _, _ in cases])
 
     def row(label: str, adapter: Path, **options) -> None:
@@ -238,6 +288,9 @@ def main() -> None:
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)
     parser.add_argument("--lora_steps", type=int, default=400)
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="b4m: also train and read the merged plain-LoRA pair (--no-plain: B4M's rows only, when "
+                             "the pair's numbers for this seed and recipe are already known)")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
     parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
