@@ -39,7 +39,7 @@ from pipelines.cross_kv_cache import CrossKVCache, cached_cross_kv
 from pipelines.decor import check_alpha, project_prompts
 from pipelines.guidance import cfg
 from pipelines.guidance import perp_neg as perp_neg_guidance
-from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing
+from pipelines.merged_routing import DEFAULT_BUDGET_BYTES, merged_routing, release_merged_weights
 from pipelines.methods import make_method
 from pipelines.methods.base import Conditioning, Generation, Prediction, Route
 from pipelines.native_lora import shared_base
@@ -70,7 +70,12 @@ class CompositionEngine:
     default_method = "merge"
     max_loaded_adapters = 8  # least recently used adapters beyond this are detached (diffusers #11816, #8532)
     cache_cross_kv = True  # compute cross-attention K/V once per generation (exact; see cross_kv_cache)
-    merged_routing_budget = DEFAULT_BUDGET_BYTES  # routed slices on merged weights up to this much extra memory
+    merged_routing_budget = DEFAULT_BUDGET_BYTES  # routed slices on merged weights up to this much extra memory,
+    # kept for the next generation while valid (see pipelines.merged_routing); 0 turns it off and frees them
+
+    def release_merged_weights(self) -> None:
+        """Free the merged adapter weights kept for the next generation (they are rebuilt when needed)."""
+        release_merged_weights(self.unet)
 
     def studio_base(self):
         """This pipeline seen as a studio ``BaseModel`` (what the adapter layer validates against)."""
@@ -520,7 +525,8 @@ class CompositionEngine:
                     progress.update()
                     if legacy is not None and step % legacy[1] == 0:
                         legacy[0](step // getattr(self.scheduler, "order", 1), t, latents)
-            stats.merged_weights = 0 if routing is None else len(routing.weights)
+            if routing is not None:
+                stats.merged_weights, stats.merged_weights_built = len(routing.used), routing.built
         stats.cached_text_projections = kv.hits
         masks = {name: mask.detach().cpu() for name, mask in getattr(composer, "masks", {}).items()
                  if mask is not None}

@@ -32,6 +32,7 @@ class UNetStats:
     samples: int = 0
     cached_text_projections: int = 0  # cross-attention K/V served from the generation's cache
     merged_weights: int = 0  # per-adapter merged layer weights the generation's routed calls ran on
+    merged_weights_built: int = 0  # of those, built by this generation (the rest were kept from an earlier one)
 
 
 @dataclass

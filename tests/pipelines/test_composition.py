@@ -43,7 +43,7 @@ def test_batched_routing_equals_sequential_evaluation(setup, merged, layout):
     with torch.no_grad(), merged_routing(pipe.unet, names) if merged else contextlib.nullcontext() as routing:
         batched, _ = predict_noise(pipe.unet, x.repeat(len(routes), 1, 1, 1), t, hidden.repeat(len(routes), 1, 1),
                                    routes)
-        assert (routing is not None and len(routing.weights) > 0) == merged
+        assert (routing is not None and len(routing.used) > 0) == merged
     with torch.no_grad():
         for index, i in enumerate(layout):
             set_adapter_weights(pipe.studio_base(), {names[i]: 0.8} if i < 3 else {})
