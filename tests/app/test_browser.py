@@ -96,21 +96,21 @@ def _toast(page, text: str) -> None:
     page.get_by_text(text).first.wait_for()
 
 
-def test_compose_demo_adapters_with_merge_and_cmlora(page):
+def test_compose_demo_adapters_with_cmlora_and_merge(page):
     _enable_row(page, 0, "sks-moon")
     _enable_row(page, 1, "zwx-zigzag")
     prompt = page.locator("#prompt textarea")
     prompt.fill("a red zwx sks on a white background")
-    page.locator("#method").get_by_text("merge", exact=True).click()
+    page.locator("#method").get_by_text("cmlora", exact=True).click()
     page.locator("#generate").click()
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 1")
     assert _gallery_count(page) >= 1
-    page.get_by_text("seed 1 · merge").first.wait_for()
-    page.locator("#method").get_by_text("cmlora", exact=True).click()
-    page.locator("#generate").click()
     page.get_by_text("seed 1 · cmlora").first.wait_for()
+    page.locator("#method").get_by_text("merge", exact=True).click()
+    page.locator("#generate").click()
+    page.get_by_text("seed 1 · merge").first.wait_for()
     assert _gallery_count(page) >= 1
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # Merge draws both concepts at seed 1: two red zigzag moons
     page.screenshot(path=str(SCREENSHOTS / "compose.png"), full_page=True)
 
 
