@@ -122,6 +122,7 @@ def test_send_to_img2img_with_a_sampler(page):
     sampler = page.locator("#sampler input")
     sampler.fill("DPM++ 2M")
     sampler.press("Enter")
+    page.locator("#method").get_by_text("cmlora", exact=True).click()
     page.locator("#generate").click()
     page.get_by_text("seed 1 · cmlora · img2img").first.wait_for()
     assert _gallery_count(page) >= 1
