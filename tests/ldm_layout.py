@@ -23,12 +23,12 @@ def _rename(rest: str, pairs) -> str:
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    top = {v: k for k, v in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers name → LDM name
     per_block = unet.config.layers_per_block + 1
     out = {}
     for key, value in unet.state_dict().items():
-        if key in {v for v in top.values()}:
-            ldm = next(k for k, v in top.items() if v == key)
+        if key in top:
+            ldm = top[key]
         elif m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
             ldm = f"input_blocks.{1 + int(m[1]) * per_block + int(m[2])}.0.{_rename(m[3], UNET_RESNET)}"
         elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
@@ -52,24 +52,27 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     return out
 
 
+def _vae_resnet(rest: str) -> str:
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
-    top = {v: k for k, v in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]  # diffusers name → LDM name
     last = len(vae.config.up_block_types) - 1
     out = {}
     for key, value in vae.state_dict().items():
-        resnet = lambda rest: rest.replace("conv_shortcut", "nin_shortcut")  # noqa: E731
-        if key in set(top.values()):
-            ldm = next(k for k, v in top.items() if v == key)
+        if key in top:
+            ldm = top[key]
         elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-            ldm = f"encoder.down.{m[1]}.block.{m[2]}.{resnet(m[3])}"
+            ldm = f"encoder.down.{m[1]}.block.{m[2]}.{_vae_resnet(m[3])}"
         elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
             ldm = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
         elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-            ldm = f"decoder.up.{last - int(m[1])}.block.{m[2]}.{resnet(m[3])}"
+            ldm = f"decoder.up.{last - int(m[1])}.block.{m[2]}.{_vae_resnet(m[3])}"
         elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
             ldm = f"decoder.up.{last - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
-            ldm = f"{m[1]}.mid.block_{int(m[2]) + 1}.{resnet(m[3])}"
+            ldm = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_vae_resnet(m[3])}"
         elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
             ldm = f"{m[1]}.mid.attn_1.{_rename(m[2], VAE_ATTENTION)}"
             if value.ndim == 2:  # LDM's attention projections are 1×1 convolutions
