@@ -225,14 +225,15 @@ def leakage_prompts(n: int) -> tuple[list[str], list[tuple[str, str, str]]]:
 def circle_style_images(folder: Path, count: int = 5, caption: str = "shape") -> Path:
     """Zigzag circles only, captioned without their shape ("a red zwx shape on ...", or with ``caption="bare"``
     "a red zwx on ..."), as style references usually are: a style set whose content (circle) can leak into the
-    trigger."""
+    trigger. ``caption="named"`` names it ("a red zwx circle on ..."), so the caption carries the circle's
+    direction that DECOR's word basis can reach."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         color, background = COLORS[index % 6], BACKGROUNDS[index % 3]
         scene = procedural.jittered_scene(rng, color, "zigzag", "circle", background)
         Image.fromarray(procedural.render(scene)).save(folder / f"{index}.png")
-        text = procedural.caption(color, "zwx", "shape", background)
+        text = procedural.caption(color, "zwx", "circle" if caption == "named" else "shape", background)
         (folder / f"{index}.txt").write_text(text.replace(" shape", "") if caption == "bare" else text)
     return folder
 
@@ -293,8 +294,9 @@ def main() -> None:
                              "the pair's numbers for this seed and recipe are already known)")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="prior preservation for the plain LoRAs (--no-prior: the overfitting few-image case)")
-    parser.add_argument("--caption", choices=["shape", "bare"], default="shape",
-                        help='leakage: the circles\' captions, "a red zwx shape on …" or "a red zwx on …"')
+    parser.add_argument("--caption", choices=["shape", "bare", "named"], default="shape",
+                        help='leakage: the circles\' captions, "a red zwx shape on …", "a red zwx on …" or '
+                             '"a red zwx circle on …"')
     parser.add_argument("--images", type=int, default=5, help="leakage: how many zigzag circles the style set has")
     parser.add_argument("--controls", nargs="+", default=["dotted", "blue"],
                         help="leakage: unrelated words DECOR removes as controls (at inference; the first also in "

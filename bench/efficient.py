@@ -34,11 +34,11 @@ from trainers.sara import SaraConfig, SaraMethod, apply_sparse_delta, read_spars
 COLORS, BACKGROUNDS = list(procedural.COLORS), list(procedural.BACKGROUNDS)
 
 
-def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sara: dict, colora: dict
-              ) -> dict[str, tuple[list[Path], float]]:
+def train_all(base, images: Path, out: Path, steps: int, methods: list[str], sara: dict, colora: dict,
+              seed: int = 0) -> dict[str, tuple[list[Path], float]]:
     def config(name: str) -> TrainConfig:
         return TrainConfig(images=images, output=name, output_dir=out, kind="style", max_train_steps=steps,
-                           train_batch_size=4, seed=0, with_prior_preservation=True, num_class_images=96,
+                           train_batch_size=4, seed=seed, with_prior_preservation=True, num_class_images=96,
                            lr_scheduler="cosine", lr_warmup_steps=20, rank=16, learning_rate=1e-3)
 
     runs = {  # built only when chosen; CoLoRA's probe runs at the same rate (1e-3) by default
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--texture", default="zigzag", choices=["zigzag", "waves"], help="the reserved texture")
     parser.add_argument("--trigger", default="zwx", help="its trigger word")
     parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (the prompts and sampling seeds stay)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - {"lora", "sara", "colora"}
@@ -90,7 +91,7 @@ def main() -> None:
                          "target_params": args.sara_target_params, "scope": args.sara_scope,
                          "lambda_rank": args.sara_lambda_rank, "rank_penalty_layers": args.sara_rank_layers},
                         {"beta": args.colora_beta, "score": args.colora_score, "min_rank": args.colora_min_rank,
-                         "normalisation": args.colora_normalisation})
+                         "normalisation": args.colora_normalisation}, seed=args.seed)
     style_prompts = [procedural.caption(COLORS[i % 6], args.trigger, procedural.BASE_SHAPES[i % 6], BACKGROUNDS[i % 3])
                      for i in range(args.n)]
     cases = grid_cases(args.n, held_out=False, seed=21)
@@ -117,7 +118,7 @@ def main() -> None:
           f"prior preservation, SaRA lr {args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} "
           f"scope {args.sara_scope} λ {args.sara_lambda_rank} on {args.sara_rank_layers}, "
           f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank} "
-          f"normalisation {args.colora_normalisation}; "
+          f"normalisation {args.colora_normalisation}; training seed {args.seed}; "
           f"n = {args.n}; base accuracy on the ordinary prompts: {plain:.2f}")
     print(f"| adapter | {args.texture} (trigger prompts) | ordinary-prompt accuracy | change vs base | train min |")
     print("|---|---|---|---|---|")

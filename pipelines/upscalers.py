@@ -12,18 +12,16 @@ until the image reaches the target size (at most 3 times) and Lanczos resizes to
 
 from __future__ import annotations
 
-import pickle
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from studio.adapters.library import studio_home
 from studio.errors import ConfigError
+from studio.files import read_weights
 
 LATENT_MODES = {  # A1111's name: (torch interpolation mode, antialias)
     "Latent": ("bilinear", False),
@@ -92,17 +90,7 @@ def _load_model(path: str, mtime_ns: int):
     suffix = Path(path).suffix.lower()
     if suffix not in MODEL_SUFFIXES:
         raise ConfigError(f"{path}: an upscaler model is a {', '.join(MODEL_SUFFIXES)} file")
-    try:
-        if suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ConfigError(f"refused the upscaler model {path}: it pickles objects other than tensors, which could run "
-                          f"code when loaded; only plain weights are loaded (safetensors, or a .pth of tensors read "
-                          f"with torch.load(weights_only=True))") from error
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
-        raise ConfigError(f"cannot read the upscaler model {path}: {error}") from error
+    state, _ = read_weights(path, ConfigError, "upscaler model")
     try:
         model = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError as error:

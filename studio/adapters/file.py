@@ -18,17 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.adapters import keys, lycoris
 from studio.adapters.metadata import network_dim_and_alpha
 from studio.errors import AdapterError
-from studio.files import atomic_path
+from studio.files import PICKLE_SUFFIXES, atomic_path, read_weights
 from studio.text import split_words
 
 LAYOUTS = ("diffusers", "kohya")
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
 
@@ -119,10 +117,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         if len(candidates) != 1:
             raise AdapterError(f"adapter folder {path} must hold exactly one .safetensors file")
         path = candidates[0]
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        tensors, metadata = _read_pickle_safely(path), {}
-    else:
-        tensors, metadata = _read_safetensors(path)
+    tensors, metadata = read_weights(path, AdapterError, "adapter")
     if not tensors:
         raise AdapterError(f"adapter {path.name} holds no tensors")
     if metadata.get("studio.format") == "sparse_delta":
@@ -144,32 +139,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         modules = _modules_from_peft(path, tensors, metadata)
         extra["studio.source_format"] = "diffusers"
     return AdapterFile(modules=modules, metadata=extra, path=path)
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:
-        raise AdapterError(f"adapter {path.name} is not a readable safetensors file (truncated or corrupt?): "
-                           f"{str(error).splitlines()[0][:200]}") from error
-    return tensors, metadata
-
-
-def _read_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise AdapterError(
-            f"adapter {path.name} is a pickle that safe loading refuses (it may run code when unpickled); the "
-            "studio never unpickles untrusted files. Use a .safetensors adapter"
-        ) from error
-    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise AdapterError(f"adapter {path.name} is not a dict of tensors")
-    return data
 
 
 def _modules_from_kohya(path: Path, tensors: dict[str, torch.Tensor]
@@ -325,7 +294,10 @@ def update_metadata(path: str | os.PathLike, updates: dict[str, str], out: str |
     """Write ``updates`` into a safetensors adapter's header, its tensors byte for byte as they were (a user's
     kohya, LyCORIS or fp16 file keeps its dialect and precision), atomically, to ``out`` or in place."""
     source = Path(path)
-    tensors, metadata = _read_safetensors(source)
+    if source.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterError(f"{source.name} is a pickle, which has no header to write metadata into: convert it to "
+                           f".safetensors first (`studio adapter convert`)")
+    tensors, metadata = read_weights(source, AdapterError, "adapter")
     destination = Path(out) if out else source
     with atomic_path(destination) as tmp:
         save_file(tensors, str(tmp), metadata={**metadata, **updates})

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.adapters import keys
-from studio.adapters.file import LoraModule, read_adapter, save_adapter
+from studio.adapters.file import LoraModule, read_adapter, save_adapter, update_metadata
 from studio.adapters.inject import attach_adapter, detach_adapter, load_adapter, set_adapter_weights
 from studio.errors import AdapterError
 from tests.conftest import CONV, K2, TE, Q, make_adapter
@@ -150,6 +150,8 @@ def test_truncated_and_pickle_files_are_refused(tmp_path, random_base):
     torch.save(make_adapter(random_base).modules["unet"][Q].down, safe)
     with pytest.raises(AdapterError, match="not a dict of tensors"):
         read_adapter(safe)
+    with pytest.raises(AdapterError, match="a pickle, which has no header"):
+        update_metadata(safe, {"ss_output_name": "x"})
 
 
 @pytest.mark.parametrize(("parts", "algorithm"), [(("oft_blocks",), "OFT"), (("a1.weight", "a2.weight"), "GLoRA")])
