@@ -439,7 +439,10 @@ class TinyBuilder:
         }
         if self.config.start_from:
             start = json.loads((self.start_folder() / "studio_model.json").read_text())
-            domain["fine_tuned_from"] = {"model": self.config.start_from, "build_step": start.get("build_step")}
+            domain["fine_tuned_from"] = {  # the whole lineage: each start model's settings, back to its first build
+                "model": self.config.start_from, "build_step": start.get("build_step"),
+                "build_config": start.get("build_config"),
+                **({"fine_tuned_from": start["fine_tuned_from"]} if "fine_tuned_from" in start else {})}
         (staging / "studio_model.json").write_text(json.dumps(domain, indent=2) + "\n")
         old = export_dir.with_name(export_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -54,7 +54,9 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(start_model, tmp_path
     assert domain["build_step"] == 4
     assert domain["build_config"]["caption_drop_attribute"] == 0.3
     assert domain["build_config"]["caption_wrong_attribute"] == 0.2
-    assert domain["fine_tuned_from"] == {"model": str(start_model), "build_step": 4}
+    started = json.loads((start_model / "studio_model.json").read_text())
+    assert domain["fine_tuned_from"] == {"model": str(start_model), "build_step": 4,
+                                         "build_config": started["build_config"]}
     # the start model's VAE is kept as it is; its UNet moved only a little
     start_vae = load_file(str(start_model / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(v, start_vae[k])
@@ -90,7 +92,12 @@ def test_noisy_captions_change_the_words_not_the_images(tmp_path):
 
 
 def test_build_guided_refuses_other_settings_in_the_same_work_dir(start_model, tmp_path):
-    build_guided(guided(start_model, diffusion_steps=1), tmp_path / "w", tmp_path / "m" / "guided")
+    first = build_guided(guided(start_model, diffusion_steps=1), tmp_path / "w", tmp_path / "m" / "guided")
+    second = build_guided(guided(first, diffusion_steps=1, caption_wrong_attribute=0.1), tmp_path / "w2",
+                          tmp_path / "m" / "guided-2")  # a continuation records the whole lineage
+    lineage = json.loads((second / "studio_model.json").read_text())["fine_tuned_from"]
+    assert lineage["model"] == str(first) and lineage["build_config"]["caption_wrong_attribute"] == 0.2
+    assert lineage["fine_tuned_from"]["model"] == str(start_model)
     with pytest.raises(ConfigError, match="other settings"):
         build_guided(guided(start_model, diffusion_steps=1, caption_wrong_attribute=0.0), tmp_path / "w",
                      tmp_path / "m" / "guided")
