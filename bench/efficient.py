@@ -76,13 +76,14 @@ def main() -> None:
     parser.add_argument("--trigger", default="zwx", help="its trigger word")
     parser.add_argument("--methods", default="lora,sara,colora", help="which trainers to run (comma-separated)")
     parser.add_argument("--seed", type=int, default=0, help="the training seed (the prompts and sampling seeds stay)")
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - {"lora", "sara", "colora"}
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     torch.set_num_threads(1)
-    base, evaluator = load_base(), DomainEvaluator.load()
+    base, evaluator = load_base(args.model), DomainEvaluator.load()
     work = Path(tempfile.mkdtemp(prefix="studio-bench-efficient-"))
     atexit.register(shutil.rmtree, work, True)  # trained files and models are for this run only
     images = render_demo_images(work / "style", "style", count=5, trigger=args.trigger, concept=args.texture)
@@ -114,7 +115,8 @@ def main() -> None:
                  ("SaRA → SVD LoRA", sara_lora, None, None)]
     if "colora" in trained:
         rows.append(("CoLoRA (budget = rank 16)", trained["colora"][0][0], None, trained["colora"][1]))
-    print(f"style adapters from 5 {args.texture} renders (trigger {args.trigger}), {args.max_train_steps} steps, "
+    print(f"base {args.model or 'the embedded model'}; style adapters from 5 {args.texture} renders "
+          f"(trigger {args.trigger}), {args.max_train_steps} steps, "
           f"prior preservation, SaRA lr {args.sara_lr} θ {args.sara_threshold} N {args.sara_target_params} "
           f"scope {args.sara_scope} λ {args.sara_lambda_rank} on {args.sara_rank_layers}, "
           f"CoLoRA β {args.colora_beta} score {args.colora_score} r_min {args.colora_min_rank} "

@@ -23,7 +23,8 @@ def options(method: str, images):
     return {
         "lora": None,
         "sara": SaraConfig(target_params=4000, lora_rank=2),
-        "colora": CoLoRAConfig(probe_rank=2, probe_steps=2, budget_rank=2, min_rank=1, max_rank=4),
+        "colora": CoLoRAConfig(probe_rank=2, probe_steps=2, budget_rank=2, min_rank=1, max_rank=4, path_points=2,
+                                probe_samples=2),
         "b4m": B4MConfig(content=images, style=images, rank=2, break_steps=STEPS, make_steps=STEPS,
                          aux_images_per_set=2),
     }[method]
