@@ -14,11 +14,15 @@ mkdir -p "$out"
 export HF_HUB_OFFLINE=1
 py=.venv/bin/python
 
-run() {  # run NAME ARGS...: one benchmark, its output (tables and errors) to OUTPUT_DIR/NAME.txt
+run() {  # run NAME ARGS...: one benchmark, its tables to OUTPUT_DIR/NAME.txt, its progress and errors to NAME.err
     local name=$1
     shift
     echo "$(date +%T) start $name"
-    "$py" -m "$@" > "$out/$name.txt" 2>&1 || echo "$(date +%T) FAILED $name (see $out/$name.txt)"
+    if "$py" -m "$@" > "$out/$name.txt" 2> "$out/$name.err"; then
+        rm -f "$out/$name.err"
+    else
+        echo "$(date +%T) FAILED $name (see $out/$name.err)"
+    fi
 }
 
 queue_a() {

@@ -94,7 +94,8 @@ def b4m(args, base, evaluator, work: Path) -> None:
         plain_style = lora(base, style, "style", "lora-style", work / "out", args.lora_steps, recipe=args.recipe,
                            seed=args.seed)
         rows["plain LoRA content + style, merged 1.0/1.0"] = [(str(plain_content), 1.0), (str(plain_style), 1.0)]
-    print(f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
+    print(f"base {args.model or 'the embedded model'}; "
+          f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
           f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, "
@@ -258,7 +259,8 @@ def leakage(args, base, evaluator, work: Path) -> None:
         print(f"| {label} | {leak:.2f} | {zigzag:.2f} | {shape.mean():.2f} | {color[~blue].mean():.2f} | "
               f"{color[blue].mean():.2f} | {right:.2f} |", flush=True)
 
-    print(f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
+    print(f"base {args.model or 'the embedded model'}; "
+          f"style adapter trained on {args.images} zigzag circles ({args.caption} captions, {args.recipe} recipe, "
           f"{args.lora_steps} steps, {'with' if args.prior else 'without'} prior preservation), prompted with the "
           f"other shapes; control words {', '.join(args.controls)}; training seed {args.seed}; n = {args.n} "
           f"({int(blue.sum())} prompts ask for blue)")
@@ -309,9 +311,10 @@ def main() -> None:
                         help="B4M: Q has max(d, this) rows (the official code's 1280; 0: d rows)")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",
                         help="the layers B4M's PLP halves adapt")
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base, evaluator = load_base(), DomainEvaluator.load()
+    base, evaluator = load_base(args.model), DomainEvaluator.load()
     with tempfile.TemporaryDirectory(prefix=f"studio-bench-{args.part}-") as work:
         {"b4m": b4m, "leakage": leakage, "basis": basis, "decor_basis": decor_basis}[args.part](
             args, base, evaluator, Path(work))
