@@ -16,9 +16,10 @@ import torch
 
 from frontends.build.demo_adapters import DEMO_DIR, build_demo_adapters, render_demo_images
 from frontends.build.domain_clip import DOMAIN_CLIP, train_domain_clip
+from frontends.build.embedded import build_stages, embedded_stages
 from frontends.build.evaluator import DEFAULT_EVALUATOR, train_evaluator
 from frontends.build.guided import GUIDED_EXPORT, build_guided, guided_config
-from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, build_tiny
+from frontends.build.tiny import DEFAULT_EXPORT
 from frontends.config_flags import add_config_flags, config_from_args, non_negative_int, positive_int
 from frontends.generate import GenerationRequest, generate, request_from_png
 from pipelines.frequency import profile_adapter, store_profile
@@ -50,11 +51,9 @@ from trainers.sara import SaraConfig
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    config = TinyBuildConfig(seed=args.seed)
-    if args.max_train_steps is not None:
-        config.diffusion_steps = args.max_train_steps
-    out = build_tiny(config, work_dir=args.work_dir, export_dir=args.output or DEFAULT_EXPORT)
-    print(out)
+    stages = embedded_stages(args.seed, args.max_train_steps)
+    print(build_stages(stages[:1] if args.base_only else stages, work_root=args.work_dir,
+                       export_dir=args.output or DEFAULT_EXPORT))
     return 0
 
 
@@ -365,10 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = _build_command(commands, "build-tiny", "build (or resume building) the embedded base model",
-                           _build_tiny, None, "assets/tiny-sd",
-                           "the diffusion stage's steps (the VAE and decoder stages keep their own counts)")
-    build.add_argument("--work-dir", type=Path, default=None, help="resumable state (default: the studio cache)")
+    build = _build_command(commands, "build-tiny", "build (or resume building) the embedded model: the base, then "
+                           "its two guided fine-tunes", _build_tiny, 24_000, "assets/tiny-sd",
+                           "the base's diffusion steps (the VAE and decoder stages and the fine-tunes keep their own)")
+    build.add_argument("--work-dir", type=Path, default=None,
+                       help="where each stage keeps its resumable state (default: the studio cache)")
+    build.add_argument("--base-only", action="store_true",
+                       help="stop after the base, which then goes to --output (it follows prompts unguided)")
     guided = _build_command(commands, "build-guided", "fine-tune the embedded model on noisy, partial captions so "
                             "that it needs guidance (resumable)", _build_guided, 6000, "assets/tiny-sd-guided")
     guided.add_argument("--start-from", default="assets/tiny-sd", help="the model to fine-tune")

@@ -51,10 +51,17 @@ def build_guided(config: TinyBuildConfig, work_dir: Path | None = None, export_d
     work_dir = Path(work_dir) if work_dir else cache_dir() / "build-guided"
     interim = work_dir / "interim" / Path(export_dir).name
     builder = TinyBuilder(config, work_dir, export_dir, interim_export_dir=interim)
-    settings, recorded = asdict(config), work_dir / "build_config.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != settings:
-        raise ConfigError(f"{work_dir} holds a build with other settings ({recorded}); resume it with those, or "
-                          "start this one in another --work-dir")
-    atomic_write(recorded, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    check_settings(config, work_dir)
     torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
     return builder.run()
+
+
+def check_settings(config: TinyBuildConfig, work_dir: Path) -> None:
+    """Record ``config`` in ``work_dir`` (``build_config.json``), refusing a folder that holds a build with other
+    settings: resuming it with these would mix two builds."""
+    settings, recorded = asdict(config), Path(work_dir) / "build_config.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(settings)):
+        raise ConfigError(f"{work_dir} holds a build with other settings ({recorded}); resume it with those, or "
+                          "start this one in another --work-dir")
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(recorded, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))

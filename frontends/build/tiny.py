@@ -1,4 +1,5 @@
-"""``studio build-tiny``: make the procedural data set, train the VAE, then the text encoder and UNet together.
+"""The embedded model's base build: make the procedural data set, train the VAE, then the text encoder and UNet
+together (the first stage of ``studio build-tiny``, :mod:`frontends.build.embedded`).
 
 The diffusion stage follows a curriculum: one object per image first, then (from ``pairs_from_step``) a mix in
 which ``pair_fraction`` of the samples are two-object scenes. Before it, the VAE's decoder is fine-tuned on both
@@ -11,8 +12,8 @@ from scratch is reproducible and makes an equivalent model, not the same one.
 
 Every stage is seeded and resumable: state lives in a cache folder outside the repository (default
 ``~/.cache/adapter-studio/build-tiny``) and checkpoints are written atomically, so an interrupted build
-continues where it stopped. The EMA weights are exported in the diffusers folder layout (fp16) to
-``assets/tiny-sd`` at every export interval, so the repository always holds the newest usable model.
+continues where it stopped. The EMA weights are exported in the diffusers folder layout (fp16) at every export
+interval (to ``interim_export_dir`` before the last step, when one is given).
 
 With ``start_from`` the build fine-tunes an exported model instead: its VAE is kept (no VAE stages; the data is
 encoded with it and scaled by its recorded factor) and its text encoder and UNet continue training. With
@@ -27,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -335,6 +335,8 @@ class TinyBuilder:
             elif step % cfg.export_every == 0:
                 self.export(vae, ema["text_encoder"], ema["unet"], scaling, step, self.interim_export_dir)
         bar.close()
+        if not export_finished(self.export_dir, cfg):  # resumed at its last step, with that export lost
+            self.export(vae, ema["text_encoder"], ema["unet"], scaling, step)
 
     def sample_batch(self, gen: torch.Generator, step: int, singles: LatentSet, pairs: LatentSet,
                      empty: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,6 +533,16 @@ def _half_copy(module: torch.nn.Module, factory: Callable[[], torch.nn.Module]) 
     return copy.half()
 
 
+def export_finished(export_dir: Path, config: TinyBuildConfig) -> bool:
+    """Whether ``export_dir`` holds a build's last export, made with these settings."""
+    record = Path(export_dir) / "studio_model.json"
+    if not record.exists():
+        return False
+    domain = json.loads(record.read_text())
+    return (domain.get("build_step") == config.diffusion_steps
+            and domain.get("build_config") == json.loads(json.dumps(asdict(config))))
+
+
 def _declare_float32(config_file: Path) -> None:
     """The weights are stored in fp16 to keep the repository small, and transformers would load the text encoder
     in its config's dtype while diffusers loads the UNet and VAE in fp32: declaring fp32 lets a plain
@@ -538,13 +550,3 @@ def _declare_float32(config_file: Path) -> None:
     config = json.loads(config_file.read_text())
     config["dtype"] = "float32"
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def build_tiny(config: TinyBuildConfig | None = None, work_dir: Path | None = None,
-               export_dir: Path = DEFAULT_EXPORT) -> Path:
-    """Run (or resume) the whole build; returns the exported model folder."""
-    torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
-    start = time.time()
-    out = TinyBuilder(config or TinyBuildConfig(), work_dir, export_dir).run()
-    logger.info("build finished in %.0f s", time.time() - start)
-    return out
