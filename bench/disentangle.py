@@ -78,8 +78,9 @@ def b4m(args, base, evaluator, work: Path) -> None:
     start = time.perf_counter()
     config = TrainConfig(output="b4m", output_dir=work / "out", seed=args.seed, train_batch_size=4)
     content_file, style_file, made = train_b4m(B4MConfig(
-        content=content, style=style, rank=args.rank, learning_rate=args.lr, aux_learning_rate=args.aux_lr,
-        make_learning_rate=args.make_lr or args.lr, break_steps=args.break_steps, make_steps=args.make_steps,
+        content=content, style=style, rank=args.rank, learning_rate=args.lr,
+        aux_learning_rate=args.aux_lr or args.lr / 10, make_learning_rate=args.make_lr or args.lr,
+        break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
         make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
@@ -98,7 +99,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
           f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
           f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
-          f"style lr {args.style_lr or args.lr}, aux lr {args.aux_lr or 'a tenth of each run'}, "
+          f"style lr {args.style_lr or args.lr}, aux lr {args.aux_lr or args.lr / 10}, "
           f"make lr {args.make_lr or args.lr}, "
           f"{f'plain LoRAs {args.recipe} recipe' if args.plain else 'no plain pair'}, "
           f"5 + 5 images, training seed {args.seed}): {minutes:.1f} min on one CPU thread; n = {args.n}, "
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="B4M main and make learning rate")
     parser.add_argument("--style_lr", type=float, default=None, help="B4M style break rate (default: --lr)")
     parser.add_argument("--aux_lr", type=float, default=None,
-                        help="B4M auxiliary sets' rate (default: a tenth of each break run's main rate)")
+                        help="B4M auxiliary sets' rate in both break runs (default: --lr / 10)")
     parser.add_argument("--make_lr", type=float, default=None, help="B4M make-stage rate (default: --lr)")
     parser.add_argument("--break_steps", type=int, default=300)
     parser.add_argument("--make_steps", type=int, default=300)

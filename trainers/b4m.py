@@ -57,7 +57,6 @@ RESNET_TARGETS = ("conv1", "conv2")  # the ResNet convolutions, which adapters o
 PRIORS = ("square", "all")  # where the orthogonal prior goes: the paper's square layers, or every layer
 PRIOR_PROJECTIONS = (".to_q", ".to_k", ".to_v")  # the official code's orthogonal prior (when square)
 PRIOR_ROWS = 1280  # the official code draws every layer's Q from this many rows
-AUX_RATE_RATIO = 10  # the official break runs train the auxiliary half 10× slower than the main one (1e-4 / 1e-5)
 
 
 @dataclass
@@ -79,8 +78,7 @@ class B4MConfig:
     learning_rate: float = 1e-4  # the break runs' main rate (the paper's)
     style_learning_rate: float | None = field(default=None, metadata={
         "help": "the style break run's rate (default: --learning_rate)"})
-    aux_learning_rate: float | None = field(default=None, metadata={
-        "help": "the auxiliary sets' rate (default: a tenth of the run's main rate, as the official 1e-4 / 1e-5)"})
+    aux_learning_rate: float = field(default=1e-5, metadata={"help": "the auxiliary sets' rate"})
     make_learning_rate: float | None = field(default=None, metadata={
         "help": "the make stage's rate (default: --learning_rate)"})
     break_steps: int = field(default=1000, metadata={"help": "steps of each break run"})
@@ -400,9 +398,8 @@ class B4MBreak(_PLPMethod):
         main_rate = self.b4m.learning_rate
         if self.main == "style" and self.b4m.style_learning_rate:
             main_rate = self.b4m.style_learning_rate
-        aux_rate = self.b4m.aux_learning_rate or main_rate / AUX_RATE_RATIO
         return [{"params": self.plp.halves(self.main_side), "lr": main_rate},
-                {"params": self.plp.halves(self.aux_side), "lr": aux_rate}]
+                {"params": self.plp.halves(self.aux_side), "lr": self.b4m.aux_learning_rate}]
 
     def _main_loss(self, ctx: TrainingContext, step: int) -> torch.Tensor:
         """The main half's loss on this micro-step's batch; the batch, noise and timesteps are kept in
