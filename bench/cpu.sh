@@ -45,16 +45,37 @@ queue_b() {
     run efficient_waves bench.efficient --n 50 --texture waves --trigger qwe --sara_lr 4e-3 --colora_score weight_change
 }
 
-queue_fidelity() {  # docs/results.md, "Method fidelity"
-    run fidelity_decor_basis bench.disentangle decor_basis
-    run fidelity_decor_seed0 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 0
-    run fidelity_b4m_basis bench.disentangle basis --n 50
-    run fidelity_b4m_seed0 bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet --recipe wide \
-        --style_lr 3e-3 --make_lr 3e-4 --prior_layers all --seed 0
-    run fidelity_b4m_prior_rows_d_seed0 bench.disentangle b4m --make_steps 600 --b4m_targets attention+resnet \
-        --recipe wide --style_lr 3e-3 --make_lr 3e-4 --prior_layers all --prior_rows 0 --no-plain --seed 0
-    run fidelity_compose_decorrelated bench.compose quality --style decorrelated --n_values 2 --seeds 30 \
-        --methods merge composite cmlora "cmlora, no cache" clora
+# The fidelity tables on the previous base (build step 24,000, unguided): `studio build-tiny --base-only --output DIR`
+# builds it; PREVIOUS_BASE names the folder.
+previous="${PREVIOUS_BASE:-$HOME/.cache/adapter-studio/models/tiny-sd-24000}"
+
+queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's DECOR and composition reruns
+    local b4m="bench.disentangle b4m --model $previous --make_steps 600 --b4m_targets attention+resnet --recipe wide
+        --style_lr 3e-3 --make_lr 3e-4 --prior_layers all"
+    local efficient="bench.efficient --model $previous --n 100 --sara_lr 4e-3"
+    run fidelity_decor_basis bench.disentangle decor_basis --model "$previous"
+    run fidelity_decor_seed0 bench.disentangle leakage --model "$previous" --recipe wide --no-prior --lora_steps 600
+    run disentangle_leakage_wide_seed1 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 1
+    run disentangle_leakage_wide_named bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 \
+        --caption named
+    run fidelity_b4m_basis bench.disentangle basis --model "$previous" --n 50
+    run fidelity_b4m_seed0 $b4m --seed 0
+    for seed in 1 2 3; do run fidelity_b4m_seed$seed $b4m --no-plain --seed $seed; done
+    run fidelity_b4m_prior_rows_d_seed0 $b4m --prior_rows 0 --no-plain --seed 0
+    run fidelity_b4m_prior_rows_128_seed0 $b4m --prior_rows 128 --no-plain --seed 0
+    run compose_quality_decorrelated bench.compose quality --style decorrelated --n_values 2 3 --seeds 100 \
+        --methods merge switch composite cmlora "cmlora, no cache" clora
+    for seed in 0 1; do
+        run fidelity_colora_faig_seed$seed $efficient --methods colora --colora_score faig --seed $seed
+        run fidelity_colora_weight_change_seed$seed $efficient --methods colora --colora_score weight_change \
+            --seed $seed
+        run fidelity_lora_seed$seed $efficient --methods lora --seed $seed
+        run fidelity_sara_default_seed$seed $efficient --methods sara --seed $seed
+        run fidelity_sara_rank0_seed$seed $efficient --methods sara --sara_lambda_rank 0 --seed $seed
+        run fidelity_sara_rank5e-4_all_seed$seed $efficient --methods sara --sara_lambda_rank 5e-4 \
+            --sara_rank_layers all --seed $seed
+    done
+    run fidelity_sara_rank5e-3_all_seed0 $efficient --methods sara --sara_lambda_rank 5e-3 --sara_rank_layers all
 }
 
 queue_a &
