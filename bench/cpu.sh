@@ -61,7 +61,7 @@ queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's 
     run fidelity_b4m_basis bench.disentangle basis --model "$previous" --n 50
     run fidelity_b4m_seed0 $b4m --seed 0
     for seed in 1 2 3; do run fidelity_b4m_seed$seed $b4m --no-plain --seed $seed; done
-    run fidelity_b4m_prior_rows_d_seed0 $b4m --prior_rows 0 --no-plain --seed 0
+    for seed in 0 1 2 3; do run fidelity_b4m_prior_rows_d_seed$seed $b4m --prior_rows 0 --no-plain --seed $seed; done
     run fidelity_b4m_prior_rows_128_seed0 $b4m --prior_rows 128 --no-plain --seed 0
     run compose_quality_decorrelated bench.compose quality --style decorrelated --n_values 2 3 --seeds 100 \
         --methods merge switch composite cmlora "cmlora, no cache" clora
