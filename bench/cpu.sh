@@ -55,7 +55,10 @@ queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's 
     local efficient="bench.efficient --model $previous --n 100 --sara_lr 4e-3"
     run fidelity_decor_basis bench.disentangle decor_basis --model "$previous"
     run fidelity_decor_seed0 bench.disentangle leakage --model "$previous" --recipe wide --no-prior --lora_steps 600
-    run disentangle_leakage_wide_seed1 bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 --seed 1
+    for seed in 1 2 3; do
+        run disentangle_leakage_wide_seed$seed bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 \
+            --seed $seed
+    done
     run disentangle_leakage_wide_named bench.disentangle leakage --recipe wide --no-prior --lora_steps 600 \
         --caption named
     run fidelity_b4m_basis bench.disentangle basis --model "$previous" --n 50
