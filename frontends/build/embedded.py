@@ -15,15 +15,12 @@ interrupted recipe continues where it stopped.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
-from frontends.build.guided import check_settings, guided_config
-from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, TinyBuilder, export_finished
+from frontends.build.guided import guided_config
+from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, export_finished, run_stage
 from studio.files import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -49,7 +46,6 @@ def build_stages(stages: list[Stage], work_root: Path | None = None, export_dir:
     """Run (or resume) ``stages`` in order; the last writes ``export_dir``, the others export into their work
     folders. Returns ``export_dir``."""
     work_root = Path(work_root) if work_root else cache_dir()
-    torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
     previous: Path | None = None
     for index, stage in enumerate(stages):
         config = stage.config if previous is None else replace(stage.config, start_from=str(previous.resolve()))
@@ -59,8 +55,7 @@ def build_stages(stages: list[Stage], work_root: Path | None = None, export_dir:
             logger.info("stage %s: finished in %s, skipped", stage.folder, out)
         else:
             start = time.time()
-            check_settings(config, work)
-            TinyBuilder(config, work, out, interim_export_dir=work / "interim" / out.name).run()
+            run_stage(config, work, out)
             logger.info("stage %s: finished in %.0f s", stage.folder, time.time() - start)
         previous = out
     return Path(export_dir)

@@ -14,16 +14,11 @@ finished model is written to ``assets/tiny-sd-guided``; the shipped ``assets/tin
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from frontends.build.tiny import ASSETS, TinyBuildConfig, TinyBuilder
+from frontends.build.tiny import ASSETS, TinyBuildConfig, run_stage
 from studio.errors import ConfigError
-from studio.files import atomic_write, cache_dir
+from studio.files import cache_dir
 
 GUIDED_EXPORT = ASSETS / "tiny-sd-guided"
 
@@ -48,20 +43,4 @@ def build_guided(config: TinyBuildConfig, work_dir: Path | None = None, export_d
         raise ConfigError("build-guided fine-tunes an exported model: set start_from")
     if Path(export_dir).resolve() == (ASSETS / "tiny-sd").resolve():
         raise ConfigError("build-guided never overwrites the shipped model; choose another output folder")
-    work_dir = Path(work_dir) if work_dir else cache_dir() / "build-guided"
-    interim = work_dir / "interim" / Path(export_dir).name
-    builder = TinyBuilder(config, work_dir, export_dir, interim_export_dir=interim)
-    check_settings(config, work_dir)
-    torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
-    return builder.run()
-
-
-def check_settings(config: TinyBuildConfig, work_dir: Path) -> None:
-    """Record ``config`` in ``work_dir`` (``build_config.json``), refusing a folder that holds a build with other
-    settings: resuming it with these would mix two builds."""
-    settings, recorded = asdict(config), Path(work_dir) / "build_config.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(settings)):
-        raise ConfigError(f"{work_dir} holds a build with other settings ({recorded}); resume it with those, or "
-                          "start this one in another --work-dir")
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write(recorded, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    return run_stage(config, Path(work_dir) if work_dir else cache_dir() / "build-guided", export_dir)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from frontends.build import components
 from studio.data import procedural
 from studio.errors import ConfigError, DataError, ModelLoadError
-from studio.files import atomic_torch_save, cache_dir
+from studio.files import atomic_torch_save, atomic_write, cache_dir
 from studio.text import build_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class TinyBuilder:
         domain = {
             "name": "adapter-studio tiny-sd",
             "build_step": step,
-            "build_config": asdict(self.config),
+            "build_config": recorded_settings(self.config),
             "image_size": procedural.IMAGE_SIZE,
             "caption_template": "a {color} {texture} {shape} on a {background} background",
             "pair_caption_template": ("a {color} {texture} {shape} and a {color} {texture} {shape} "
@@ -533,6 +533,11 @@ def _half_copy(module: torch.nn.Module, factory: Callable[[], torch.nn.Module]) 
     return copy.half()
 
 
+def recorded_settings(config: TinyBuildConfig) -> dict:
+    """``config`` as the build records it in JSON (``build_config``), so a record read back compares equal."""
+    return json.loads(json.dumps(asdict(config)))
+
+
 def export_finished(export_dir: Path, config: TinyBuildConfig) -> bool:
     """Whether ``export_dir`` holds a build's last export, made with these settings."""
     record = Path(export_dir) / "studio_model.json"
@@ -540,7 +545,23 @@ def export_finished(export_dir: Path, config: TinyBuildConfig) -> bool:
         return False
     domain = json.loads(record.read_text())
     return (domain.get("build_step") == config.diffusion_steps
-            and domain.get("build_config") == json.loads(json.dumps(asdict(config))))
+            and domain.get("build_config") == recorded_settings(config))
+
+
+def run_stage(config: TinyBuildConfig, work_dir: Path, export_dir: Path) -> Path:
+    """Run (or resume) one build in ``work_dir``: exports before its last step go to ``work_dir/interim``, the
+    finished model to ``export_dir``. A work folder that holds a build with other settings is refused (resuming it
+    with these would mix two builds); these are recorded there (``build_config.json``)."""
+    work_dir = Path(work_dir)
+    interim = work_dir / "interim" / Path(export_dir).name
+    builder = TinyBuilder(config, work_dir, export_dir, interim_export_dir=interim)
+    settings, recorded = recorded_settings(config), work_dir / "build_config.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != settings:
+        raise ConfigError(f"{work_dir} holds a build with other settings ({recorded}); resume it with those, or "
+                          "start this one in another --work-dir")
+    atomic_write(recorded, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    torch.set_num_threads(int(os.environ.get("STUDIO_BUILD_THREADS", "1")))
+    return builder.run()
 
 
 def _declare_float32(config_file: Path) -> None:

@@ -4,7 +4,6 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import frontends.build.embedded
 import frontends.cli
 from frontends.build.embedded import Stage, build_stages, embedded_stages
 from frontends.build.tiny import DEFAULT_EXPORT, TinyBuildConfig, TinyBuilder
@@ -58,7 +57,7 @@ def test_stages_chain_and_a_finished_stage_is_skipped(tmp_path, monkeypatch):
         runs.append(Path(self.work_dir).name)
         return original(self)
 
-    monkeypatch.setattr(frontends.build.embedded.TinyBuilder, "run", counted)
+    monkeypatch.setattr(TinyBuilder, "run", counted)
     build_stages(_stages(), tmp_path / "work", out)
     assert runs == []  # both stages finished: nothing trains again
     (out / "studio_model.json").unlink()  # the last export lost: only that stage runs (and resumes at its end)
