@@ -30,7 +30,7 @@ from PIL import Image
 from bench.measure import measured
 from bench.random_sd import random_loras, sd15_folder
 from bench.two_subjects import PAIRS
-from frontends.build.demo_adapters import RECIPES
+from frontends.build.demo_adapters import RECIPES, render_demo_images
 from pipelines.attention_capture import capture_cross_attention
 from pipelines.loading import load_base
 from pipelines.methods import METHODS
@@ -41,6 +41,7 @@ from studio.data import procedural
 from studio.eval.domain import DomainEvaluator
 from studio.eval.two_objects import read_two_objects
 from trainers import TrainConfig, get_method, train
+from trainers.b4m import RESNET_TARGETS, TARGETS, B4MConfig, train_b4m
 
 
 def demo_adapters() -> list[str]:
@@ -125,24 +126,43 @@ def decorrelated_style(base, work) -> str:
     return str(train(config, get_method("lora"), base=base).outputs[0])
 
 
+def b4m_style(base, work) -> str:
+    """Break-for-Make's style half (its style break run: learnable B half on the zigzag renders, auxiliary content
+    sets on the A half), trained with the B4M bench's settings (``bench.disentangle b4m``: attention and ResNet
+    layers, rank 16, orthogonal prior on all layers, 300 break steps, style at 3e-3, auxiliary sets at 1e-4)."""
+    folder = Path(work)
+    content = render_demo_images(folder / "content", "content", count=5)
+    style = render_demo_images(folder / "style", "style", count=5)
+    b4m = B4MConfig(content=content, style=style, rank=16, learning_rate=1e-3, style_learning_rate=3e-3,
+                    aux_learning_rate=1e-4, break_steps=300, make_steps=0, target_modules=TARGETS + RESNET_TARGETS,
+                    prior="all")
+    _, style_file, _ = train_b4m(b4m, TrainConfig(output="b4m", output_dir=folder / "out", seed=0,
+                                                  train_batch_size=4), base=base)
+    return str(style_file)
+
+
+STYLES = {"decorrelated": decorrelated_style, "b4m": b4m_style}  # --style: non-leaking style adapters
+
+
 def quality(args) -> None:
     """N = 2: sks-moon + zwx-zigzag on "a {color} zwx sks on a {background} background" (moon and zigzag).
     N = 3: + xyz-cross on "a {c1} zwx sks and a {c2} xyz on …", read per color region (studio.eval.two_objects):
     the c1 region a zigzag moon and the c2 region a cross. ``--style decorrelated`` replaces the shipped style
-    adapter (6 renders whose colour fixes the shape) with one trained on decorrelated renders. Each adapter alone
-    on the N = 2 prompts comes first: what it draws for the words it does not know."""
+    adapter (6 renders whose colour fixes the shape) with one trained on decorrelated renders, ``--style b4m``
+    with B4M's style half. The base and each adapter alone on the N = 2 prompts come first: what each draws for the
+    words it does not know (the base, the control, for both triggers)."""
     base = load_base(args.model)
     evaluator = DomainEvaluator.load()
     content, cross, style = (str(SHIPPED / f"{name}.safetensors") for name in ("sks-moon", "xyz-cross", "zwx-zigzag"))
     work = tempfile.mkdtemp(prefix="studio-bench-compose-")
     atexit.register(shutil.rmtree, work, True)
-    if args.style == "decorrelated":
-        style = decorrelated_style(base, work)
+    if args.style in STYLES:
+        style = STYLES[args.style](base, work)
     colors, backgrounds = list(procedural.COLORS), list(procedural.BACKGROUNDS)
     print(f"{args.seeds} seeds × colors × backgrounds, {args.steps} steps; style adapter: {args.style}")
     print("| N | method | all concepts present | moon | zigzag | cross (N = 3) | a base shape (circle…diamond) |")
     print("|---|---|---|---|---|---|---|")
-    alone = [("sks-moon alone", [(content, 1.0)]), ("zwx-zigzag alone", [(style, 1.0)])]
+    alone = [("base alone", []), ("sks-moon alone", [(content, 1.0)]), ("zwx-zigzag alone", [(style, 1.0)])]
     for n in args.n_values:
         adapters = [(content, 1.0), (style, 1.0)] + ([(cross, 1.0)] if n == 3 else [])
         rows_here = [(label, "merge", {}, single) for label, single in alone] if n == 2 else []
@@ -238,8 +258,9 @@ def main() -> None:
     parser.add_argument("--loaded", type=int, default=20)
     parser.add_argument("--active", type=int, default=2)
     parser.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
-    parser.add_argument("--style", choices=["shipped", "decorrelated"], default="shipped",
-                        help="quality: the shipped zwx-zigzag, or one trained on shape/colour-decorrelated renders")
+    parser.add_argument("--style", choices=["shipped", *STYLES], default="shipped",
+                        help="quality: the shipped zwx-zigzag, one trained on shape/colour-decorrelated renders, "
+                             "or B4M's style half")
     parser.add_argument("--n_values", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="quality: N")
     parser.add_argument("--methods", nargs="+", default=[label for label, _, _ in QUALITY_ROWS],
                         help="quality: which rows (methods, and 'cmlora, no cache')")
