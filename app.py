@@ -503,7 +503,7 @@ def png_to_form(path: Any) -> list[Any]:
               "guidance": 5.0 if request.guidance_scale is None else request.guidance_scale,
               "size": request.width or 64, "perp_neg": bool(perp_neg),
               "perp_neg_weight": perp_neg[0][1] if perp_neg else 1.5, "decor_words": ", ".join(request.decor_remove),
-              "decor_alpha": request.decor_alpha, "switch_interval": options.get("interval", 5),
+              "decor_alpha": request.decor_alpha, "switch_interval": options.get("interval", 0),
               "cache_interval": options.get("cache_interval", 0),
               "clora_words": " | ".join(", ".join(group) for group in options.get("groups") or []),
               "clora_fill": options.get("uncovered") == "adapters", "sampler": request.sampler or MODEL_SAMPLER,
@@ -557,7 +557,7 @@ def build_app(model: str | None = None) -> gr.Blocks:
                         perp_weight = gr.Slider(0, 4, value=1.5, step=0.1, label="Perp-Neg weight")
                     with gr.Row():
                         method = gr.Radio(METHODS, value="merge", label="Composition method", elem_id="method")
-                        switch_interval = gr.Slider(1, 20, value=5, step=1, label="Switch interval τ")
+                        switch_interval = gr.Slider(0, 20, value=0, step=1, label="Switch interval τ (0 = paper)")
                         cache_interval = gr.Slider(0, 5, value=0, step=1, label="CMLoRA cache interval (0 = paper)")
                     with gr.Row():
                         clora_words = gr.Textbox(label="CLoRA concept words, '|' between adapters (empty = triggers)",

@@ -9,6 +9,7 @@ from pipelines.adapter_set import AdapterSet, AttachedAdapter, LoadedAdapter
 from pipelines.merged_routing import merged_routing
 from pipelines.methods.base import Prediction
 from pipelines.methods.cmlora import CMLoRA, dominant_shares, refresh_steps
+from pipelines.methods.switch import scaled_interval
 from pipelines.unet_runner import BASE, UNetStats, predict_noise, unet_forward
 from studio.adapters.file import save_adapter
 from studio.errors import AdapterError, ConfigError
@@ -106,6 +107,20 @@ def test_switch_with_a_long_interval_equals_its_first_adapter(setup):
     switch = run(pipe, adapters=[(paths[1], 1.0), (paths[2], 1.0)], method="switch",
                  method_options={"interval": 100})
     assert np.abs(first - switch).max() <= 1e-5
+
+
+def test_switch_keeps_the_papers_frequency_by_default(setup):
+    """The official code switches every 5 of 200 steps; by default τ scales with the schedule (1 at 6–59 steps),
+    and the recipe records the τ used."""
+    assert [scaled_interval(t) for t in (6, 20, 59, 60, 200)] == [1, 1, 1, 2, 5]
+    pipe, paths = setup
+    adapters = [(paths[1], 1.0), (paths[2], 1.0)]
+    default = call(pipe, adapters=adapters, method="switch")
+    every_step = run(pipe, adapters=adapters, method="switch", method_options={"interval": 1})
+    every_fifth = run(pipe, adapters=adapters, method="switch", method_options={"interval": 5})
+    assert np.abs(default.images - every_step).max() <= 1e-6
+    assert np.abs(default.images - every_fifth).max() > 1e-3
+    assert default.recipe["switch_interval"] == 1
 
 
 def test_cmlora_cache_cuts_block_evaluations_and_changes_the_image_boundedly(setup):
@@ -226,8 +241,8 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
         run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"intervall": 3})
     with pytest.raises(ConfigError, match="option interval of method 'switch' is a number, not 'abc'"):
         run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": "abc"})
-    with pytest.raises(ConfigError, match="switch interval must be at least 1, not 0"):
-        run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": 0})
+    with pytest.raises(ConfigError, match="at least 1, or 0 for the paper's frequency, not -1"):
+        run(pipe, adapters=[(paths[0], 1.0)], method="switch", method_options={"interval": -1})
     with pytest.raises(ConfigError, match="phase_boundary and max_staleness are fractions"):
         run(pipe, adapters=[(paths[0], 1.0)], method="cmlora", method_options={"phase_boundary": 2.0})
     other = make_random_base()
