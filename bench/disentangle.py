@@ -82,8 +82,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         aux_learning_rate=args.aux_lr or args.lr / 10, make_learning_rate=args.make_lr or args.lr,
         break_steps=args.break_steps, make_steps=args.make_steps,
         style_learning_rate=args.style_lr, target_modules=B4M_TARGETS[args.b4m_targets],
-        make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows,
-        down_init_std=args.down_init_std), config, base=base)
+        make_optimizer=args.make_optimizer, prior=args.prior_layers, prior_rows=args.prior_rows), config, base=base)
     minutes = (time.perf_counter() - start) / 60
     prompts = [f"a {COLORS[i % 6]} zwx sks on a {BACKGROUNDS[(i // 6) % 3]} background" for i in range(args.n)]
     rows = {
@@ -98,7 +97,7 @@ def b4m(args, base, evaluator, work: Path) -> None:
         rows["plain LoRA content + style, merged 1.0/1.0"] = [(str(plain_content), 1.0), (str(plain_style), 1.0)]
     print(f"base {args.model or 'the embedded model'}; "
           f"B4M pipeline ({args.b4m_targets}, orthogonal prior on {args.prior_layers} layers from max(d, "
-          f"{args.prior_rows}) rows, rank {args.rank}, A drawn with std {args.down_init_std or 1 / args.rank:.4g}, "
+          f"{args.prior_rows}) rows, rank {args.rank}, "
           f"break {args.break_steps} + make {args.make_steps} steps ({args.make_optimizer}), lr {args.lr}, "
           f"style lr {args.style_lr or args.lr}, aux lr {args.aux_lr or args.lr / 10}, "
           f"make lr {args.make_lr or args.lr}, "
@@ -311,7 +310,6 @@ def main() -> None:
     parser.add_argument("--make_optimizer", choices=["riemannian", "adamw"], default="riemannian")
     parser.add_argument("--prior_layers", choices=PRIORS, default="square",
                         help="B4M's orthogonal prior on square layers (the paper's) or on all layers")
-    parser.add_argument("--down_init_std", type=float, default=None, help="B4M: std of A's draw (default 1/rank)")
     parser.add_argument("--prior_rows", type=int, default=1280,
                         help="B4M: Q has max(d, this) rows (the official code's 1280; 0: d rows)")
     parser.add_argument("--b4m_targets", choices=sorted(B4M_TARGETS), default="attention",

@@ -18,8 +18,9 @@
   it.
 * Make: ΔW = [B_f ; B_l^style]·[A_f | A_l^content], fine-tuned jointly on content and style batches with a
   shared noise and timestep, with Riemannian preconditioning (g_B ← g_B(AAᵀ+λI)⁻¹, g_A ← (BᵀB+λI)⁻¹g_A).
-  The official code re-randomises the learned down half of square layers here; the paper means to keep it, and
-  this implementation keeps it.
+  The official code rebuilds the down projection of square ``to_q``/``to_k``/``to_v`` layers here with its seeded
+  initialiser (most likely restoring the initial A there, so content's A_l survives only on the other layers); the
+  paper pairs content's A with style's B on every layer, and so does this implementation.
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ class B4MConfig:
         "help": "orthogonal prior (non-zero frozen halves) on square layers only, as the paper, or on all layers, "
                 "so the content run can learn where the paper's B_f = 0", "choices": ("square", "all"),
         "aliases": ("--b4m_prior",)})
-    down_init_std: float | None = field(default=None, metadata={
-        "help": "std of A's Gaussian draw, its learnable half included (default 1/rank, the official code's)"})
     prior_rows: int = field(default=PRIOR_ROWS, metadata={
         "help": "the orthogonal Q has max(d, this) rows (the official code's 1280); 0: d rows, a frozen block "
                 "about √(1280/d) larger"})
@@ -139,8 +138,7 @@ def _is_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
 
 
 def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] = TARGETS,
-               prior: str = "square", prior_rows: int = PRIOR_ROWS,
-               down_init_std: float | None = None) -> dict[str, torch.Tensor]:
+               prior: str = "square", prior_rows: int = PRIOR_ROWS) -> dict[str, torch.Tensor]:
     """Frozen halves (and initial learnable halves) for every target layer, deterministic in ``seed``.
 
     A is split over input channels and B over outputs; a convolution's A has the base's kernel (B is 1×1).
@@ -161,7 +159,7 @@ def make_basis(unet: nn.Module, rank: int, seed: int, targets: tuple[str, ...] =
         conv = isinstance(module, nn.Conv2d)
         d_in, d_out = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
         kernel = tuple(module.kernel_size) if conv else ()
-        a = torch.randn(rank, d_in, *kernel, generator=generator) * (down_init_std or 1 / rank)
+        a = torch.randn(rank, d_in, *kernel, generator=generator) / rank
         b = torch.zeros(d_out, rank, *((1, 1) if conv else ()))
         if d_in == d_out and not conv and path.endswith(PRIOR_PROJECTIONS):
             q = orthonormal(d_in)
@@ -577,8 +575,7 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
     basis_path = work / f"{config.output}.b4m-basis.safetensors"
     recipe = {"studio.base_fingerprint": base.fingerprint, "studio.b4m_rank": str(b4m.rank),
               "studio.b4m_plp_split": "0.5", "studio.b4m_prior": b4m.prior, "studio.b4m_seed": str(config.seed),
-              "studio.b4m_targets": ",".join(b4m.target_modules), "studio.b4m_prior_rows": str(b4m.prior_rows),
-              "studio.b4m_down_init_std": str(b4m.down_init_std or 1 / b4m.rank)}
+              "studio.b4m_targets": ",".join(b4m.target_modules), "studio.b4m_prior_rows": str(b4m.prior_rows)}
 
     def aux(kind: str, given: list[Path], render: bool) -> list[Path]:
         if given:
@@ -594,7 +591,7 @@ def train_b4m(b4m: B4MConfig, config: TrainConfig, base=None, progress=None,
             check_basis_recipe(basis_path, recipe)
         elif state.is_main_process:  # a new run draws its own basis, never an earlier run's under the same name
             save_basis(make_basis(base.pipe.unet, b4m.rank, config.seed, tuple(b4m.target_modules), b4m.prior,
-                                  b4m.prior_rows, b4m.down_init_std), basis_path, recipe)
+                                  b4m.prior_rows), basis_path, recipe)
         aux_style = aux("style", b4m.aux_style, state.is_main_process)
         aux_content = aux("content", b4m.aux_content, state.is_main_process)
 
