@@ -70,6 +70,11 @@ queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's 
     run compose_quality_decorrelated bench.compose quality --style decorrelated --n_values 2 3 --seeds 100 \
         --methods merge switch composite cmlora "cmlora, no cache" clora
     run compose_quality_b4m bench.compose quality --style b4m --n_values 2 --seeds 100
+    # Switch at the paper's frequency (the rows above were measured before it became the default)
+    run compose_quality_switch bench.compose quality --methods switch --seeds 100
+    run compose_quality_decorrelated_switch bench.compose quality --style decorrelated --methods switch --seeds 100
+    run compose_quality_b4m_switch bench.compose quality --style b4m --n_values 2 --methods switch --seeds 100
+    run two_subjects_switch bench.two_subjects --n 60 --methods switch
     for seed in 0 1; do
         run fidelity_colora_faig_seed$seed $efficient --methods colora --colora_score faig --seed $seed
         run fidelity_colora_weight_change_seed$seed $efficient --methods colora --colora_score weight_change \
