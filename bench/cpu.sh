@@ -70,7 +70,7 @@ queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's 
     run compose_quality_decorrelated bench.compose quality --style decorrelated --n_values 2 3 --seeds 100 \
         --methods merge switch composite cmlora "cmlora, no cache" clora
     run compose_quality_b4m bench.compose quality --style b4m --n_values 2 --seeds 100
-    # Switch at the paper's frequency (the rows above were measured before it became the default)
+    # the Switch rows alone, at the paper's frequency: the docs' Switch rows cite these files
     run compose_quality_switch bench.compose quality --methods switch --seeds 100
     run compose_quality_decorrelated_switch bench.compose quality --style decorrelated --methods switch --seeds 100
     run compose_quality_b4m_switch bench.compose quality --style b4m --n_values 2 --methods switch --seeds 100
