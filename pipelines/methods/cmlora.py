@@ -89,7 +89,7 @@ class CMLoRA(CompositionMethod):
 
     def _rotate(self, step: int) -> None:
         if self._late(step):
-            self.dominant = self.order[((self.counter - 1) % len(self.high)) + 1]
+            self.dominant = self.order[(self.counter % len(self.high)) + 1]  # the official (k mod H) + 1
         else:
             self.dominant = self.high[self.counter % len(self.high)]
         self.counter += 1

@@ -159,6 +159,19 @@ def test_cmlora_evaluates_every_adapter_and_rotates_only_the_dominant_one():
     assert set(dominant[:boundary + 1]) == {"subject"} and set(dominant[boundary + 2 :]) == {"background"}
 
 
+def test_cmlora_rotation_follows_the_official_index_in_both_phases():
+    """At the k-th refresh (k from 0) the official code makes adapter k mod H dominant early and, in the late
+    phase, adapter (k mod H) + 1 of the H-then-L list."""
+    method = CMLoRA()
+    low = AttachedAdapter(LoadedAdapter("sky", profile={"class": "L"}))
+    method.prepare(AdapterSet.of([("cat", 1.0), ("ink", 1.0)]) + AdapterSet((low,)), 20)
+    order = ["cat", "ink", "sky"]
+    for k, step in enumerate(sorted(method.refresh)):
+        method.plan(step)
+        expected = order[(k % 2) + 1] if step > 0.55 * 20 else order[k % 2]
+        assert method.dominant == expected, (k, step)
+
+
 @pytest.mark.parametrize(("steps", "bound"), [(20, 2), (220, 22)])
 def test_cmlora_cache_age_is_bounded_by_a_fraction_of_the_steps(steps, bound):
     method = CMLoRA()
