@@ -28,8 +28,9 @@ def setup(tmp_path_factory):
 
 def call(pipe, **kwargs):
     """The pipeline's whole output for PROMPT (images, recipe, stats, masks)."""
+    kwargs.setdefault("output_type", "np")
     return pipe(PROMPT, num_inference_steps=kwargs.pop("steps", 6), guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+                generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def run(pipe, **kwargs):

@@ -101,6 +101,19 @@ def test_composite_with_one_adapter_equals_the_single_adapter_image(setup):
     assert np.abs(single - composite).max() <= 1e-5
 
 
+def test_composite_is_the_mean_of_the_single_adapter_predictions(setup):
+    """One DDIM step is linear in the guided prediction, so Composite's latent is the mean of the single-adapter
+    latents exactly when it averages (not sums) each adapter's [uncond, cond] pair, the adapter active in the
+    unconditional branch too, as the official code does."""
+    pipe, paths = setup
+    singles = [call(pipe, adapters=[(p, 1.0)], method="merge", steps=1, output_type="latent").images
+               for p in paths[:2]]
+    composite = call(pipe, adapters=[(p, 1.0) for p in paths[:2]], method="composite", steps=1,
+                     output_type="latent").images
+    assert (singles[0] - singles[1]).abs().max() > 1e-2
+    assert (composite - (singles[0] + singles[1]) / 2).abs().max() <= 1e-4
+
+
 def test_switch_with_a_long_interval_equals_its_first_adapter(setup):
     pipe, paths = setup
     first = run(pipe, adapters=[(paths[1], 1.0)], method="merge")
