@@ -67,6 +67,7 @@ queue_fidelity() {  # docs/results.md, "Method fidelity", and the guided base's 
     for seed in 0 1 2 3; do run fidelity_b4m_prior_rows_d_seed$seed $b4m --prior_rows 0 --no-plain --seed $seed; done
     run fidelity_b4m_prior_rows_128_seed0 $b4m --prior_rows 128 --no-plain --seed 0
     run fidelity_b4m_make1000_seed0 $b4m --make_steps 1000 --no-plain --seed 0
+    for seed in 0 1 2 3; do run fidelity_b4m_rank64_seed$seed $b4m --rank 64 --no-plain --seed $seed; done
     run compose_quality_decorrelated bench.compose quality --style decorrelated --n_values 2 3 --seeds 100 \
         --methods merge switch composite cmlora "cmlora, no cache" clora
     run compose_quality_b4m bench.compose quality --style b4m --n_values 2 --seeds 100
