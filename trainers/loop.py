@@ -382,8 +382,8 @@ def train(config: TrainConfig, method: TrainingMethod, progress: ProgressCallbac
     try:
         return _train(config, method, progress, base, should_stop, work_dir)
     finally:
-        if work_dir.is_dir() and not any(work_dir.iterdir()):
-            with contextlib.suppress(OSError):  # under accelerate launch another process may remove it first
+        with contextlib.suppress(OSError):  # under accelerate launch another process may remove it at any moment
+            if work_dir.is_dir() and not any(work_dir.iterdir()):
                 work_dir.rmdir()
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,23 @@ def test_prior_prompts_cover_two_object_scenes_on_a_base_that_learnt_them():
     assert len(mixed) == 10 and sum(" and a " in p for p in mixed) == 5 and len(set(mixed)) > 6
     assert default_class_prompts(SimpleNamespace(family="tiny", domain=domain),
                                  TrainConfig(class_prompt="a shape"), 3) == ["a shape"] * 3
+
+
+def test_a_work_folder_removed_by_another_process_mid_cleanup_is_no_error(tmp_path, monkeypatch):
+    """Under accelerate launch every process tidies the empty work folder; one may remove it between another's
+    check and its listing, which must not fail that process's finished run."""
+    import trainers.loop as loop
+
+    config = TrainConfig(images=tmp_path, output="race", output_dir=tmp_path)
+    config.work_folder().mkdir()
+    real_iterdir = Path.iterdir
+
+    def removed_meanwhile(self):
+        if self == config.work_folder():
+            self.rmdir()  # the other process's rmdir lands here
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", removed_meanwhile)
+    monkeypatch.setattr(loop, "_train", lambda *args: "finished")
+    assert loop.train(config, method=None) == "finished"
+    assert not config.work_folder().exists()
